@@ -1,0 +1,202 @@
+"""``reembed``: run a job, search its alias, show its status.
+
+Every option has an environment twin (``REEMBED_<COMMAND>_<OPTION>``, e.g. ``REEMBED_SEARCH_K=5``), and every
+job-file key can be overridden with ``--set section.key=value`` or ``REEMBED_<SECTION>__<KEY>``.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import sys
+from typing import Any
+
+import click
+from rich.console import Console
+from rich.table import Table
+
+logger = logging.getLogger(__name__)
+err = Console(stderr=True)
+out = Console()
+
+_SET_HELP = "override a job-file key, e.g. --set runtime.num_actors=2 (repeatable)"
+
+
+def _user_errors() -> tuple[type[BaseException], ...]:
+    from flows.config import ConfigError
+    from flows.ray_pool import RayError
+    from flows.run_flow import RunFailed
+    from indexing.corpus import CorpusError
+    from indexing.qdrant_index import IndexError_
+    from indexing.storage import StorageError
+    from workers.model_loader import ModelNotFoundError
+
+    return (ConfigError, CorpusError, StorageError, ModelNotFoundError, IndexError_, RayError, RunFailed,
+            PermissionError, FileNotFoundError)
+
+
+def _fail(exc: BaseException, verbose: bool) -> None:
+    if verbose:
+        err.print_exception()
+    err.print(f"[bold red]error:[/] {exc}", highlight=False, markup=True, soft_wrap=True)
+    from flows.run_flow import RunFailed
+
+    sys.exit(1 if isinstance(exc, RunFailed) else 2)
+
+
+def _setup_logging(verbose: bool) -> None:
+    logging.basicConfig(level=logging.INFO if verbose else logging.WARNING,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logging.getLogger("workers").setLevel(logging.INFO if verbose else logging.WARNING)
+
+
+def _print_json_last(obj: Any) -> None:
+    sys.stdout.flush()
+    print(json.dumps(obj, default=str, ensure_ascii=False), flush=True)
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"], "auto_envvar_prefix": "REEMBED",
+                               "show_default": True})
+@click.version_option(package_name="reembed")
+def cli() -> None:
+    """reembed: embed a text corpus into Parquet vectors and a Qdrant collection, and keep them fresh.
+
+    A job file (YAML) names the corpus, the model, where vectors go and which Qdrant to fill. Without any
+    services it runs on one machine: local files, Qdrant local mode, Prefect without a server, a local Ray.
+    """
+
+
+def _job_options(fn: Any) -> Any:
+    fn = click.option("--set", "overrides", multiple=True, metavar="KEY=VALUE", help=_SET_HELP, show_envvar=True)(fn)
+    fn = click.option("-v", "--verbose", is_flag=True, help="more logging, and tracebacks on errors", show_envvar=True)(fn)
+    fn = click.argument("job", type=click.Path(dir_okay=False))(fn)
+    return fn
+
+
+@cli.command()
+@_job_options
+@click.option("--json", "as_json", is_flag=True, help="print the summary as one JSON object on the last line",
+              show_envvar=True)
+def run(job: str, overrides: tuple[str, ...], verbose: bool, as_json: bool) -> None:
+    """Embed JOB's corpus: plan shards, encode them on Ray actors, write Parquet, upsert into Qdrant.
+
+    Progress (shards done / total, docs/s) is logged while it runs; the end prints a summary. Re-running is
+    safe: point ids are deterministic, so the collection never holds duplicates.
+    """
+    _setup_logging(verbose)
+    try:
+        from flows.config import load_job
+
+        cfg = load_job(job, list(overrides))
+        from flows.run_flow import run_job
+
+        summary = run_job(cfg)
+    except _user_errors() as exc:
+        _fail(exc, verbose)
+        return
+    _print_summary(summary)
+    if as_json:
+        _print_json_last(summary)
+
+
+def _print_summary(summary: dict[str, Any]) -> None:
+    table = Table(title="reembed run", show_header=False)
+    for key in ("alias", "collection", "model", "dim", "input_rows", "indexed", "quarantined", "tokens",
+                "truncated_docs", "dropped_tokens", "seconds", "docs_per_s", "shards_total", "actors", "points",
+                "output", "index"):
+        table.add_row(key, str(summary.get(key)))
+    err.print(table)
+
+
+@cli.command()
+@_job_options
+@click.argument("query")
+@click.option("-k", "--top-k", "k", default=10, type=click.IntRange(1, 1000), help="number of hits", show_envvar=True)
+@click.option("--json", "as_json", is_flag=True, help="print hits as one JSON list on the last line", show_envvar=True)
+def search(job: str, query: str, overrides: tuple[str, ...], verbose: bool, k: int, as_json: bool) -> None:
+    """Embed QUERY with JOB's model and print the top hits from its alias (doc id, score, snippet)."""
+    _setup_logging(verbose)
+    try:
+        from flows.config import load_job
+        from indexing.qdrant_index import QdrantIndex
+        from workers.encoder import Encoder
+
+        cfg = load_job(job, list(overrides))
+        with QdrantIndex(cfg.index) as index:
+            if index.alias_target(cfg.name) is None:
+                raise FileNotFoundError(f"alias {cfg.name!r} does not exist in {index.where}; run `reembed run {job}` first")
+            encoder = Encoder(cfg.model)
+            vectors, _ = encoder.encode([query], kind="query")
+            hits = index.search(cfg.name, vectors[0], k)
+    except _user_errors() as exc:
+        _fail(exc, verbose)
+        return
+    rows = [{"rank": i + 1, "doc_id": h.get("doc_id"), "score": round(h["score"], 6), "text": h.get("text", "")}
+            for i, h in enumerate(hits)]
+    table = Table(title=f"{cfg.name}: {query}")
+    for col in ("rank", "doc_id", "score", "snippet"):
+        table.add_column(col, overflow="fold")
+    for r in rows:
+        table.add_row(str(r["rank"]), str(r["doc_id"]), f"{r['score']:.4f}", (r["text"] or "")[:100])
+    (err if as_json else out).print(table)
+    if as_json:
+        _print_json_last(rows)
+
+
+@cli.command()
+@_job_options
+@click.option("--json", "as_json", is_flag=True, help="print status as one JSON object on the last line",
+              show_envvar=True)
+def status(job: str, overrides: tuple[str, ...], verbose: bool, as_json: bool) -> None:
+    """Show what JOB has written (Parquet vector set) and indexed (collection behind its alias)."""
+    _setup_logging(verbose)
+    try:
+        from flows.config import load_job
+        from indexing.qdrant_index import QdrantIndex
+        from indexing.vector_store import VectorStore
+
+        cfg = load_job(job, list(overrides))
+        with QdrantIndex(cfg.index) as index:
+            collection = index.alias_target(cfg.name)
+            points = index.count(collection) if collection else 0
+        manifest = VectorStore(cfg.output.uri, collection, cfg.output.storage_options).read_manifest() if collection else None
+    except _user_errors() as exc:
+        _fail(exc, verbose)
+        return
+    manifest = manifest or {}
+    info = {
+        "alias": cfg.name,
+        "collection": collection,
+        "points": points,
+        "vector_rows": manifest.get("vector_rows", 0),
+        "dim": manifest.get("dim"),
+        "model": manifest.get("model"),
+        "shards": len(manifest.get("shards", [])),
+        "input_rows": manifest.get("input_rows"),
+        "quarantined": manifest.get("quarantined"),
+        "finished_at": manifest.get("finished_at"),
+        "output": VectorStore(cfg.output.uri, collection).root if collection else None,
+        "index": cfg.index.url or f"local:{cfg.index.path}",
+        "in_sync": collection is not None and points == manifest.get("vector_rows"),
+    }
+    table = Table(title=f"reembed status: {cfg.name}", show_header=False)
+    for key, value in info.items():
+        table.add_row(key, str(value))
+    (err if as_json else out).print(table)
+    if not collection:
+        err.print(f"alias {cfg.name!r} not found: nothing indexed yet")
+    if as_json:
+        _print_json_last(info)
+
+
+def main() -> None:
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    # The temporary Prefect server would try to phone home at start; this workplace (and many clusters) has no
+    # route out, and the failed attempt races the server's first database writes.
+    os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+    cli()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,118 @@
+"""A pool of Ray embedding actors that Prefect tasks borrow one at a time.
+
+Actors ask Ray for one GPU each when the job runs on GPUs, and for ``cpus_per_actor`` CPUs otherwise; they are
+spread over the cluster's nodes. Only shard descriptions (URIs) go in and counts come out.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import queue
+from pathlib import Path
+from typing import Any
+
+from flows.config import JobConfig
+
+logger = logging.getLogger(__name__)
+
+
+class RayError(RuntimeError):
+    """Ray could not be reached, or has no room for the actors the job needs."""
+
+
+def _code_modules() -> list[str]:
+    import flows
+    import indexing
+    import workers
+
+    return [str(Path(m.__file__).parent) for m in (flows, indexing, workers)]
+
+
+def init_ray(job: JobConfig) -> bool:
+    """Connect to (or start) Ray; returns True when this call started it, so the caller shuts it down."""
+    import ray
+
+    if ray.is_initialized():
+        return False
+    runtime = job.runtime
+    ship = runtime.ship_code if runtime.ship_code is not None else runtime.ray_address is not None
+    runtime_env: dict[str, Any] = {"env_vars": {"TOKENIZERS_PARALLELISM": "false"}}
+    if ship:
+        runtime_env["py_modules"] = _code_modules()
+    os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+    kwargs: dict[str, Any] = {
+        "include_dashboard": False,
+        "runtime_env": runtime_env,
+        "logging_level": logging.WARNING,
+        "log_to_driver": True,
+    }
+    try:
+        if runtime.ray_address:
+            ray.init(address=runtime.ray_address, **kwargs)
+        else:
+            ray.init(**kwargs)
+    except (ConnectionError, RuntimeError, ValueError) as exc:
+        raise RayError(f"cannot connect to Ray at {runtime.ray_address or 'a new local instance'}: {exc}") from None
+    return True
+
+
+class ActorPool:
+    """N embedding actors behind a queue: ``run`` borrows an idle actor, calls it, and gives it back."""
+
+    def __init__(self, job: JobConfig, max_actors: int) -> None:
+        import ray
+
+        from workers.embed_worker import EmbedWorker
+
+        resources = ray.cluster_resources()
+        gpus = resources.get("GPU", 0)
+        rt = job.runtime
+        use_gpu = job.model.device == "cuda" or (job.model.device == "auto" and gpus > 0)
+        if use_gpu:
+            if gpus <= 0:
+                raise RayError("model.device is 'cuda' but the Ray cluster has no GPU")
+            capacity = int(gpus // rt.gpus_per_actor)
+            options: dict[str, Any] = {"num_gpus": rt.gpus_per_actor, "num_cpus": 1}
+        else:
+            capacity = int(resources.get("CPU", 1) // rt.cpus_per_actor)
+            options = {"num_cpus": rt.cpus_per_actor, "num_gpus": 0}
+        n = max(1, min(rt.num_actors or capacity, max_actors))
+        if rt.num_actors and rt.num_actors > capacity:
+            logger.warning("runtime.num_actors=%d exceeds what the cluster fits (%d); extra actors wait for room",
+                           rt.num_actors, capacity)
+        self.use_gpu = use_gpu
+        self.options = options
+        actor_cls = ray.remote(EmbedWorker).options(
+            scheduling_strategy="SPREAD", max_restarts=2, max_task_retries=0, **options
+        )
+        threads = max(1, int(rt.cpus_per_actor)) if not use_gpu else None
+        self.actors = [actor_cls.remote(job.model, threads) for _ in range(n)]
+        try:
+            self.infos = ray.get([a.ready.remote() for a in self.actors], timeout=rt.ray_init_timeout)
+        except Exception as exc:
+            self.shutdown()
+            raise RayError(f"embedding actors failed to start: {type(exc).__name__}: {exc}") from None
+        self.dim = int(self.infos[0]["dim"])
+        self.model_id = str(self.infos[0]["model"])
+        self._idle: queue.Queue = queue.Queue()
+        for actor in self.actors:
+            self._idle.put(actor)
+        logger.info("started %d embedding actor(s) (%s) on %d node(s)", n, "GPU" if use_gpu else "CPU",
+                    len({i["node"] for i in self.infos}))
+
+    def process_shard(self, *args: Any) -> dict[str, Any]:
+        import ray
+
+        actor = self._idle.get()
+        try:
+            return ray.get(actor.process_shard.remote(*args))
+        finally:
+            self._idle.put(actor)
+
+    def shutdown(self) -> None:
+        import ray
+
+        for actor in self.actors:
+            ray.kill(actor)
+        self.actors = []

@@ -1,0 +1,1 @@
+"""Data-side code: object storage, corpus reading, the Parquet vector store and the Qdrant index."""

@@ -1,0 +1,301 @@
+"""Reading a corpus: listing its files, planning shards, and turning one shard into (id, text, payload) rows.
+
+Shards are whole small files, row-group ranges of big Parquet files, and line (record) ranges of big JSONL/CSV
+files, found by one sequential scan of byte offsets so that each worker seeks straight to its range. Every
+input row either comes out as a row or as a rejection naming the file, the row number and the reason.
+"""
+
+from __future__ import annotations
+
+import csv
+import gzip
+import hashlib
+import io
+import json
+import logging
+import string
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+import pyarrow.parquet as pq
+from pydantic import BaseModel, ConfigDict, Field
+
+from indexing.storage import StorageError, StorageOptions, filesystem, full_uri
+
+logger = logging.getLogger(__name__)
+
+Format = Literal["auto", "jsonl", "jsonl.gz", "parquet", "csv", "tsv"]
+_SUFFIXES = [
+    (".jsonl.gz", "jsonl.gz"), (".ndjson.gz", "jsonl.gz"), (".json.gz", "jsonl.gz"),
+    (".jsonl", "jsonl"), (".ndjson", "jsonl"), (".json", "jsonl"),
+    (".parquet", "parquet"), (".pq", "parquet"), (".csv", "csv"), (".tsv", "tsv"),
+]
+
+
+class CorpusError(RuntimeError):
+    """A job-level problem with the corpus (no files, missing column, unreadable file)."""
+
+
+class CorpusSettings(BaseModel):
+    """The `corpus:` section of a job file."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    uri: str = Field(..., description="file, directory or glob; local path, file:// or s3://")
+    format: Format = Field("auto", description="jsonl, jsonl.gz, parquet, csv, tsv; auto from the extension")
+    id: str = Field("id", description="column holding the document id")
+    text: str = Field("{text}", description="template over columns, e.g. '{title} {text}'")
+    payload: list[str] = Field(default_factory=list, description="columns copied into Parquet and the Qdrant payload")
+    max_text_bytes: int = Field(1_000_000, ge=1, description="rows with longer rendered text are quarantined")
+    storage_options: StorageOptions = Field(default_factory=StorageOptions)
+
+    def template_fields(self) -> list[str]:
+        fields = [name for _, name, _, _ in string.Formatter().parse(self.text) if name]
+        if not fields:
+            raise CorpusError(f"corpus.text template {self.text!r} names no column; write e.g. '{{text}}'")
+        return fields
+
+
+@dataclass(frozen=True)
+class Shard:
+    """One unit of work: a file, or a row-group / byte range of one."""
+
+    shard_id: str
+    uri: str
+    format: str
+    start: int | None = None  # byte offset (jsonl/csv) or first row group (parquet)
+    end: int | None = None  # exclusive
+    first_row: int = 1  # row number of the shard's first row in its file (1-based)
+    rows_hint: int | None = None
+
+
+@dataclass
+class ShardRows:
+    """A shard read into memory: accepted rows and rejected ones."""
+
+    ids: list[str] = field(default_factory=list)
+    texts: list[str] = field(default_factory=list)
+    rows: list[int] = field(default_factory=list)
+    payload: dict[str, list[Any]] = field(default_factory=dict)
+    rejected: list[dict[str, Any]] = field(default_factory=list)
+
+    @property
+    def input_rows(self) -> int:
+        return len(self.ids) + len(self.rejected)
+
+
+def detect_format(path: str, declared: str) -> str:
+    if declared != "auto":
+        return declared
+    lower = path.lower()
+    for suffix, fmt in _SUFFIXES:
+        if lower.endswith(suffix):
+            return fmt
+    raise CorpusError(f"cannot tell the format of {path!r} from its extension; set corpus.format")
+
+
+def list_files(settings: CorpusSettings) -> list[str]:
+    """Every corpus file as a URI, sorted, so plans are stable across runs."""
+    fs, path = filesystem(settings.uri, settings.storage_options)
+    try:
+        if any(ch in path for ch in "*?["):
+            paths = fs.glob(path)
+        elif fs.isdir(path):
+            paths = [p for p in fs.find(path) if not p.rsplit("/", 1)[-1].startswith((".", "_"))]
+        elif fs.exists(path):
+            paths = [path]
+        else:
+            paths = []
+    except PermissionError as exc:
+        raise CorpusError(f"access denied listing corpus {settings.uri!r}: {exc}") from None
+    except OSError as exc:
+        raise CorpusError(f"cannot list corpus {settings.uri!r}: {exc}") from None
+    if settings.format == "auto":
+        paths = [p for p in paths if any(p.lower().endswith(s) for s, _ in _SUFFIXES)]
+    if not paths:
+        raise CorpusError(f"no corpus files found at {settings.uri!r}")
+    return sorted(full_uri(fs, p) for p in paths)
+
+
+def _shard_id(uri: str, start: int | None, end: int | None) -> str:
+    return hashlib.sha256(f"{uri}|{start}|{end}".encode()).hexdigest()[:16]
+
+
+def _scan_records(fh: io.BufferedIOBase, quoted: bool) -> list[tuple[int, int]]:
+    """(byte offset, row number) where each record starts, plus the end of the file.
+
+    JSONL rows are numbered by physical line (blank lines are no records but keep the numbering); CSV rows by
+    record, the header being record 0, and a record may span lines inside quotes.
+    """
+    starts: list[tuple[int, int]] = []
+    offset = 0
+    line_no = 0
+    record_no = -1 if quoted else 0
+    open_quotes = False
+    for line in fh:
+        line_no += 1
+        if not open_quotes and line.strip():
+            record_no += 1
+            starts.append((offset, record_no if quoted else line_no))
+        if quoted and line.count(b'"') % 2:
+            open_quotes = not open_quotes
+        offset += len(line)
+    starts.append((offset, (record_no if quoted else line_no) + 1))
+    return starts
+
+
+def plan_file(uri: str, settings: CorpusSettings, shard_bytes: int, shard_rows: int | None) -> list[Shard]:
+    """Shards for one file: whole when small, else row-group or record ranges near the target size."""
+    fmt = detect_format(uri, settings.format)
+    fs, path = filesystem(uri, settings.storage_options)
+    size = fs.size(path)
+    if fmt == "parquet":
+        try:
+            meta = pq.ParquetFile(fs.open(path, "rb")).metadata
+        except Exception as exc:
+            raise CorpusError(f"{uri}: not a readable Parquet file: {exc}") from None
+        if size <= shard_bytes and (shard_rows is None or meta.num_rows <= shard_rows):
+            return [Shard(_shard_id(uri, None, None), uri, fmt, rows_hint=meta.num_rows)]
+        shards, first, acc_bytes, acc_rows, row_base = [], 0, 0, 0, 1
+        for rg in range(meta.num_row_groups):
+            acc_bytes += meta.row_group(rg).total_byte_size
+            acc_rows += meta.row_group(rg).num_rows
+            if acc_bytes >= shard_bytes or (shard_rows and acc_rows >= shard_rows) or rg == meta.num_row_groups - 1:
+                shards.append(Shard(_shard_id(uri, first, rg + 1), uri, fmt, first, rg + 1, row_base, acc_rows))
+                row_base += acc_rows
+                first, acc_bytes, acc_rows = rg + 1, 0, 0
+        return shards
+    if fmt == "jsonl.gz" or (size <= shard_bytes and shard_rows is None):
+        return [Shard(_shard_id(uri, None, None), uri, fmt)]
+    with fs.open(path, "rb") as fh:
+        starts = _scan_records(fh, quoted=fmt in ("csv", "tsv"))
+    if fmt in ("csv", "tsv"):
+        starts = starts[1:]  # the header opens every shard's read, it is no data row
+    shards: list[Shard] = []
+    begin = 0
+    for i in range(1, len(starts)):
+        rows = i - begin
+        last = i == len(starts) - 1
+        if last or starts[i][0] - starts[begin][0] >= shard_bytes or (shard_rows and rows >= shard_rows):
+            if rows:
+                s, e = starts[begin][0], starts[i][0]
+                shards.append(Shard(_shard_id(uri, s, e), uri, fmt, s, e, starts[begin][1], rows))
+            begin = i
+    return shards
+
+
+def plan_shards(settings: CorpusSettings, shard_bytes: int, shard_rows: int | None = None) -> list[Shard]:
+    shards: list[Shard] = []
+    for uri in list_files(settings):
+        shards.extend(plan_file(uri, settings, shard_bytes, shard_rows))
+    return shards
+
+
+def _render(template: str, fields: list[str], record: dict[str, Any]) -> str:
+    values = {}
+    for name in fields:
+        value = record.get(name)
+        values[name] = "" if value is None else str(value)
+    return template.format_map(values).strip()
+
+
+def _read_records(shard: Shard, settings: CorpusSettings) -> tuple[list[tuple[int, dict | None, str | None]], list[str] | None]:
+    """(row number, record or None, error) per input row, and the file's columns when it has a schema."""
+    fs, path = filesystem(shard.uri, settings.storage_options)
+    out: list[tuple[int, dict | None, str | None]] = []
+    if shard.format == "parquet":
+        try:
+            pf = pq.ParquetFile(fs.open(path, "rb"))
+            groups = list(range(pf.metadata.num_row_groups)) if shard.start is None else list(range(shard.start, shard.end))
+            table = pf.read_row_groups(groups) if groups else pf.schema_arrow.empty_table()
+        except Exception as exc:
+            raise CorpusError(f"{shard.uri}: corrupt or unreadable Parquet: {exc}") from None
+        for i, rec in enumerate(table.to_pylist()):
+            out.append((shard.first_row + i, rec, None))
+        return out, table.column_names
+    try:
+        with fs.open(path, "rb") as fh:
+            if shard.format == "jsonl.gz":
+                data = gzip.decompress(fh.read())
+            elif shard.start is None:
+                data = fh.read()
+            else:
+                header = fh.readline() if shard.format in ("csv", "tsv") else b""
+                fh.seek(shard.start)
+                data = header + fh.read(shard.end - shard.start)
+    except (OSError, EOFError, gzip.BadGzipFile) as exc:
+        raise CorpusError(f"{shard.uri}: unreadable: {exc}") from None
+    if shard.format in ("csv", "tsv"):
+        text = data.decode("utf-8", errors="replace")
+        reader = csv.DictReader(io.StringIO(text, newline=""), delimiter="\t" if shard.format == "tsv" else ",")
+        columns = list(reader.fieldnames or [])
+        for i, rec in enumerate(reader):
+            bad = "\ufffd" in "".join(str(v) for v in rec.values() if v is not None)
+            out.append((shard.first_row + i, None if bad else rec, "invalid UTF-8" if bad else None))
+        return out, columns
+    lines = data.split(b"\n")
+    if lines and not lines[-1]:
+        lines.pop()
+    for i, raw in enumerate(lines):
+        row = shard.first_row + i
+        if not raw.strip():
+            continue
+        try:
+            line = raw.decode("utf-8")
+        except UnicodeDecodeError as exc:
+            out.append((row, None, f"invalid UTF-8 at byte {exc.start}"))
+            continue
+        try:
+            rec = json.loads(line)
+            if not isinstance(rec, dict):
+                raise ValueError(f"expected a JSON object, got {type(rec).__name__}")
+        except ValueError as exc:
+            out.append((row, None, f"malformed JSON: {exc}"))
+            continue
+        out.append((row, rec, None))
+    return out, None
+
+
+def read_shard(shard: Shard, settings: CorpusSettings) -> ShardRows:
+    """Read one shard, render texts, and reject bad rows with their reasons."""
+    fields = settings.template_fields()
+    try:
+        records, columns = _read_records(shard, settings)
+    except StorageError as exc:
+        raise CorpusError(str(exc)) from None
+    if columns is not None:
+        missing = [c for c in [settings.id, *fields] if c not in columns]
+        if missing:
+            raise CorpusError(f"{shard.uri}: missing column(s) {missing}; the file has {columns}")
+    elif records and not any(rec and any(f in rec for f in fields) for _, rec, _ in records):
+        raise CorpusError(f"{shard.uri}: no row has any of the text column(s) {fields}")
+    out = ShardRows(payload={name: [] for name in settings.payload})
+    seen: dict[str, int] = {}
+    for row, rec, error in records:
+        reason = error
+        doc_id = text = None
+        if rec is not None:
+            raw_id = rec.get(settings.id)
+            doc_id = None if raw_id is None else str(raw_id)
+            if doc_id is None or not doc_id.strip():
+                reason = f"missing id (column {settings.id!r})"
+            elif not any(rec.get(f) is not None for f in fields):
+                reason = f"missing text column(s) {fields}"
+            else:
+                text = _render(settings.text, fields, rec)
+                if not text:
+                    reason = "empty text"
+                elif len(text.encode("utf-8")) > settings.max_text_bytes:
+                    reason = f"text over {settings.max_text_bytes} bytes"
+                elif doc_id in seen:
+                    reason = f"duplicate id {doc_id!r} (first at row {seen[doc_id]})"
+        if reason is not None:
+            out.rejected.append({"file": shard.uri, "row": row, "doc_id": doc_id, "reason": reason})
+            continue
+        seen[doc_id] = row  # type: ignore[index]
+        out.ids.append(doc_id)  # type: ignore[arg-type]
+        out.texts.append(text)  # type: ignore[arg-type]
+        out.rows.append(row)
+        for name in settings.payload:
+            out.payload[name].append(rec.get(name))  # type: ignore[union-attr]
+    return out

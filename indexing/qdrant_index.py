@@ -1,0 +1,157 @@
+"""The Qdrant side: one client for local mode and servers alike, versioned collections behind an alias.
+
+Point ids are UUIDv5 of the document id, so re-running an upsert overwrites instead of duplicating. Search
+goes through the alias, which is what users and downstream services query.
+"""
+
+from __future__ import annotations
+
+import logging
+import uuid
+import warnings
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from pydantic import BaseModel, ConfigDict, Field, SecretStr
+from qdrant_client import QdrantClient, models
+from tenacity import retry, retry_if_exception, stop_after_attempt, wait_exponential
+
+from indexing.vector_store import VectorStore, arrow_to_vectors
+
+logger = logging.getLogger(__name__)
+
+POINT_NAMESPACE = uuid.UUID("6f1c1b0e-8a43-5d2b-9f5e-7e3c2a1d4b60")
+_NOT_PAYLOAD = {"vector"}
+
+
+class IndexSettings(BaseModel):
+    """The `index:` section of a job file."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    url: str | None = Field(None, description="null = Qdrant local mode at `path`; else http(s)://host:6333")
+    api_key: SecretStr | None = Field(None, description="API key for a Qdrant server")
+    path: str = Field("./reembed-data/qdrant", description="local-mode storage folder")
+    upsert_batch: int = Field(256, ge=1, description="points per upsert request")
+    timeout: int = Field(60, ge=1, description="seconds per request to a server")
+
+
+class IndexError_(RuntimeError):
+    """A job-level Qdrant problem (unreachable server, dimension mismatch)."""
+
+
+def point_id(doc_id: str) -> str:
+    return str(uuid.uuid5(POINT_NAMESPACE, doc_id))
+
+
+def _transient(exc: BaseException) -> bool:
+    name = type(exc).__name__
+    return name in {"ResponseHandlingException", "ConnectError", "ReadTimeout", "TimeoutException"} or (
+        name == "UnexpectedResponse" and getattr(exc, "status_code", 0) in (429, 500, 502, 503, 504)
+    )
+
+
+_retry = retry(
+    retry=retry_if_exception(_transient), stop=stop_after_attempt(5), wait=wait_exponential(0.5, max=10), reraise=True
+)
+
+
+class QdrantIndex:
+    """Thin, typed wrapper over the calls reembed makes; identical for local mode and a server."""
+
+    def __init__(self, settings: IndexSettings) -> None:
+        self.settings = settings
+        if settings.url:
+            key = settings.api_key.get_secret_value() if settings.api_key else None
+            self.client = QdrantClient(url=settings.url, api_key=key, timeout=settings.timeout)
+        else:
+            Path(settings.path).mkdir(parents=True, exist_ok=True)
+            try:
+                self.client = QdrantClient(path=settings.path)
+            except RuntimeError as exc:
+                raise IndexError_(
+                    f"Qdrant local storage {settings.path} is in use by another process "
+                    f"(local mode allows one client at a time; run a Qdrant server for concurrent access): {exc}"
+                ) from None
+
+    @property
+    def where(self) -> str:
+        return self.settings.url or f"local:{self.settings.path}"
+
+    def close(self) -> None:
+        self.client.close()
+
+    def __enter__(self) -> "QdrantIndex":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    @_retry
+    def ensure_collection(self, name: str, dim: int, payload_indexes: list[str] | None = None) -> None:
+        """Create the collection when missing; refuse to write into one of another dimension."""
+        if self.client.collection_exists(name):
+            info = self.client.get_collection(name)
+            vectors = info.config.params.vectors
+            size = vectors.size if isinstance(vectors, models.VectorParams) else None
+            if size is not None and size != dim:
+                raise IndexError_(f"collection {name!r} holds {size}-dim vectors but the model makes {dim}-dim ones")
+            return
+        self.client.create_collection(name, vectors_config=models.VectorParams(size=dim, distance=models.Distance.COSINE))
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message="Payload indexes have no effect in the local Qdrant")
+            for field_name in ["doc_id", *(payload_indexes or [])]:
+                self.client.create_payload_index(name, field_name, field_schema=models.PayloadSchemaType.KEYWORD)
+
+    def _batches(self, store: VectorStore, part_uri: str) -> Iterator[list[models.PointStruct]]:
+        table = store.read_part(part_uri)
+        vectors = arrow_to_vectors(table.column("vector"))
+        payload_cols = [c for c in table.column_names if c not in _NOT_PAYLOAD]
+        rows = table.select(payload_cols).to_pylist()
+        size = self.settings.upsert_batch
+        for start in range(0, len(rows), size):
+            yield [
+                models.PointStruct(id=point_id(row["doc_id"]), vector=vectors[start + i].tolist(), payload=row)
+                for i, row in enumerate(rows[start : start + size])
+            ]
+
+    @_retry
+    def _upsert(self, collection: str, points: list[models.PointStruct]) -> None:
+        self.client.upsert(collection, points=points, wait=True)
+
+    def upsert_part(self, collection: str, store: VectorStore, part_uri: str) -> int:
+        """Upsert one Parquet part; returns the number of points written."""
+        written = 0
+        for points in self._batches(store, part_uri):
+            self._upsert(collection, points)
+            written += len(points)
+        return written
+
+    def delete_docs(self, collection: str, doc_ids: list[str]) -> None:
+        if doc_ids:
+            self.client.delete(collection, points_selector=models.PointIdsList(points=[point_id(d) for d in doc_ids]))
+
+    def count(self, name: str) -> int:
+        return self.client.count(name, exact=True).count
+
+    def alias_target(self, alias: str) -> str | None:
+        for a in self.client.get_aliases().aliases:
+            if a.alias_name == alias:
+                return a.collection_name
+        return None
+
+    def point_alias(self, alias: str, collection: str) -> None:
+        """Move the alias to ``collection`` in one atomic alias update (delete + create)."""
+        actions: list[Any] = []
+        if self.alias_target(alias) is not None:
+            actions.append(models.DeleteAliasOperation(delete_alias=models.DeleteAlias(alias_name=alias)))
+        actions.append(
+            models.CreateAliasOperation(create_alias=models.CreateAlias(collection_name=collection, alias_name=alias))
+        )
+        self.client.update_collection_aliases(change_aliases_operations=actions)
+
+    def search(self, name: str, vector: np.ndarray, k: int = 10) -> list[dict[str, Any]]:
+        hits = self.client.query_points(name, query=vector.astype(np.float32).tolist(), limit=k, with_payload=True).points
+        return [{"id": str(h.id), "score": float(h.score), **(h.payload or {})} for h in hits]

@@ -1,0 +1,107 @@
+"""One way to reach a URI: a local path, ``file://`` or ``s3://`` (through s3fs), with per-section options.
+
+Credentials come from the job file's ``storage_options`` or, when absent, from the usual AWS environment
+variables (botocore reads them). They are held as ``SecretStr`` so that no repr, log line or error prints them.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from typing import Any
+
+import fsspec
+from pydantic import BaseModel, ConfigDict, Field, SecretStr
+
+logger = logging.getLogger(__name__)
+
+
+class StorageOptions(BaseModel):
+    """Options for ``s3://`` URIs; ignored for local paths."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    endpoint_url: str | None = Field(None, description="S3-compatible endpoint, e.g. http://127.0.0.1:8333")
+    key: SecretStr | None = Field(None, description="access key id (default: AWS_ACCESS_KEY_ID)")
+    secret: SecretStr | None = Field(None, description="secret access key (default: AWS_SECRET_ACCESS_KEY)")
+    region: str | None = Field(None, description="region name (default: AWS_DEFAULT_REGION)")
+    anon: bool = Field(False, description="anonymous access to a public bucket")
+
+    def fsspec_kwargs(self, protocol: str) -> dict[str, Any]:
+        if protocol not in ("s3", "s3a"):
+            return {}
+        kwargs: dict[str, Any] = {}
+        client_kwargs: dict[str, Any] = {}
+        if self.endpoint_url:
+            client_kwargs["endpoint_url"] = self.endpoint_url
+        if self.region:
+            client_kwargs["region_name"] = self.region
+        if client_kwargs:
+            kwargs["client_kwargs"] = client_kwargs
+        if self.key is not None:
+            kwargs["key"] = self.key.get_secret_value()
+        if self.secret is not None:
+            kwargs["secret"] = self.secret.get_secret_value()
+        if self.anon:
+            kwargs["anon"] = True
+        return kwargs
+
+
+class StorageError(RuntimeError):
+    """A URI could not be reached: bad scheme, missing bucket, wrong credentials."""
+
+
+def protocol_of(uri: str) -> str:
+    return uri.split("://", 1)[0].lower() if "://" in uri else "file"
+
+
+def filesystem(uri: str, options: StorageOptions | None = None) -> tuple[fsspec.AbstractFileSystem, str]:
+    """The fsspec filesystem for ``uri`` and the path inside it (no scheme)."""
+    options = options or StorageOptions()
+    protocol = protocol_of(uri)
+    if protocol not in ("file", "local", "s3", "s3a"):
+        raise StorageError(f"unsupported URI scheme {protocol!r} in {uri!r}: use a local path, file:// or s3://")
+    try:
+        fs, path = fsspec.core.url_to_fs(uri, **options.fsspec_kwargs(protocol))
+    except Exception as exc:
+        raise StorageError(f"cannot open {uri!r}: {type(exc).__name__}: {exc}") from None
+    return fs, path
+
+
+def join(uri: str, *parts: str) -> str:
+    """Join URI parts with '/', keeping the scheme."""
+    base = uri.rstrip("/")
+    return "/".join([base, *(p.strip("/") for p in parts)])
+
+
+def full_uri(fs: fsspec.AbstractFileSystem, path: str) -> str:
+    """A URI for ``path`` inside ``fs`` that :func:`filesystem` can open again."""
+    protocol = fs.protocol if isinstance(fs.protocol, str) else fs.protocol[0]
+    if protocol in ("file", "local"):
+        return path
+    return f"{protocol}://{path}"
+
+
+def write_json(uri: str, data: Any, options: StorageOptions | None = None) -> None:
+    """Write a small JSON document in one PUT (atomic on S3; temp-file + rename on local disks)."""
+    fs, path = filesystem(uri, options)
+    payload = json.dumps(data, indent=2, sort_keys=True, default=str).encode()
+    parent = path.rsplit("/", 1)[0]
+    fs.makedirs(parent, exist_ok=True)
+    if protocol_of(uri) in ("file", "local"):
+        tmp = f"{path}.tmp"
+        with fs.open(tmp, "wb") as fh:
+            fh.write(payload)
+        fs.mv(tmp, path)
+    else:
+        fs.pipe_file(path, payload)
+
+
+def read_json(uri: str, options: StorageOptions | None = None) -> Any | None:
+    """Read a JSON document, or ``None`` when it does not exist."""
+    fs, path = filesystem(uri, options)
+    try:
+        with fs.open(path, "rb") as fh:
+            return json.loads(fh.read())
+    except FileNotFoundError:
+        return None

@@ -1,0 +1,114 @@
+"""The Parquet vector store: the source of truth from which Qdrant can always be rebuilt.
+
+Layout under ``output.uri``::
+
+    <collection>/vectors/part-<shard>.parquet     doc_id, vector fixed_size_list<float32>[dim], text_sha256, model, text, payload...
+    <collection>/quarantine/part-<shard>.jsonl    rejected rows: file, row, doc_id, reason
+    <collection>/shards/<shard>.json              per-shard marker, written after its Parquet file
+    <collection>/current.json                     the run manifest: which shards form the current vector set, written last
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from indexing.storage import StorageOptions, filesystem, join, read_json, write_json
+
+logger = logging.getLogger(__name__)
+
+SNIPPET_CHARS = 500
+
+
+def vectors_to_arrow(vectors: np.ndarray) -> pa.FixedSizeListArray:
+    """[n, dim] float32 as ``fixed_size_list<float32>[dim]`` without copying row by row."""
+    vectors = np.ascontiguousarray(vectors, dtype=np.float32)
+    n, dim = vectors.shape
+    return pa.FixedSizeListArray.from_arrays(pa.array(vectors.reshape(-1), type=pa.float32()), dim)
+
+
+def arrow_to_vectors(column: pa.ChunkedArray | pa.FixedSizeListArray) -> np.ndarray:
+    if isinstance(column, pa.ChunkedArray):
+        column = column.combine_chunks()
+    dim = column.type.list_size
+    return column.flatten().to_numpy(zero_copy_only=False).reshape(-1, dim)
+
+
+def text_sha256(text: str) -> str:
+    return hashlib.sha256(text.encode("utf-8")).hexdigest()
+
+
+class VectorStore:
+    """Paths and reads/writes for one collection's vectors under the output URI."""
+
+    def __init__(self, output_uri: str, collection: str, options: StorageOptions | None = None) -> None:
+        self.root = join(output_uri, collection)
+        self.collection = collection
+        self.options = options or StorageOptions()
+
+    def part_uri(self, shard_id: str) -> str:
+        return join(self.root, "vectors", f"part-{shard_id}.parquet")
+
+    def quarantine_uri(self, shard_id: str) -> str:
+        return join(self.root, "quarantine", f"part-{shard_id}.jsonl")
+
+    def marker_uri(self, shard_id: str) -> str:
+        return join(self.root, "shards", f"{shard_id}.json")
+
+    @property
+    def manifest_uri(self) -> str:
+        return join(self.root, "current.json")
+
+    def write_part(self, shard_id: str, table: pa.Table, metadata: dict[str, Any]) -> str:
+        uri = self.part_uri(shard_id)
+        fs, path = filesystem(uri, self.options)
+        fs.makedirs(path.rsplit("/", 1)[0], exist_ok=True)
+        meta = dict(table.schema.metadata or {})
+        meta[b"reembed"] = json.dumps(metadata, sort_keys=True).encode()
+        pq.write_table(table.replace_schema_metadata(meta), path, filesystem=fs, compression="zstd")
+        return uri
+
+    def write_quarantine(self, shard_id: str, rejected: list[dict[str, Any]]) -> str | None:
+        uri = self.quarantine_uri(shard_id)
+        fs, path = filesystem(uri, self.options)
+        if not rejected:
+            if fs.exists(path):
+                fs.rm(path)
+            return None
+        fs.makedirs(path.rsplit("/", 1)[0], exist_ok=True)
+        body = "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rejected).encode("utf-8")
+        fs.pipe_file(path, body)
+        return uri
+
+    def write_marker(self, shard_id: str, marker: dict[str, Any]) -> None:
+        write_json(self.marker_uri(shard_id), marker, self.options)
+
+    def read_marker(self, shard_id: str) -> dict[str, Any] | None:
+        return read_json(self.marker_uri(shard_id), self.options)
+
+    def write_manifest(self, manifest: dict[str, Any]) -> None:
+        write_json(self.manifest_uri, manifest, self.options)
+
+    def read_manifest(self) -> dict[str, Any] | None:
+        return read_json(self.manifest_uri, self.options)
+
+    def read_part(self, uri: str, columns: list[str] | None = None) -> pa.Table:
+        fs, path = filesystem(uri, self.options)
+        return pq.read_table(path, filesystem=fs, columns=columns)
+
+    def current_parts(self) -> list[str]:
+        manifest = self.read_manifest() or {}
+        return [self.part_uri(s) for s in manifest.get("shards", [])]
+
+    def read_all(self, columns: list[str] | None = None) -> pa.Table:
+        """The current vector set as one table (tests and small corpora; big ones stream part by part)."""
+        parts = [self.read_part(u, columns) for u in self.current_parts()]
+        if not parts:
+            raise FileNotFoundError(f"no committed vectors under {self.root}")
+        return pa.concat_tables(parts)

