@@ -24,16 +24,11 @@ _SET_HELP = "override a job-file key, e.g. --set runtime.num_actors=2 (repeatabl
 
 
 def _user_errors() -> tuple[type[BaseException], ...]:
-    from flows.config import ConfigError
+    from flows.errors import JOB_LEVEL_ERRORS
     from flows.ray_pool import RayError
     from flows.run_flow import RunFailed
-    from indexing.corpus import CorpusError
-    from indexing.qdrant_index import IndexError_
-    from indexing.storage import StorageError
-    from workers.model_loader import ModelNotFoundError
 
-    return (ConfigError, CorpusError, StorageError, ModelNotFoundError, IndexError_, RayError, RunFailed,
-            PermissionError, FileNotFoundError)
+    return (*JOB_LEVEL_ERRORS, RayError, RunFailed, FileNotFoundError)
 
 
 def _fail(exc: BaseException, verbose: bool) -> None:
@@ -89,8 +84,12 @@ def run(job: str, overrides: tuple[str, ...], verbose: bool, as_json: bool) -> N
         from flows.config import load_job
 
         cfg = load_job(job, list(overrides))
-        from flows.run_flow import run_job
+        from flows.errors import quiet_prefect_tracebacks
+        from flows.run_flow import preflight, run_job
 
+        preflight(cfg)
+        if not verbose:
+            quiet_prefect_tracebacks()
         summary = run_job(cfg)
     except _user_errors() as exc:
         _fail(exc, verbose)

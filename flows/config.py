@@ -163,6 +163,9 @@ def load_job(path: str | os.PathLike[str], overrides: list[str] | None = None) -
     job.corpus.uri = _resolve(base, job.corpus.uri)
     job.output.uri = _resolve(base, job.output.uri)
     job.index.path = _resolve(base, job.index.path)
+    for section in (job.corpus, job.output):
+        if not _is_local(section.uri):
+            section.storage_options = section.storage_options.with_env_defaults()
     model_path = Path(job.model.name).expanduser()
     if job.model.name.startswith((".", "/", "~")) or (base / model_path).is_dir():
         job.model.name = _resolve(base, job.model.name)

@@ -51,7 +51,7 @@ def init_ray(job: JobConfig) -> bool:
         if runtime.ray_address:
             ray.init(address=runtime.ray_address, **kwargs)
         else:
-            ray.init(**kwargs)
+            ray.init(address="local", **kwargs)
     except (ConnectionError, RuntimeError, ValueError) as exc:
         raise RayError(f"cannot connect to Ray at {runtime.ray_address or 'a new local instance'}: {exc}") from None
     return True

@@ -22,10 +22,13 @@ from prefect.futures import as_completed
 from prefect.task_runners import ThreadPoolTaskRunner
 
 from flows.config import JobConfig
+from flows.errors import retry_unless_job_level
 from flows.ray_pool import ActorPool, init_ray
-from indexing.corpus import Shard, plan_shards
+from indexing.corpus import Shard, list_files, plan_shards
 from indexing.qdrant_index import QdrantIndex
+from indexing.storage import StorageError, filesystem, protocol_of
 from indexing.vector_store import VectorStore
+from workers.model_loader import resolve_model_path
 
 logger = logging.getLogger(__name__)
 
@@ -42,12 +45,28 @@ class RunFailed(RuntimeError):
         super().__init__(f"{len(failed)} shard(s) failed: " + "; ".join(f"{f['shard']}: {f['error']}" for f in failed))
 
 
-@task(name="plan-shards", retries=2, retry_delay_seconds=[2, 10], cache_policy=NO_CACHE)
+def preflight(job: JobConfig) -> None:
+    """Fail fast, before any Prefect or Ray start-up, on what no retry can fix."""
+    list_files(job.corpus)
+    resolve_model_path(job.model.name, job.model.revision)
+    fs, path = filesystem(job.output.uri, job.output.storage_options)
+    if protocol_of(job.output.uri) in ("s3", "s3a"):
+        bucket = path.split("/", 1)[0]
+        try:
+            if not fs.exists(bucket):
+                raise StorageError(f"output bucket {bucket!r} does not exist ({job.output.uri})")
+        except PermissionError as exc:
+            raise StorageError(f"access denied to output {job.output.uri}: {exc}") from None
+
+
+@task(name="plan-shards", retries=2, retry_delay_seconds=[2, 10], cache_policy=NO_CACHE,
+      retry_condition_fn=retry_unless_job_level)
 def plan_task(job: JobConfig) -> list[Shard]:
     return plan_shards(job.corpus, int(job.runtime.shard_size_mb * 1024 * 1024), job.runtime.shard_rows)
 
 
 @task(name="embed-shard", retries=2, retry_delay_seconds=[2, 10], cache_policy=NO_CACHE,
+      retry_condition_fn=retry_unless_job_level,
       task_run_name="embed-{shard.shard_id}")
 def embed_task(pool_key: str, shard: Shard, job: JobConfig, collection: str, fingerprint: str) -> dict[str, Any]:
     return _POOLS[pool_key].process_shard(
@@ -56,6 +75,7 @@ def embed_task(pool_key: str, shard: Shard, job: JobConfig, collection: str, fin
 
 
 @task(name="upsert-shard", retries=3, retry_delay_seconds=[1, 5, 15], cache_policy=NO_CACHE,
+      retry_condition_fn=retry_unless_job_level,
       task_run_name="upsert-{result[shard_id]}")
 def upsert_task(index_key: str, result: dict[str, Any], job: JobConfig, collection: str) -> int:
     index, lock = _INDEXES[index_key]

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 from typing import Any
 
 import fsspec
@@ -25,7 +26,22 @@ class StorageOptions(BaseModel):
     key: SecretStr | None = Field(None, description="access key id (default: AWS_ACCESS_KEY_ID)")
     secret: SecretStr | None = Field(None, description="secret access key (default: AWS_SECRET_ACCESS_KEY)")
     region: str | None = Field(None, description="region name (default: AWS_DEFAULT_REGION)")
+    token: SecretStr | None = Field(None, description="session token (default: AWS_SESSION_TOKEN)")
     anon: bool = Field(False, description="anonymous access to a public bucket")
+
+    def with_env_defaults(self) -> "StorageOptions":
+        """Fill unset fields from the usual AWS env vars, on the driver, so remote workers need no env of their own."""
+        env = os.environ
+        updates: dict[str, Any] = {}
+        if self.endpoint_url is None and (env.get("AWS_ENDPOINT_URL_S3") or env.get("AWS_ENDPOINT_URL")):
+            updates["endpoint_url"] = env.get("AWS_ENDPOINT_URL_S3") or env.get("AWS_ENDPOINT_URL")
+        if self.region is None and (env.get("AWS_REGION") or env.get("AWS_DEFAULT_REGION")):
+            updates["region"] = env.get("AWS_REGION") or env.get("AWS_DEFAULT_REGION")
+        if not self.anon:
+            for name, var in (("key", "AWS_ACCESS_KEY_ID"), ("secret", "AWS_SECRET_ACCESS_KEY"), ("token", "AWS_SESSION_TOKEN")):
+                if getattr(self, name) is None and env.get(var):
+                    updates[name] = SecretStr(env[var])
+        return self.model_copy(update=updates)
 
     def fsspec_kwargs(self, protocol: str) -> dict[str, Any]:
         if protocol not in ("s3", "s3a"):
@@ -42,6 +58,8 @@ class StorageOptions(BaseModel):
             kwargs["key"] = self.key.get_secret_value()
         if self.secret is not None:
             kwargs["secret"] = self.secret.get_secret_value()
+        if self.token is not None:
+            kwargs["token"] = self.token.get_secret_value()
         if self.anon:
             kwargs["anon"] = True
         return kwargs

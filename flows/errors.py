@@ -1,0 +1,38 @@
+"""Which failures are the user's to fix (one clear message, no retry, no traceback) and which are transient."""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+from flows.config import ConfigError
+from indexing.corpus import CorpusError
+from indexing.qdrant_index import IndexError_
+from indexing.storage import StorageError
+from workers.model_loader import ModelNotFoundError
+
+JOB_LEVEL_ERRORS: tuple[type[BaseException], ...] = (
+    ConfigError, CorpusError, StorageError, ModelNotFoundError, IndexError_, PermissionError,
+)
+
+
+def retry_unless_job_level(task: Any, task_run: Any, state: Any) -> bool:
+    """Prefect ``retry_condition_fn``: retrying cannot fix a missing column or a wrong model name."""
+    return not isinstance(getattr(state, "data", None), JOB_LEVEL_ERRORS)
+
+
+class _DropTracebacks(logging.Filter):
+    def filter(self, record: logging.LogRecord) -> bool:
+        record.exc_info = None
+        record.exc_text = None
+        return True
+
+
+def quiet_prefect_tracebacks() -> None:
+    """Keep Prefect's failure lines on the console but not their tracebacks (the UI still gets them)."""
+    from prefect.logging.handlers import PrefectConsoleHandler
+
+    for name in ("prefect", "prefect.task_runs", "prefect.flow_runs", ""):
+        for handler in logging.getLogger(name).handlers:
+            if isinstance(handler, PrefectConsoleHandler):
+                handler.addFilter(_DropTracebacks())

