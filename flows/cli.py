@@ -189,6 +189,56 @@ def status(job: str, overrides: tuple[str, ...], verbose: bool, as_json: bool) -
         _print_json_last(info)
 
 
+@cli.command(name="eval")
+@_job_options
+@click.option("--queries", type=click.Path(exists=True, dir_okay=False), help="BEIR queries.jsonl (or id<TAB>text TSV)",
+              show_envvar=True)
+@click.option("--qrels", type=click.Path(exists=True, dir_okay=False), help="BEIR qrels TSV: query-id, corpus-id, score",
+              show_envvar=True)
+@click.option("--pairs", type=click.Path(exists=True, dir_okay=False),
+              help="sentence pairs with gold scores: STS Benchmark TSV, SICK, or JSON lines", show_envvar=True)
+@click.option("--pairs-format", type=click.Choice(["auto", "stsb", "sick", "jsonl"]), default="auto",
+              help="format of --pairs", show_envvar=True)
+@click.option("--depth", default=1000, type=click.IntRange(10, 10000), help="hits retrieved per query",
+              show_envvar=True)
+@click.option("--json", "as_json", is_flag=True, help="print metrics as one JSON object on the last line",
+              show_envvar=True)
+def evaluate(job: str, overrides: tuple[str, ...], verbose: bool, queries: str | None, qrels: str | None,
+             pairs: str | None, pairs_format: str, depth: int, as_json: bool) -> None:
+    """Measure JOB's quality: retrieval (--queries + --qrels) against the live alias, or similarity (--pairs).
+
+    Retrieval reports nDCG@10, recall@100 and MRR@10 over the top DEPTH hits (pytrec_eval); similarity reports
+    Spearman and Pearson of cosine vs gold. Metrics are fractions (0.645, not 64.5).
+    """
+    _setup_logging(verbose)
+    if not pairs and not (queries and qrels):
+        raise click.UsageError("give --queries and --qrels (retrieval), or --pairs (similarity)")
+    try:
+        from flows.config import load_job
+        from flows.evaluate import evaluate_pairs, evaluate_retrieval
+        from indexing.qdrant_index import QdrantIndex
+        from workers.encoder import Encoder
+
+        cfg = load_job(job, list(overrides))
+        encoder = Encoder(cfg.model)
+        if pairs:
+            metrics = evaluate_pairs(encoder, pairs, pairs_format)  # type: ignore[arg-type]
+        else:
+            with QdrantIndex(cfg.index) as index:
+                if index.alias_target(cfg.name) is None:
+                    raise FileNotFoundError(f"alias {cfg.name!r} does not exist in {index.where}; run `reembed run {job}` first")
+                metrics = evaluate_retrieval(cfg, encoder, index, cfg.name, queries, qrels, depth)  # type: ignore[arg-type]
+    except _user_errors() as exc:
+        _fail(exc, verbose)
+        return
+    table = Table(title=f"reembed eval: {cfg.name}", show_header=False)
+    for key, value in metrics.items():
+        table.add_row(key, f"{value:.5f}" if isinstance(value, float) else str(value))
+    (err if as_json else out).print(table)
+    if as_json:
+        _print_json_last(metrics)
+
+
 def main() -> None:
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     # The temporary Prefect server would try to phone home at start; this workplace (and many clusters) has no

@@ -8,6 +8,7 @@ storage: it is the one narrow interface between orchestration and the model.
 
 from __future__ import annotations
 
+import inspect
 import logging
 import time
 from dataclasses import dataclass, field
@@ -81,6 +82,7 @@ class Encoder:
         self.model = AutoModel.from_pretrained(self.profile.path, dtype=self.dtype)
         self.model.to(self.device).eval()
         self.use_token_type_ids = "token_type_ids" in getattr(self.tokenizer, "model_input_names", [])
+        self.accepts_position_ids = "position_ids" in inspect.signature(self.model.forward).parameters
         hidden = int(getattr(self.model.config, "hidden_size", 0) or 0)
         self.dim = self.profile.truncate_dim or hidden
         self._prompt_len_cache: dict[str, int] = {}
@@ -166,12 +168,16 @@ class Encoder:
         features = {"input_ids": torch.from_numpy(ids), "attention_mask": torch.from_numpy(mask)}
         if self.use_token_type_ids:
             features["token_type_ids"] = torch.zeros_like(features["input_ids"])
+        if self.left_padding and self.accepts_position_ids:
+            # Left padding shifts a decoder's default positions by the pad count, so a vector would depend on its
+            # batch-mates; positions from the mask make every row equal its unpadded encoding.
+            features["position_ids"] = (features["attention_mask"].cumsum(dim=1) - 1).clamp(min=0)
         return features
 
     @torch.inference_mode()
     def _forward(self, seqs: list[list[int]], prompt_length: int) -> torch.Tensor:
         features = {k: v.to(self.device, non_blocking=True) for k, v in self._collate(seqs).items()}
-        out = self.model(**features)
+        out = self.model(**{k: v for k, v in features.items() if k != "token_embeddings"})
         features["token_embeddings"] = out[0] if isinstance(out, tuple) else out.last_hidden_state
         if prompt_length and not self.profile.include_prompt:
             mask = features["attention_mask"].clone()

@@ -113,7 +113,12 @@ def load_profile(settings: ModelSettings) -> ModelProfile:
     hf_cfg = _read_json(path / "config.json")
 
     pooling = settings.pooling or _pooling_from_config(pooling_cfg) or "mean"
-    max_len = settings.max_seq_length or st_cfg.get("max_seq_length") or hf_cfg.get("max_position_embeddings") or 512
+    tok_limit = _read_json(path / "tokenizer_config.json").get("model_max_length")
+    if not isinstance(tok_limit, int) or tok_limit > 1_000_000:  # transformers' "no limit" sentinel is ~1e30
+        tok_limit = None
+    # sentence-transformers' order: its own config (<= v5), then the tokenizer's limit (v6), then the model's.
+    max_len = (settings.max_seq_length or st_cfg.get("max_seq_length") or tok_limit
+               or hf_cfg.get("max_position_embeddings") or 512)
     document_prompt = settings.document_prompt
     if document_prompt is None:
         document_prompt = prompts.get("document", prompts.get("passage", ""))
