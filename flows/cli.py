@@ -112,9 +112,14 @@ def _print_summary(summary: dict[str, Any]) -> None:
 @_job_options
 @click.argument("query")
 @click.option("-k", "--top-k", "k", default=10, type=click.IntRange(1, 1000), help="number of hits", show_envvar=True)
+@click.option("--chunks", is_flag=True, help="with chunking on, list chunks instead of collapsing them to documents",
+              show_envvar=True)
 @click.option("--json", "as_json", is_flag=True, help="print hits as one JSON list on the last line", show_envvar=True)
-def search(job: str, query: str, overrides: tuple[str, ...], verbose: bool, k: int, as_json: bool) -> None:
-    """Embed QUERY with JOB's model and print the top hits from its alias (doc id, score, snippet)."""
+def search(job: str, query: str, overrides: tuple[str, ...], verbose: bool, k: int, chunks: bool, as_json: bool) -> None:
+    """Embed QUERY with JOB's model and print the top hits from its alias (doc id, score, snippet).
+
+    With chunking on, each document appears once, represented by its best-matching chunk.
+    """
     _setup_logging(verbose)
     try:
         from flows.config import load_job
@@ -127,11 +132,13 @@ def search(job: str, query: str, overrides: tuple[str, ...], verbose: bool, k: i
                 raise FileNotFoundError(f"alias {cfg.name!r} does not exist in {index.where}; run `reembed run {job}` first")
             encoder = Encoder(cfg.model)
             vectors, _ = encoder.encode([query], kind="query")
-            hits = index.search(cfg.name, vectors[0], k)
+            hits = index.search(cfg.name, vectors[0], k, collapse=cfg.chunking is not None and not chunks)
     except _user_errors() as exc:
         _fail(exc, verbose)
         return
-    rows = [{"rank": i + 1, "doc_id": h.get("doc_id"), "score": round(h["score"], 6), "text": h.get("text", "")}
+    rows = [{"rank": i + 1, "doc_id": h.get("doc_id"), "score": round(h["score"], 6), "text": h.get("text", ""),
+             **({"chunk_index": h["chunk_index"], "char_start": h["char_start"], "char_end": h["char_end"]}
+                if "chunk_index" in h else {})}
             for i, h in enumerate(hits)]
     table = Table(title=f"{cfg.name}: {query}")
     for col in ("rank", "doc_id", "score", "snippet"):

@@ -21,11 +21,12 @@ from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, Settings
 from indexing.corpus import CorpusSettings
 from indexing.qdrant_index import IndexSettings
 from indexing.storage import StorageOptions
-from workers.settings import ModelSettings
+from workers.settings import ChunkingSettings, ModelSettings
 
 ENV_PREFIX = "REEMBED_"
 _JOB_FILE: ContextVar[Path | None] = ContextVar("_JOB_FILE", default=None)
-_RESERVED_COLUMNS = {"doc_id", "vector", "text_sha256", "model", "text", "source_row"}
+_RESERVED_COLUMNS = {"doc_id", "vector", "text_sha256", "model", "text", "source_row", "chunk_index",
+                     "char_start", "char_end"}
 
 
 class ConfigError(ValueError):
@@ -64,6 +65,7 @@ class JobConfig(BaseSettings):
     name: str = Field(..., description="the Qdrant alias users search")
     corpus: CorpusSettings
     model: ModelSettings = Field(default_factory=ModelSettings)
+    chunking: ChunkingSettings | None = Field(None, description="null = one vector per document (truncated, and counted)")
     output: OutputSettings = Field(default_factory=OutputSettings)
     index: IndexSettings = Field(default_factory=IndexSettings)
     runtime: RuntimeSettings = Field(default_factory=RuntimeSettings)
@@ -98,6 +100,8 @@ class JobConfig(BaseSettings):
             "max_seq_length": m.max_seq_length, "truncate_dim": m.truncate_dim,
             "document_prompt": m.document_prompt, "dim": dim,
         }
+        if self.chunking is not None:
+            shape["chunking"] = self.chunking.model_dump()
         return hashlib.sha256(json.dumps(shape, sort_keys=True).encode()).hexdigest()[:12]
 
     def collection_name(self, dim: int | None = None) -> str:

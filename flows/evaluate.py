@@ -111,12 +111,13 @@ def evaluate_pairs(encoder: Encoder, path: str | Path, fmt: PairsFormat = "auto"
     }
 
 
-def search_run(index: QdrantIndex, alias: str, vectors: np.ndarray, ids: list[str], depth: int) -> dict[str, dict[str, float]]:
+def search_run(index: QdrantIndex, alias: str, vectors: np.ndarray, ids: list[str], depth: int,
+               chunked: bool = False) -> dict[str, dict[str, float]]:
     """Top-``depth`` documents per query, chunks collapsed to their best score."""
     run: dict[str, dict[str, float]] = {}
     for qid, vec in zip(ids, vectors):
         docs: dict[str, float] = {}
-        for hit in index.search(alias, vec, depth):
+        for hit in index.search(alias, vec, depth, collapse=chunked):
             doc = str(hit.get("doc_id"))
             docs[doc] = max(docs.get(doc, -1e9), hit["score"])
         run[qid] = docs
@@ -134,7 +135,7 @@ def evaluate_retrieval(job: JobConfig, encoder: Encoder, index: QdrantIndex, ali
         raise ConfigError(f"{qrels_path}: {len(missing)} judged query id(s) not in {queries_path}, e.g. {missing[:3]}")
     ids = sorted(qrels)
     vectors, _ = encoder.encode([queries[q] for q in ids], kind="query")
-    run = search_run(index, alias, vectors, ids, depth)
+    run = search_run(index, alias, vectors, ids, depth, chunked=job.chunking is not None)
     top10 = {q: dict(sorted(d.items(), key=lambda kv: -kv[1])[:10]) for q, d in run.items()}
     per_query = pytrec_eval.RelevanceEvaluator(qrels, {"ndcg_cut.10", "recall.100"}).evaluate(run)
     mrr = pytrec_eval.RelevanceEvaluator(qrels, {"recip_rank"}).evaluate(top10)

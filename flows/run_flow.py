@@ -70,7 +70,7 @@ def plan_task(job: JobConfig) -> list[Shard]:
       task_run_name="embed-{shard.shard_id}")
 def embed_task(pool_key: str, shard: Shard, job: JobConfig, collection: str, fingerprint: str) -> dict[str, Any]:
     return _POOLS[pool_key].process_shard(
-        shard, job.corpus, job.output.uri, collection, job.output.storage_options, fingerprint
+        shard, job.corpus, job.output.uri, collection, job.output.storage_options, fingerprint, job.chunking
     )
 
 
@@ -137,7 +137,8 @@ def run_job(job: JobConfig) -> dict[str, Any]:
         store.write_manifest({
             "collection": collection, "alias": job.name, "model": pool.model_id, "dim": pool.dim,
             "fingerprint": job.fingerprint(pool.dim), "shards": sorted(r["shard_id"] for r in results),
-            "vector_rows": summary["indexed"], "input_rows": summary["input_rows"],
+            "vector_rows": summary["vector_rows"], "input_rows": summary["input_rows"],
+            "chunked": job.chunking is not None,
             "quarantined": summary["quarantined"], "finished_at": datetime.now(timezone.utc).isoformat(),
         })
         index.point_alias(job.name, collection)
@@ -166,6 +167,7 @@ def _summarise(job: JobConfig, collection: str, index: QdrantIndex, shards: list
         "dim": pool.dim,
         "input_rows": sum(r["input_rows"] for r in results),
         "indexed": indexed,
+        "vector_rows": sum(r["vector_rows"] for r in results),
         "quarantined": sum(r["quarantined"] for r in results),
         "tokens": sum(r["tokens"] for r in results),
         "truncated_docs": sum(r["truncated_docs"] for r in results),

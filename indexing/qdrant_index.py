@@ -42,8 +42,10 @@ class IndexError_(RuntimeError):
     """A job-level Qdrant problem (unreachable server, dimension mismatch)."""
 
 
-def point_id(doc_id: str) -> str:
-    return str(uuid.uuid5(POINT_NAMESPACE, doc_id))
+def point_id(doc_id: str, chunk_index: int | None = None) -> str:
+    """UUIDv5 of the document id (and chunk index when chunking), stable across runs and machines."""
+    key = doc_id if chunk_index is None else f"{doc_id}#{chunk_index}"
+    return str(uuid.uuid5(POINT_NAMESPACE, key))
 
 
 def _transient(exc: BaseException) -> bool:
@@ -113,7 +115,8 @@ class QdrantIndex:
         size = self.settings.upsert_batch
         for start in range(0, len(rows), size):
             yield [
-                models.PointStruct(id=point_id(row["doc_id"]), vector=vectors[start + i].tolist(), payload=row)
+                models.PointStruct(id=point_id(row["doc_id"], row.get("chunk_index")), vector=vectors[start + i].tolist(),
+                                   payload=row)
                 for i, row in enumerate(rows[start : start + size])
             ]
 
@@ -152,6 +155,13 @@ class QdrantIndex:
         )
         self.client.update_collection_aliases(change_aliases_operations=actions)
 
-    def search(self, name: str, vector: np.ndarray, k: int = 10) -> list[dict[str, Any]]:
-        hits = self.client.query_points(name, query=vector.astype(np.float32).tolist(), limit=k, with_payload=True).points
+    def search(self, name: str, vector: np.ndarray, k: int = 10, collapse: bool = False) -> list[dict[str, Any]]:
+        """Top-k hits; with ``collapse``, the best chunk of each of the top-k documents."""
+        query = vector.astype(np.float32).tolist()
+        if collapse:
+            groups = self.client.query_points_groups(name, query=query, group_by="doc_id", limit=k, group_size=1,
+                                                     with_payload=True).groups
+            hits = [g.hits[0] for g in groups if g.hits]
+        else:
+            hits = self.client.query_points(name, query=query, limit=k, with_payload=True).points
         return [{"id": str(h.id), "score": float(h.score), **(h.payload or {})} for h in hits]

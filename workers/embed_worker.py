@@ -19,7 +19,7 @@ from indexing.corpus import CorpusSettings, Shard, read_shard
 from indexing.storage import StorageOptions
 from indexing.vector_store import SNIPPET_CHARS, VectorStore, text_sha256, vectors_to_arrow
 from workers.encoder import Encoder
-from workers.settings import ModelSettings
+from workers.settings import ChunkingSettings, ModelSettings
 
 logger = logging.getLogger(__name__)
 
@@ -49,23 +49,42 @@ class EmbedWorker:
         collection: str,
         output_options: StorageOptions,
         model_fingerprint: str,
+        chunking: ChunkingSettings | None = None,
     ) -> dict[str, Any]:
         start = time.perf_counter()
         rows = read_shard(shard, corpus)
         read_s = time.perf_counter() - start
-        vectors, stats = self.encoder.encode(rows.texts)
+        # One row per document, or per chunk: `owner[i]` is the document row that output row i comes from.
+        if chunking is None:
+            owner = list(range(len(rows.ids)))
+            spans = [(0, len(t)) for t in rows.texts]
+            chunk_index = [0] * len(owner)
+        else:
+            owner, spans, chunk_index = [], [], []
+            for doc, doc_spans in enumerate(self.encoder.chunk_spans(rows.texts, chunking.max_tokens, chunking.overlap)):
+                for n, span in enumerate(doc_spans):
+                    owner.append(doc)
+                    spans.append(span)
+                    chunk_index.append(n)
+        texts = [rows.texts[d][a:b] if chunking else rows.texts[d] for d, (a, b) in zip(owner, spans)]
+        vectors, stats = self.encoder.encode(texts)
+        doc_sha = [text_sha256(t) for t in rows.texts]
         columns: dict[str, Any] = {
-            "doc_id": pa.array(rows.ids, type=pa.string()),
+            "doc_id": pa.array([rows.ids[d] for d in owner], type=pa.string()),
             "vector": vectors_to_arrow(vectors),
-            "text_sha256": pa.array([text_sha256(t) for t in rows.texts], type=pa.string()),
-            "model": pa.array([self.model_id] * len(rows.ids), type=pa.string()),
-            "text": pa.array([t[:SNIPPET_CHARS] for t in rows.texts], type=pa.string()),
-            "source_row": pa.array(rows.rows, type=pa.int64()),
+            "text_sha256": pa.array([doc_sha[d] for d in owner], type=pa.string()),
+            "model": pa.array([self.model_id] * len(owner), type=pa.string()),
+            "text": pa.array([t[:SNIPPET_CHARS] for t in texts], type=pa.string()),
+            "source_row": pa.array([rows.rows[d] for d in owner], type=pa.int64()),
         }
+        if chunking is not None:
+            columns["chunk_index"] = pa.array(chunk_index, type=pa.int32())
+            columns["char_start"] = pa.array([a for a, _ in spans], type=pa.int64())
+            columns["char_end"] = pa.array([b for _, b in spans], type=pa.int64())
         for name, values in rows.payload.items():
-            columns[name] = pa.array(values)
+            columns[name] = pa.array([values[d] for d in owner])
         table = pa.table(columns)
-        truncated = [rows.ids[i] for i in stats.truncated_rows]
+        truncated = sorted({rows.ids[owner[i]] for i in stats.truncated_rows})
         store = VectorStore(output_uri, collection, output_options)
         metadata = {
             "shard_id": shard.shard_id,
@@ -74,8 +93,9 @@ class EmbedWorker:
             "model_fingerprint": model_fingerprint,
             "dim": self.dim,
             "rows": len(rows.ids),
+            "vector_rows": len(owner),
             "tokens": stats.tokens,
-            "truncated_docs": stats.truncated_docs,
+            "truncated_docs": len(truncated),
             "dropped_tokens": stats.dropped_tokens,
         }
         part = store.write_part(shard.shard_id, table, metadata)

@@ -136,6 +136,30 @@ class Encoder:
         stats.truncated_docs = len(stats.truncated_rows)
         return ids, stats  # type: ignore[return-value]
 
+    def chunk_spans(self, texts: list[str], max_tokens: int, overlap: int) -> list[list[tuple[int, int]]]:
+        """Character spans of token windows per text; a text that fits is one span covering all of it."""
+        if overlap >= max_tokens:
+            raise ValueError(f"chunking.overlap ({overlap}) must be smaller than chunking.max_tokens ({max_tokens})")
+        room = self.profile.max_seq_length - self.tokenizer.num_special_tokens_to_add() - (
+            self._prompt_length(self.profile.document_prompt) if self.profile.document_prompt else 0)
+        size = max(1, min(max_tokens, room))
+        step = max(1, size - min(overlap, size - 1))
+        enc = self.tokenizer(texts, add_special_tokens=False, return_offsets_mapping=True,
+                             return_attention_mask=False, return_token_type_ids=False)
+        spans: list[list[tuple[int, int]]] = []
+        for text, offsets in zip(texts, enc["offset_mapping"]):
+            if len(offsets) <= size:
+                spans.append([(0, len(text))])
+                continue
+            doc_spans = []
+            for start in range(0, len(offsets), step):
+                window = offsets[start : start + size]
+                doc_spans.append((window[0][0], window[-1][1]))
+                if start + size >= len(offsets):
+                    break
+            spans.append(doc_spans)
+        return spans
+
     def plan_batches(self, lengths: list[int]) -> list[list[int]]:
         """Indices grouped into batches whose padded size fits the token budget, longest first."""
         order = sorted(range(len(lengths)), key=lambda i: -lengths[i])

@@ -16,6 +16,15 @@ Device = Literal["auto", "cpu", "cuda"]
 DType = Literal["auto", "float32", "float16", "bfloat16"]
 
 
+class ChunkingSettings(BaseModel):
+    """The `chunking:` section: split long documents into overlapping token windows, one point each."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    max_tokens: int = Field(..., ge=8, description="tokens per chunk (text tokens, before special tokens and prompt)")
+    overlap: int = Field(0, ge=0, description="tokens shared by consecutive chunks")
+
+
 class ModelSettings(BaseModel):
     """How to turn text into vectors."""
 

@@ -1,0 +1,56 @@
+"""Long documents: truncation is counted; with chunking on, the tail of a long document is findable."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from conftest import ROOT, last_json, run_cli, write_jsonl
+from flows.config import load_job
+from workers.encoder import Encoder
+from workers.settings import ModelSettings
+
+FILLER = " ".join(["The committee reviewed quarterly budgets, staffing plans and office logistics in detail."] * 40)
+TAIL = "Finally, the appendix explains how octopuses open screw-top jars with their arms."
+
+
+def test_chunk_spans_cover_the_text_with_overlap() -> None:
+    enc = Encoder(ModelSettings())
+    text = FILLER + " " + TAIL
+    (spans,) = enc.chunk_spans([text], max_tokens=64, overlap=16)
+    assert len(spans) > 5 and spans[0][0] == 0 and spans[-1][1] == len(text)
+    assert all(b[0] < a[1] for a, b in zip(spans, spans[1:]))  # consecutive windows overlap
+    assert enc.chunk_spans(["short text"], 64, 16) == [[(0, 10)]]
+    with pytest.raises(ValueError, match="overlap"):
+        enc.chunk_spans([text], 16, 16)
+
+
+@pytest.mark.slow
+def test_long_document_truncated_then_chunked(tmp_path) -> None:
+    docs = [{"id": "long", "text": FILLER + " " + TAIL}] + [
+        {"id": f"d{i}", "text": t} for i, t in enumerate(
+            ["Bread rises because of yeast.", "Tides follow the Moon.", "Bees dance to share directions."])]
+    write_jsonl(tmp_path / "corpus.jsonl", docs)
+    (tmp_path / "job.yaml").write_text("name: longdocs\ncorpus: {uri: corpus.jsonl}\n")
+    job = str(tmp_path / "job.yaml")
+
+    plain = run_cli("run", job, "--json")
+    assert plain.returncode == 0, plain.stderr[-3000:]
+    s = last_json(plain.stdout)
+    assert s["truncated_docs"] == 1 and s["dropped_tokens"] > 0 and s["points"] == 4
+
+    chunked = run_cli("run", job, "--set", "chunking.max_tokens=64", "--set", "chunking.overlap=8", "--json")
+    assert chunked.returncode == 0, chunked.stderr[-3000:]
+    c = last_json(chunked.stdout)
+    assert c["collection"] != s["collection"]  # chunking shapes vectors: a new version
+    assert c["truncated_docs"] == 0 and c["indexed"] == 4 and c["vector_rows"] == c["points"] > 4
+
+    query = "how do octopuses open jars"
+    found = run_cli("search", job, query, "-k", "2", "--set", "chunking.max_tokens=64",
+                    "--set", "chunking.overlap=8", "--json")
+    hits = last_json(found.stdout)
+    assert hits[0]["doc_id"] == "long" and hits[0]["chunk_index"] > 0
+    assert "octopuses" in docs[0]["text"][hits[0]["char_start"]:hits[0]["char_end"]]
+    assert len({h["doc_id"] for h in hits}) == len(hits)  # collapsed: one row per document
+    assert load_job(job, ["chunking.max_tokens=64"]).chunking.overlap == 0
