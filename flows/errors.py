@@ -29,10 +29,12 @@ class _DropTracebacks(logging.Filter):
 
 
 def quiet_prefect_tracebacks() -> None:
-    """Keep Prefect's failure lines on the console but not their tracebacks (the UI still gets them)."""
-    from prefect.logging.handlers import PrefectConsoleHandler
+    """Keep Prefect's failure lines but not their tracebacks: the CLI prints the error itself, in one line.
 
-    for name in ("prefect", "prefect.task_runs", "prefect.flow_runs", ""):
-        for handler in logging.getLogger(name).handlers:
-            if isinstance(handler, PrefectConsoleHandler):
-                handler.addFilter(_DropTracebacks())
+    The filter sits on the loggers the flow and task engines write to, so it holds whichever handlers Prefect
+    attaches later; ``reembed run -v`` leaves it off.
+    """
+    for name in ("prefect.flow_runs", "prefect.task_runs", "prefect.flow_engine", "prefect.task_engine"):
+        logger = logging.getLogger(name)
+        if not any(isinstance(f, _DropTracebacks) for f in logger.filters):
+            logger.addFilter(_DropTracebacks())

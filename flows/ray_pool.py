@@ -107,6 +107,12 @@ class ActorPool:
         actor = self._idle.get()
         try:
             return ray.get(actor.process_shard.remote(*args))
+        except ray.exceptions.RayTaskError as exc:
+            # Surface the worker's own exception (e.g. CorpusError), not Ray's wrapper with a remote traceback.
+            cause = getattr(exc, "cause", None)
+            if isinstance(cause, Exception):
+                raise cause from None
+            raise
         finally:
             self._idle.put(actor)
 

@@ -14,6 +14,7 @@ import io
 import json
 import logging
 import string
+import zlib
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
@@ -36,6 +37,10 @@ class CorpusError(RuntimeError):
     """A job-level problem with the corpus (no files, missing column, unreadable file)."""
 
 
+class UnreadableFile(CorpusError):
+    """One corpus file cannot be read (corrupt, truncated, permission denied): quarantined under that policy."""
+
+
 class CorpusSettings(BaseModel):
     """The `corpus:` section of a job file."""
 
@@ -47,6 +52,8 @@ class CorpusSettings(BaseModel):
     text: str = Field("{text}", description="template over columns, e.g. '{title} {text}'")
     payload: list[str] = Field(default_factory=list, description="columns copied into Parquet and the Qdrant payload")
     max_text_bytes: int = Field(1_000_000, ge=1, description="rows with longer rendered text are quarantined")
+    on_bad_rows: Literal["quarantine", "fail"] = Field(
+        "quarantine", description="quarantine bad rows and unreadable files with their reason, or fail the run")
     storage_options: StorageOptions = Field(default_factory=StorageOptions)
 
     def template_fields(self) -> list[str]:
@@ -153,7 +160,7 @@ def plan_file(uri: str, settings: CorpusSettings, shard_bytes: int, shard_rows: 
         try:
             meta = pq.ParquetFile(fs.open(path, "rb")).metadata
         except Exception as exc:
-            raise CorpusError(f"{uri}: not a readable Parquet file: {exc}") from None
+            raise UnreadableFile(f"{uri}: not a readable Parquet file: {exc}") from None
         if size <= shard_bytes and (shard_rows is None or meta.num_rows <= shard_rows):
             return [Shard(_shard_id(uri, None, None), uri, fmt, rows_hint=meta.num_rows)]
         shards, first, acc_bytes, acc_rows, row_base = [], 0, 0, 0, 1
@@ -167,8 +174,11 @@ def plan_file(uri: str, settings: CorpusSettings, shard_bytes: int, shard_rows: 
         return shards
     if fmt == "jsonl.gz" or (size <= shard_bytes and shard_rows is None):
         return [Shard(_shard_id(uri, None, None), uri, fmt)]
-    with fs.open(path, "rb") as fh:
-        starts = _scan_records(fh, quoted=fmt in ("csv", "tsv"))
+    try:
+        with fs.open(path, "rb") as fh:
+            starts = _scan_records(fh, quoted=fmt in ("csv", "tsv"))
+    except OSError as exc:
+        raise UnreadableFile(f"{uri}: unreadable: {exc}") from None
     if fmt in ("csv", "tsv"):
         starts = starts[1:]  # the header opens every shard's read, it is no data row
     shards: list[Shard] = []
@@ -184,10 +194,51 @@ def plan_file(uri: str, settings: CorpusSettings, shard_bytes: int, shard_rows: 
     return shards
 
 
+def file_fingerprint(uri: str, settings: CorpusSettings) -> str:
+    """Size plus ETag or modification time: changes whenever the file's content is replaced."""
+    fs, path = filesystem(uri, settings.storage_options)
+    info = fs.info(path)
+    stamp = info.get("ETag") or info.get("etag") or info.get("mtime") or info.get("LastModified") or ""
+    return f"{info.get('size')}|{stamp}"
+
+
+def shard_fingerprint(shard: Shard, file_fp: str, settings: CorpusSettings) -> str:
+    """What decides a shard's rows: its file's content, its range, and how rows are read and rendered."""
+    how = settings.model_dump(include={"id", "text", "payload", "max_text_bytes", "format"})
+    key = json.dumps([shard.uri, shard.start, shard.end, file_fp, how], sort_keys=True, default=str)
+    return hashlib.sha256(key.encode()).hexdigest()[:24]
+
+
+def check_columns(uri: str, settings: CorpusSettings) -> None:
+    """Fail fast when a file with a schema (Parquet, CSV) lacks the id or text columns; JSONL is checked per row."""
+    fmt = detect_format(uri, settings.format)
+    fs, path = filesystem(uri, settings.storage_options)
+    try:
+        if fmt == "parquet":
+            columns = pq.ParquetFile(fs.open(path, "rb")).schema_arrow.names
+        elif fmt in ("csv", "tsv"):
+            with fs.open(path, "rb") as fh:
+                header = fh.readline().decode("utf-8", errors="replace")
+            columns = next(csv.reader([header], delimiter="\t" if fmt == "tsv" else ","), [])
+        else:
+            return
+    except Exception:
+        return  # unreadable files are reported (or fail) when their shard is read
+    missing = [c for c in [settings.id, *settings.template_fields()] if c not in columns]
+    if missing:
+        raise CorpusError(f"{uri}: missing column(s) {missing}; the file has {columns}")
+
+
 def plan_shards(settings: CorpusSettings, shard_bytes: int, shard_rows: int | None = None) -> list[Shard]:
     shards: list[Shard] = []
     for uri in list_files(settings):
-        shards.extend(plan_file(uri, settings, shard_bytes, shard_rows))
+        try:
+            shards.extend(plan_file(uri, settings, shard_bytes, shard_rows))
+        except UnreadableFile:
+            if settings.on_bad_rows == "fail":
+                raise
+            # Whole-file shard: reading it again in the worker reports the file in the quarantine.
+            shards.append(Shard(_shard_id(uri, None, None), uri, detect_format(uri, settings.format)))
     return shards
 
 
@@ -209,7 +260,7 @@ def _read_records(shard: Shard, settings: CorpusSettings) -> tuple[list[tuple[in
             groups = list(range(pf.metadata.num_row_groups)) if shard.start is None else list(range(shard.start, shard.end))
             table = pf.read_row_groups(groups) if groups else pf.schema_arrow.empty_table()
         except Exception as exc:
-            raise CorpusError(f"{shard.uri}: corrupt or unreadable Parquet: {exc}") from None
+            raise UnreadableFile(f"{shard.uri}: corrupt or unreadable Parquet: {exc}") from None
         for i, rec in enumerate(table.to_pylist()):
             out.append((shard.first_row + i, rec, None))
         return out, table.column_names
@@ -223,8 +274,8 @@ def _read_records(shard: Shard, settings: CorpusSettings) -> tuple[list[tuple[in
                 header = fh.readline() if shard.format in ("csv", "tsv") else b""
                 fh.seek(shard.start)
                 data = header + fh.read(shard.end - shard.start)
-    except (OSError, EOFError, gzip.BadGzipFile) as exc:
-        raise CorpusError(f"{shard.uri}: unreadable: {exc}") from None
+    except (OSError, EOFError, gzip.BadGzipFile, zlib.error) as exc:
+        raise UnreadableFile(f"{shard.uri}: unreadable: {exc}") from None
     if shard.format in ("csv", "tsv"):
         text = data.decode("utf-8", errors="replace")
         reader = csv.DictReader(io.StringIO(text, newline=""), delimiter="\t" if shard.format == "tsv" else ",")
@@ -263,6 +314,11 @@ def read_shard(shard: Shard, settings: CorpusSettings) -> ShardRows:
         records, columns = _read_records(shard, settings)
     except StorageError as exc:
         raise CorpusError(str(exc)) from None
+    except UnreadableFile as exc:
+        if settings.on_bad_rows == "fail":
+            raise
+        return ShardRows(payload={name: [] for name in settings.payload},
+                         rejected=[{"file": shard.uri, "row": None, "doc_id": None, "reason": f"unreadable file: {exc}"}])
     if columns is not None:
         missing = [c for c in [settings.id, *fields] if c not in columns]
         if missing:
@@ -290,6 +346,8 @@ def read_shard(shard: Shard, settings: CorpusSettings) -> ShardRows:
                 elif doc_id in seen:
                     reason = f"duplicate id {doc_id!r} (first at row {seen[doc_id]})"
         if reason is not None:
+            if settings.on_bad_rows == "fail":
+                raise CorpusError(f"{shard.uri}: row {row}: {reason} (corpus.on_bad_rows is 'fail')")
             out.rejected.append({"file": shard.uri, "row": row, "doc_id": doc_id, "reason": reason})
             continue
         seen[doc_id] = row  # type: ignore[index]

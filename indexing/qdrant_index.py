@@ -132,9 +132,32 @@ class QdrantIndex:
             written += len(points)
         return written
 
-    def delete_docs(self, collection: str, doc_ids: list[str]) -> None:
-        if doc_ids:
-            self.client.delete(collection, points_selector=models.PointIdsList(points=[point_id(d) for d in doc_ids]))
+    def upsert_rows(self, collection: str, store: VectorStore, part_uri: str, rows: list[int]) -> None:
+        """Upsert chosen rows of one part again (the winners of duplicate ids)."""
+        table = store.read_part(part_uri).take(rows)
+        vectors = arrow_to_vectors(table.column("vector"))
+        payloads = table.drop_columns(["vector"]).to_pylist()
+        self._upsert(collection, [
+            models.PointStruct(id=point_id(p["doc_id"], p.get("chunk_index")), vector=v.tolist(), payload=p)
+            for p, v in zip(payloads, vectors)
+        ])
+
+    def point_ids(self, collection: str, page: int = 10_000) -> list[str]:
+        """Every point id in the collection (ids only: no payloads, no vectors)."""
+        ids: list[str] = []
+        offset = None
+        while True:
+            points, offset = self.client.scroll(collection, limit=page, offset=offset, with_payload=False,
+                                                with_vectors=False)
+            ids.extend(str(p.id) for p in points)
+            if offset is None:
+                return ids
+
+    @_retry
+    def delete_points(self, collection: str, ids: list[str], batch: int = 1000) -> None:
+        for start in range(0, len(ids), batch):
+            self.client.delete(collection, points_selector=models.PointIdsList(points=ids[start : start + batch]),
+                               wait=True)
 
     def count(self, name: str) -> int:
         return self.client.count(name, exact=True).count

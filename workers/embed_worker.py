@@ -13,11 +13,12 @@ import socket
 import time
 from typing import Any
 
+import numpy as np
 import pyarrow as pa
 
 from indexing.corpus import CorpusSettings, Shard, read_shard
 from indexing.storage import StorageOptions
-from indexing.vector_store import SNIPPET_CHARS, VectorStore, text_sha256, vectors_to_arrow
+from indexing.vector_store import SNIPPET_CHARS, VectorStore, arrow_to_vectors, text_sha256, vectors_to_arrow
 from workers.encoder import Encoder
 from workers.settings import ChunkingSettings, ModelSettings
 
@@ -50,25 +51,35 @@ class EmbedWorker:
         output_options: StorageOptions,
         model_fingerprint: str,
         chunking: ChunkingSettings | None = None,
+        reuse_uris: list[str] | None = None,
+        input_fingerprint: str | None = None,
     ) -> dict[str, Any]:
         start = time.perf_counter()
         rows = read_shard(shard, corpus)
         read_s = time.perf_counter() - start
-        # One row per document, or per chunk: `owner[i]` is the document row that output row i comes from.
-        if chunking is None:
-            owner = list(range(len(rows.ids)))
-            spans = [(0, len(t)) for t in rows.texts]
-            chunk_index = [0] * len(owner)
-        else:
-            owner, spans, chunk_index = [], [], []
-            for doc, doc_spans in enumerate(self.encoder.chunk_spans(rows.texts, chunking.max_tokens, chunking.overlap)):
-                for n, span in enumerate(doc_spans):
-                    owner.append(doc)
-                    spans.append(span)
-                    chunk_index.append(n)
-        texts = [rows.texts[d][a:b] if chunking else rows.texts[d] for d, (a, b) in zip(owner, spans)]
-        vectors, stats = self.encoder.encode(texts)
+        store = VectorStore(output_uri, collection, output_options)
         doc_sha = [text_sha256(t) for t in rows.texts]
+        reused = _previous_vectors(store, reuse_uris or [], rows.ids, doc_sha, chunking is not None)
+        todo = [d for d in range(len(rows.ids)) if d not in reused]
+        if chunking is None:
+            todo_spans = [[(0, len(rows.texts[d]))] for d in todo]
+        else:
+            todo_spans = self.encoder.chunk_spans([rows.texts[d] for d in todo], chunking.max_tokens, chunking.overlap)
+        pieces = [(d, n, span) for d, spans in zip(todo, todo_spans) for n, span in enumerate(spans)]
+        fresh, stats = self.encoder.encode([rows.texts[d][a:b] for d, _, (a, b) in pieces])
+        encoded: dict[int, list[tuple[int, tuple[int, int], Any]]] = {}
+        for (d, n, span), vec in zip(pieces, fresh):
+            encoded.setdefault(d, []).append((n, span, vec))
+        # One output row per document, or per chunk; `owner[i]` is the document behind output row i.
+        owner, chunk_index, spans, vecs = [], [], [], []
+        for d in range(len(rows.ids)):
+            for n, span, vec in reused.get(d) or encoded.get(d, []):
+                owner.append(d)
+                chunk_index.append(n)
+                spans.append(span)
+                vecs.append(vec)
+        vectors = np.asarray(vecs, dtype=np.float32).reshape(len(vecs), self.dim)
+        texts = [rows.texts[d][a:b] for d, (a, b) in zip(owner, spans)]
         columns: dict[str, Any] = {
             "doc_id": pa.array([rows.ids[d] for d in owner], type=pa.string()),
             "vector": vectors_to_arrow(vectors),
@@ -84,13 +95,13 @@ class EmbedWorker:
         for name, values in rows.payload.items():
             columns[name] = pa.array([values[d] for d in owner])
         table = pa.table(columns)
-        truncated = sorted({rows.ids[owner[i]] for i in stats.truncated_rows})
-        store = VectorStore(output_uri, collection, output_options)
+        truncated = sorted({rows.ids[pieces[i][0]] for i in stats.truncated_rows})
         metadata = {
             "shard_id": shard.shard_id,
             "source": shard.uri,
             "model": self.model_id,
             "model_fingerprint": model_fingerprint,
+            "input_fingerprint": input_fingerprint,
             "dim": self.dim,
             "rows": len(rows.ids),
             "vector_rows": len(owner),
@@ -106,6 +117,8 @@ class EmbedWorker:
             "part_uri": part,
             "quarantine_uri": quarantine,
             "input_rows": rows.input_rows,
+            "encoded": len(todo),
+            "reused": len(reused),
             "quarantined": len(rows.rejected),
             "padded_tokens": stats.padded_tokens,
             "truncated_ids": truncated[:100],
@@ -118,6 +131,36 @@ class EmbedWorker:
         }
         store.write_marker(shard.shard_id, {**result, "stage": "written"})
         return result
+
+
+def _previous_vectors(store: VectorStore, uris: list[str], ids: list[str], shas: list[str],
+                      chunked: bool) -> dict[int, list[tuple[int, tuple[int, int], Any]]]:
+    """Vectors of documents whose text is unchanged since a committed part: (chunk, span, vector) per document."""
+    if not uris:
+        return {}
+    want = {doc_id: i for i, doc_id in enumerate(ids)}
+    found: dict[int, list[tuple[int, tuple[int, int], Any]]] = {}
+    columns = ["doc_id", "text_sha256", "vector"] + (["chunk_index", "char_start", "char_end"] if chunked else [])
+    for uri in uris:
+        try:
+            table = store.read_part(uri, columns)
+        except (FileNotFoundError, OSError, KeyError, ValueError) as exc:
+            logger.warning("cannot reuse vectors from %s: %s", uri, exc)
+            continue
+        vectors = arrow_to_vectors(table.column("vector"))
+        data = table.drop_columns(["vector"]).to_pydict()
+        for row, doc_id in enumerate(data["doc_id"]):
+            d = want.get(doc_id)
+            if d is None or data["text_sha256"][row] != shas[d]:
+                continue
+            n = data["chunk_index"][row] if chunked else 0
+            span = (data["char_start"][row], data["char_end"][row]) if chunked else (0, None)
+            found.setdefault(d, []).append((n, span, vectors[row]))
+    for d, entries in found.items():
+        entries.sort(key=lambda e: e[0])
+        if not chunked:  # a document seen in two old parts (moved between shards) keeps one vector
+            found[d] = [(0, (0, None), entries[0][2])]
+    return found
 
 
 def _node_id() -> str | None:

@@ -36,6 +36,7 @@ class ModelProfile:
     query_prompt: str
     document_prompt: str
     truncate_dim: int | None
+    dim: int
     prompts: dict[str, str] = field(default_factory=dict)
 
 
@@ -128,6 +129,8 @@ def load_profile(settings: ModelSettings) -> ModelProfile:
     if settings.normalize is False and has_normalize:
         logger.warning("model %s ships a Normalize module but the job turned normalisation off", settings.name)
     model_id = settings.name if settings.revision is None else f"{settings.name}@{settings.revision}"
+    hidden = (pooling_cfg.get("word_embedding_dimension") or pooling_cfg.get("embedding_dimension")
+              or hf_cfg.get("hidden_size") or hf_cfg.get("d_model") or hf_cfg.get("n_embd") or 0)
     return ModelProfile(
         path=str(path),
         model_id=model_id,
@@ -139,5 +142,6 @@ def load_profile(settings: ModelSettings) -> ModelProfile:
         query_prompt=query_prompt or "",
         document_prompt=document_prompt or "",
         truncate_dim=settings.truncate_dim,
+        dim=int(settings.truncate_dim or hidden),
         prompts=prompts,
     )

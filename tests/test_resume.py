@@ -1,0 +1,220 @@
+"""Safe to re-run: killed runs resume, unchanged data is never re-encoded, vanished documents leave the index."""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import signal
+import subprocess
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from conftest import ROOT, last_json, reembed_cli, run_cli, write_jsonl
+from flows.config import load_job
+from flows.run_flow import run_job
+from indexing.qdrant_index import QdrantIndex, point_id
+from indexing.vector_store import VectorStore, arrow_to_vectors
+
+pytestmark = pytest.mark.slow
+
+
+def _vectors(job) -> dict[str, np.ndarray]:
+    with QdrantIndex(job.index) as index:
+        collection = index.alias_target(job.name)
+    table = VectorStore(job.output.uri, collection, job.output.storage_options).read_all(["doc_id", "vector"])
+    return dict(zip(table.column("doc_id").to_pylist(), arrow_to_vectors(table.column("vector"))))
+
+
+def _points(job) -> dict[str, str]:
+    with QdrantIndex(job.index) as index:
+        points, _ = index.client.scroll(job.name, limit=100_000, with_payload=["doc_id"])
+    return {str(p.id): p.payload["doc_id"] for p in points}
+
+
+def _assert_same(a: dict[str, np.ndarray], b: dict[str, np.ndarray]) -> None:
+    assert sorted(a) == sorted(b)
+    worst = min(float(np.dot(a[k], b[k])) for k in a)
+    assert worst >= 0.99999, worst
+
+
+def _job(folder: Path, name: str, extra: str = "") -> Path:
+    (folder / "job.yaml").write_text(
+        f"name: {name}\ncorpus: {{uri: corpus.jsonl, id: _id, text: '{{title}} {{text}}'}}\n"
+        f"runtime: {{shard_rows: 25}}\n{extra}"
+    )
+    return folder / "job.yaml"
+
+
+def test_incremental_refresh_on_scifact(tmp_path, scifact_docs, ray_session) -> None:
+    docs = [dict(d) for d in scifact_docs[2000:2400]]
+    write_jsonl(tmp_path / "inc" / "corpus.jsonl", docs)
+    job = load_job(_job(tmp_path / "inc", "inc", "runtime: {shard_rows: 100}\n"))
+    first = run_job(job)
+    assert first["encoded"] == 400 and first["points"] == 400
+
+    rng = random.Random(3)
+    changed = rng.sample(range(len(docs)), 4)
+    for i in changed:
+        docs[i]["text"] += " (revised)"
+    deleted = {docs[i]["_id"] for i in rng.sample([i for i in range(len(docs)) if i not in changed], 4)}
+    docs = [d for d in docs if d["_id"] not in deleted] + [dict(d, _id=f"new-{d['_id']}") for d in scifact_docs[3000:3004]]
+    write_jsonl(tmp_path / "inc" / "corpus.jsonl", docs)
+    second = run_job(job)
+    assert second["encoded"] == 8, second  # 4 changed + 4 added, nothing else
+    assert second["reused"] == 392 and second["deleted"] == 4
+    assert second["points"] == second["vector_rows"] == 400
+
+    third = run_job(job)
+    assert third["encoded"] == 0 and third["shards_skipped"] == third["shards_total"]
+
+    write_jsonl(tmp_path / "clean" / "corpus.jsonl", docs)
+    clean = load_job(_job(tmp_path / "clean", "inc", "runtime: {shard_rows: 100}\n"))
+    run_job(clean)
+    _assert_same(_vectors(job), _vectors(clean))
+    assert _points(job) == _points(clean)
+
+
+def _descendants(pid: int) -> list[int]:
+    children: dict[int, list[int]] = {}
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                ppid = int(Path(f"/proc/{entry}/stat").read_text().rsplit(")", 1)[1].split()[1])
+            except (OSError, IndexError, ValueError):
+                continue
+            children.setdefault(ppid, []).append(int(entry))
+    out, todo = [], [pid]
+    while todo:
+        for child in children.get(todo.pop(), []):
+            out.append(child)
+            todo.append(child)
+    return out
+
+
+def _cmdline(pid: int) -> str:
+    try:
+        return Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+    except OSError:
+        return ""
+
+
+def _start(job: Path, *sets: str) -> subprocess.Popen:
+    return subprocess.Popen([*reembed_cli(), "run", str(job), "--json", *sets], cwd=ROOT, start_new_session=True,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+
+
+def _kill_group(proc: subprocess.Popen) -> None:
+    """SIGKILL the flow process and everything it started (its temporary Prefect server, its local Ray)."""
+    pids = _descendants(proc.pid)
+    try:
+        os.killpg(proc.pid, signal.SIGKILL)
+    except ProcessLookupError:
+        pass
+    for pid in pids:
+        try:
+            os.kill(pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+    proc.wait(timeout=30)
+
+
+def _markers(job) -> dict[str, dict]:
+    store = VectorStore(job.output.uri, job.collection_name(384))
+    fs_root = Path(store.root) / "shards"
+    return {p.stem: json.loads(p.read_text()) for p in fs_root.glob("*.json")} if fs_root.exists() else {}
+
+
+@pytest.fixture(scope="module")
+def kill_reference(tmp_path_factory, scifact_docs, ray_session):
+    folder = tmp_path_factory.mktemp("kill-ref")
+    docs = scifact_docs[2500:2700]
+    write_jsonl(folder / "corpus.jsonl", docs)
+    job = load_job(_job(folder, "killed"))
+    run_job(job)
+    return docs, _vectors(job), _points(job)
+
+
+@pytest.mark.parametrize("after_markers", [None, 1, 5])
+def test_sigkill_of_the_flow_then_resume(tmp_path, kill_reference, after_markers) -> None:
+    """Kill during start-up, after the first shard commits, and after five of eight."""
+    docs, ref_vectors, ref_points = kill_reference
+    write_jsonl(tmp_path / "corpus.jsonl", docs)
+    job_path = _job(tmp_path, "killed")
+    job = load_job(job_path)
+    proc = _start(job_path)
+    deadline = time.time() + (random.Random(0).uniform(2, 6) if after_markers is None else 300)
+    while time.time() < deadline and proc.poll() is None:
+        if after_markers is not None and len(list(tmp_path.glob("reembed-data/vectors/*/shards/*.json"))) >= after_markers:
+            break
+        time.sleep(0.05)
+    finished_before_kill = proc.poll() is not None
+    _kill_group(proc)
+    assert not finished_before_kill, "the run ended before the kill: the trial tested nothing"
+
+    before = _markers(job)
+    done_rows = sum(m["rows"] for m in before.values()
+                    if (Path(m["part_uri"]).exists() and m.get("input_fingerprint")))
+    res = run_cli("run", str(job_path), "--json")
+    assert res.returncode == 0, res.stderr[-3000:]
+    summary = last_json(res.stdout)
+    assert summary["encoded"] == len(docs) - done_rows, (summary, len(before), finished_before_kill)
+    assert summary["points"] == summary["vector_rows"] == len(docs)
+    points = _points(job)
+    assert len(points) == len(set(points.values())) == len(docs)  # zero duplicate points
+    assert points == ref_points
+    _assert_same(_vectors(job), ref_vectors)
+
+
+def test_killing_a_ray_worker_mid_shard(tmp_path, kill_reference) -> None:
+    docs, ref_vectors, _ = kill_reference
+    write_jsonl(tmp_path / "corpus.jsonl", docs)
+    job_path = _job(tmp_path, "killed")
+    proc = _start(job_path)
+    victim = None
+    deadline = time.time() + 120
+    while victim is None and time.time() < deadline and proc.poll() is None:
+        workers = [p for p in _descendants(proc.pid) if "EmbedWorker" in _cmdline(p)]
+        markers = list((tmp_path / "reembed-data" / "vectors").glob("*/shards/*.json"))
+        if workers and markers:  # actors are up and at least one shard is through: kill one mid-run
+            victim = workers[0]
+            os.kill(victim, signal.SIGKILL)
+        time.sleep(0.2)
+    out, _ = proc.communicate(timeout=600)
+    assert victim is not None, "never saw an embedding actor to kill"
+    assert proc.returncode == 0, out[-3000:]
+    summary = json.loads([line for line in out.splitlines() if line.startswith("{")][-1])
+    assert summary["points"] == summary["indexed"] == len(docs)
+    _assert_same(_vectors(load_job(job_path)), ref_vectors)
+
+
+def test_sigkill_then_resume_on_s3(tmp_path, kill_reference, s3_server) -> None:
+    import s3fs
+
+    docs, ref_vectors, ref_points = kill_reference
+    fs = s3fs.S3FileSystem(key=s3_server["key"], secret=s3_server["secret"],
+                           client_kwargs={"endpoint_url": s3_server["endpoint"]}, skip_instance_cache=True)
+    write_jsonl(tmp_path / "local.jsonl", docs)
+    fs.put_file(str(tmp_path / "local.jsonl"), "reembed/killed/corpus.jsonl")
+    opts = (f"{{endpoint_url: '{s3_server['endpoint']}', key: {s3_server['key']}, secret: {s3_server['secret']}}}")
+    job_path = tmp_path / "job.yaml"
+    job_path.write_text(
+        f"name: killed\ncorpus: {{uri: s3://reembed/killed/corpus.jsonl, id: _id, text: '{{title}} {{text}}', "
+        f"storage_options: {opts}}}\noutput: {{uri: s3://reembed/killed-out, storage_options: {opts}}}\n"
+        "runtime: {shard_rows: 25}\n"
+    )
+    proc = _start(job_path)
+    deadline = time.time() + 25
+    while time.time() < deadline and proc.poll() is None:
+        time.sleep(0.2)
+    _kill_group(proc)
+    res = run_cli("run", str(job_path), "--json")
+    assert res.returncode == 0, res.stderr[-3000:]
+    summary = last_json(res.stdout)
+    assert summary["points"] == summary["vector_rows"] == len(docs)
+    job = load_job(job_path)
+    assert _points(job) == ref_points
+    _assert_same(_vectors(job), ref_vectors)
