@@ -246,6 +246,91 @@ def evaluate(job: str, overrides: tuple[str, ...], verbose: bool, queries: str |
         _print_json_last(metrics)
 
 
+@cli.command()
+@_job_options
+@click.option("--json", "as_json", is_flag=True, help="print the versions as one JSON list on the last line",
+              show_envvar=True)
+def versions(job: str, overrides: tuple[str, ...], verbose: bool, as_json: bool) -> None:
+    """List JOB's versions (one per model/pooling/prompt/dimension fingerprint), newest first, and which is live."""
+    _setup_logging(verbose)
+    try:
+        from flows.config import load_job
+        from flows.versions import list_versions
+        from indexing.qdrant_index import QdrantIndex
+
+        cfg = load_job(job, list(overrides))
+        with QdrantIndex(cfg.index) as index:
+            rows = list_versions(cfg, index)
+    except _user_errors() as exc:
+        _fail(exc, verbose)
+        return
+    table = Table(title=f"reembed versions: {cfg.name}")
+    for col in ("live", "collection", "model", "dim", "points", "vector_rows", "score", "finished_at"):
+        table.add_column(col)
+    for v in rows:
+        table.add_row("*" if v["live"] else "", v["collection"], str(v["model"]), str(v["dim"]), str(v["points"]),
+                      str(v["vector_rows"]), str(v["score"]), str(v["finished_at"]))
+    (err if as_json else out).print(table)
+    if as_json:
+        _print_json_last(rows)
+
+
+@cli.command()
+@_job_options
+@click.argument("version", required=False)
+@click.option("--json", "as_json", is_flag=True, help="print the result as one JSON object on the last line",
+              show_envvar=True)
+def rollback(job: str, version: str | None, overrides: tuple[str, ...], verbose: bool, as_json: bool) -> None:
+    """Point JOB's alias back at VERSION (default: the newest version older than the live one), atomically."""
+    _setup_logging(verbose)
+    try:
+        from flows.config import load_job
+        from flows.versions import rollback as do_rollback
+        from indexing.qdrant_index import QdrantIndex
+
+        cfg = load_job(job, list(overrides))
+        with QdrantIndex(cfg.index) as index:
+            result = do_rollback(cfg, index, version)
+    except _user_errors() as exc:
+        _fail(exc, verbose)
+        return
+    err.print(f"alias {result['alias']} -> {result['collection']} (was {result['previous']})")
+    if as_json:
+        _print_json_last(result)
+
+
+@cli.command()
+@_job_options
+@click.argument("version", required=False)
+@click.option("--activate/--no-activate", default=None,
+              help="move the alias to the rebuilt version (default: only when no alias exists)", show_envvar=True)
+@click.option("--json", "as_json", is_flag=True, help="print the result as one JSON object on the last line",
+              show_envvar=True)
+def reindex(job: str, version: str | None, overrides: tuple[str, ...], verbose: bool, activate: bool | None,
+            as_json: bool) -> None:
+    """Rebuild a Qdrant collection from JOB's stored Parquet vectors, encoding nothing.
+
+    For after losing Qdrant, or to apply new index settings. VERSION defaults to the live version, else the
+    newest committed one.
+    """
+    _setup_logging(verbose)
+    try:
+        from flows.config import load_job
+        from flows.versions import reindex as do_reindex
+        from indexing.qdrant_index import QdrantIndex
+
+        cfg = load_job(job, list(overrides))
+        with QdrantIndex(cfg.index) as index:
+            result = do_reindex(cfg, index, version, activate)
+    except _user_errors() as exc:
+        _fail(exc, verbose)
+        return
+    err.print(f"rebuilt {result['collection']} from {result['source']}: {result['points']} points, 0 encoded"
+              f"{' (live)' if result['live'] else ''}")
+    if as_json:
+        _print_json_last(result)
+
+
 def main() -> None:
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     # The temporary Prefect server would try to phone home at start; this workplace (and many clusters) has no

@@ -84,3 +84,24 @@ def test_title_search_finds_its_document(scifact_run) -> None:
         hits = [index.search(job.name, v, 1)[0]["doc_id"] for v in vectors]
     rate = np.mean([h == d["_id"] for h, d in zip(hits, sample)])
     assert rate >= 0.95, f"title -> own document first for only {rate:.1%}"
+
+
+def test_reindex_from_parquet_reproduces_search(scifact_run, tmp_path) -> None:
+    """Rebuild into a fresh Qdrant from the Parquet vectors alone: same top-10 for SciFact test queries."""
+    import json
+
+    from conftest import SCIFACT
+    from flows.versions import reindex
+    from indexing.qdrant_index import IndexSettings
+
+    job, summary, _ = scifact_run
+    queries = [json.loads(line)["text"] for line in (SCIFACT / "queries.jsonl").open(encoding="utf-8")][:50]
+    vectors, _ = Encoder(job.model).encode(queries, kind="query")
+    with QdrantIndex(job.index) as index:
+        before = [[h["doc_id"] for h in index.search(job.name, v, 10)] for v in vectors]
+    rebuilt = job.model_copy(update={"index": IndexSettings(path=str(tmp_path / "fresh-qdrant"))})
+    with QdrantIndex(rebuilt.index) as index:
+        result = reindex(rebuilt, index, None)
+        assert result["encoded"] == 0 and result["points"] == N_DOCS and result["collection"] == summary["collection"]
+        after = [[h["doc_id"] for h in index.search(job.name, v, 10)] for v in vectors]
+    assert after == before

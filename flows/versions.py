@@ -1,0 +1,97 @@
+"""Versions of a job's vectors: list them, move the alias back, rebuild a collection from Parquet.
+
+A version is one collection ``<name>-<fingerprint>`` and its Parquet vector set under the output URI. Parquet is
+the source of truth, so versions are found from the run manifests (``current.json``) even when Qdrant lost them.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+from typing import Any
+
+from flows.config import ConfigError, JobConfig
+from indexing.qdrant_index import IndexError_, QdrantIndex
+from indexing.storage import filesystem, full_uri, join, read_json
+from indexing.vector_store import VectorStore
+
+logger = logging.getLogger(__name__)
+
+
+def list_versions(job: JobConfig, index: QdrantIndex) -> list[dict[str, Any]]:
+    """Every version with a committed vector set, newest first, with its point count and whether it is live."""
+    fs, root = filesystem(job.output.uri, job.output.storage_options)
+    pattern = re.compile(rf"^{re.escape(job.name)}-[0-9a-f]{{12}}$")
+    live = index.alias_target(job.name)
+    versions = []
+    for manifest_path in fs.glob(f"{root.rstrip('/')}/{job.name}-*/current.json"):
+        collection = manifest_path.rstrip("/").split("/")[-2]
+        if not pattern.match(collection):
+            continue
+        manifest = read_json(full_uri(fs, manifest_path), job.output.storage_options) or {}
+        exists = index.client.collection_exists(collection)
+        versions.append({
+            "collection": collection,
+            "model": manifest.get("model"),
+            "dim": manifest.get("dim"),
+            "live": collection == live,
+            "points": index.count(collection) if exists else None,
+            "vector_rows": manifest.get("vector_rows"),
+            "score": manifest.get("score"),
+            "finished_at": manifest.get("finished_at"),
+            "in_index": exists,
+        })
+    versions.sort(key=lambda v: v["finished_at"] or "", reverse=True)
+    return versions
+
+
+def rollback(job: JobConfig, index: QdrantIndex, version: str | None) -> dict[str, Any]:
+    """Point the alias at ``version``, or at the newest version older than the live one."""
+    versions = list_versions(job, index)
+    live = next((v for v in versions if v["live"]), None)
+    if version is None:
+        older = [v for v in versions if live is None or (v["finished_at"] or "") < (live["finished_at"] or "")]
+        older = [v for v in older if v["in_index"] and not v["live"]]
+        if not older:
+            raise ConfigError(f"no earlier version of {job.name!r} to roll back to; `reembed versions` lists them")
+        target = older[0]
+    else:
+        target = next((v for v in versions if v["collection"] == version), None)
+        if target is None:
+            raise ConfigError(f"version {version!r} not found; `reembed versions` lists them")
+        if not target["in_index"]:
+            raise IndexError_(f"version {version!r} is not in Qdrant; run `reembed reindex JOB {version}` first")
+    index.point_alias(job.name, target["collection"])
+    logger.info("alias %s now points at %s (was %s)", job.name, target["collection"], live and live["collection"])
+    return {"alias": job.name, "collection": target["collection"], "previous": live and live["collection"]}
+
+
+def reindex(job: JobConfig, index: QdrantIndex, version: str | None, activate: bool | None = None) -> dict[str, Any]:
+    """Rebuild a collection from its Parquet vector set; encodes nothing.
+
+    ``version`` defaults to the live version, else the newest committed one. The collection is recreated, every
+    current part upserted, and the point count checked against the manifest. The alias moves to it when
+    ``activate`` is true, or (default) when no alias exists yet, as after losing Qdrant.
+    """
+    versions = list_versions(job, index)
+    if version is None:
+        chosen = next((v for v in versions if v["live"]), versions[0] if versions else None)
+        if chosen is None:
+            raise ConfigError(f"no committed vector set for {job.name!r} under {job.output.uri}")
+        version = chosen["collection"]
+    elif not any(v["collection"] == version for v in versions):
+        raise ConfigError(f"version {version!r} has no committed vector set under {job.output.uri}")
+    store = VectorStore(job.output.uri, version, job.output.storage_options)
+    manifest = store.read_manifest() or {}
+    if index.client.collection_exists(version):
+        index.client.delete_collection(version)
+    index.ensure_collection(version, int(manifest["dim"]), job.corpus.payload)
+    written = sum(index.upsert_part(version, store, part) for part in store.current_parts())
+    points = index.count(version)
+    if points != manifest.get("vector_rows"):
+        raise IndexError_(f"reindexed {version}: {points} points but the manifest lists {manifest.get('vector_rows')} rows")
+    had_alias = index.alias_target(job.name) is not None
+    if activate or (activate is None and not had_alias):
+        index.point_alias(job.name, version)
+    return {"collection": version, "points": points, "upserted": written, "encoded": 0,
+            "live": index.alias_target(job.name) == version, "source": join(job.output.uri, version)}

@@ -1,0 +1,63 @@
+"""Versions side by side, rollback of the alias, and reindex from Parquet without encoding."""
+
+from __future__ import annotations
+
+import shutil
+
+import pytest
+
+from conftest import ROOT, last_json, run_cli
+from flows.config import load_job
+from flows.run_flow import run_job
+from flows.versions import list_versions, reindex, rollback
+from indexing.qdrant_index import QdrantIndex
+from workers.encoder import Encoder
+
+pytestmark = pytest.mark.slow
+SAMPLE = ROOT / "examples" / "sample" / "job.yaml"
+
+
+def _top(job, queries: list[str], k: int = 10) -> list[list[str]]:
+    vectors, _ = Encoder(job.model).encode(queries, kind="query")
+    with QdrantIndex(job.index) as index:
+        return [[h["doc_id"] for h in index.search(job.name, v, k)] for v in vectors]
+
+
+def test_versions_rollback_and_reindex(tmp_path, ray_session) -> None:
+    sets = [f"output.uri={tmp_path / 'v'}", f"index.path={tmp_path / 'q'}"]
+    mean_job = load_job(SAMPLE, sets)
+    cls_job = load_job(SAMPLE, [*sets, "model.pooling=cls"])
+    first = run_job(mean_job)
+    second = run_job(cls_job)
+    assert first["collection"] != second["collection"]
+    with QdrantIndex(mean_job.index) as index:
+        versions = list_versions(mean_job, index)
+        assert [v["collection"] for v in versions] == [second["collection"], first["collection"]]
+        assert [v["live"] for v in versions] == [True, False]
+        assert all(v["points"] == 40 for v in versions)
+        assert rollback(mean_job, index, None)["collection"] == first["collection"]
+        assert index.alias_target("sample") == first["collection"]
+        with pytest.raises(Exception, match="not found"):
+            rollback(mean_job, index, "sample-000000000000")
+    queries = ["why does bread rise", "what makes the tides", "how do bees talk", "桜"]
+    before = _top(mean_job, queries)
+
+    shutil.rmtree(tmp_path / "q")  # lose Qdrant entirely: Parquet is the source of truth
+    with QdrantIndex(mean_job.index) as index:
+        result = reindex(mean_job, index, first["collection"])
+        assert result["encoded"] == 0 and result["points"] == 40 and result["live"]
+    assert _top(mean_job, queries) == before
+
+
+def test_versions_cli_json(tmp_path) -> None:
+    sets = ["--set", f"output.uri={tmp_path / 'v'}", "--set", f"index.path={tmp_path / 'q'}"]
+    assert run_cli("run", str(SAMPLE), *sets).returncode == 0
+    res = run_cli("versions", str(SAMPLE), *sets, "--json")
+    assert res.returncode == 0, res.stderr[-2000:]
+    rows = last_json(res.stdout)
+    assert len(rows) == 1 and rows[0]["live"] and rows[0]["points"] == 40
+    assert set(rows[0]) >= {"collection", "model", "live", "points", "score"}
+    res = run_cli("rollback", str(SAMPLE), *sets)
+    assert res.returncode == 2 and "no earlier version" in res.stderr
+    res = run_cli("reindex", str(SAMPLE), *sets, "--json")
+    assert res.returncode == 0 and last_json(res.stdout)["points"] == 40
