@@ -26,18 +26,20 @@ _SET_HELP = "override a job-file key, e.g. --set runtime.num_actors=2 (repeatabl
 def _user_errors() -> tuple[type[BaseException], ...]:
     from flows.errors import JOB_LEVEL_ERRORS
     from flows.ray_pool import RayError
+    from flows.gate import GateFailed
     from flows.run_flow import RunFailed
 
-    return (*JOB_LEVEL_ERRORS, RayError, RunFailed, FileNotFoundError)
+    return (*JOB_LEVEL_ERRORS, RayError, RunFailed, GateFailed, FileNotFoundError)
 
 
 def _fail(exc: BaseException, verbose: bool) -> None:
     if verbose:
         err.print_exception()
     err.print(f"[bold red]error:[/] {exc}", highlight=False, markup=True, soft_wrap=True)
+    from flows.gate import GateFailed
     from flows.run_flow import RunFailed
 
-    sys.exit(1 if isinstance(exc, RunFailed) else 2)
+    sys.exit(1 if isinstance(exc, (RunFailed, GateFailed)) else 2)
 
 
 def _setup_logging(verbose: bool) -> None:
@@ -73,7 +75,9 @@ def _job_options(fn: Any) -> Any:
 @_job_options
 @click.option("--json", "as_json", is_flag=True, help="print the summary as one JSON object on the last line",
               show_envvar=True)
-def run(job: str, overrides: tuple[str, ...], verbose: bool, as_json: bool) -> None:
+@click.option("--force", "force_reason", metavar="REASON", default=None,
+              help="move the alias even if the quality gate fails; the reason is logged and recorded", show_envvar=True)
+def run(job: str, overrides: tuple[str, ...], verbose: bool, as_json: bool, force_reason: str | None) -> None:
     """Embed JOB's corpus: plan shards, encode them on Ray actors, write Parquet, upsert into Qdrant.
 
     Progress (shards done / total, docs/s) is logged while it runs; the end prints a summary. Re-running is
@@ -90,7 +94,7 @@ def run(job: str, overrides: tuple[str, ...], verbose: bool, as_json: bool) -> N
         preflight(cfg)
         if not verbose:
             quiet_prefect_tracebacks()
-        summary = run_job(cfg)
+        summary = run_job(cfg, force_reason)
     except _user_errors() as exc:
         _fail(exc, verbose)
         return

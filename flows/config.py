@@ -42,6 +42,21 @@ class OutputSettings(BaseModel):
     storage_options: StorageOptions = Field(default_factory=StorageOptions)
 
 
+class GateSettings(BaseModel):
+    """The `gate:` section: the new version must score at least the live one minus `tolerance` to go live."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    queries: str | None = Field(None, description="BEIR queries.jsonl for a retrieval gate")
+    qrels: str | None = Field(None, description="qrels TSV for a retrieval gate")
+    pairs: str | None = Field(None, description="sentence pairs with gold scores for a similarity gate")
+    metric: str | None = Field(None, description="ndcg@10 | recall@100 | mrr@10 (retrieval), spearman | pearson (pairs)")
+    tolerance: float = Field(0.01, ge=0, description="allowed drop, as a fraction (0.01 = one point)")
+
+    def resolved_metric(self) -> str:
+        return self.metric or ("spearman" if self.pairs else "ndcg@10")
+
+
 class RuntimeSettings(BaseModel):
     """The `runtime:` section: Ray and sharding."""
 
@@ -66,6 +81,7 @@ class JobConfig(BaseSettings):
     corpus: CorpusSettings
     model: ModelSettings = Field(default_factory=ModelSettings)
     chunking: ChunkingSettings | None = Field(None, description="null = one vector per document (truncated, and counted)")
+    gate: GateSettings | None = Field(None, description="quality gate checked before the alias moves to a new version")
     output: OutputSettings = Field(default_factory=OutputSettings)
     index: IndexSettings = Field(default_factory=IndexSettings)
     runtime: RuntimeSettings = Field(default_factory=RuntimeSettings)
@@ -167,6 +183,13 @@ def load_job(path: str | os.PathLike[str], overrides: list[str] | None = None) -
     job.corpus.uri = _resolve(base, job.corpus.uri)
     job.output.uri = _resolve(base, job.output.uri)
     job.index.path = _resolve(base, job.index.path)
+    if job.gate is not None:
+        if not job.gate.pairs and not (job.gate.queries and job.gate.qrels):
+            raise ConfigError(f"{job_path}: gate needs queries + qrels (retrieval) or pairs (similarity)")
+        for key in ("queries", "qrels", "pairs"):
+            value = getattr(job.gate, key)
+            if value:
+                setattr(job.gate, key, _resolve(base, value))
     for section in (job.corpus, job.output):
         if not _is_local(section.uri):
             section.storage_options = section.storage_options.with_env_defaults()

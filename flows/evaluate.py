@@ -125,7 +125,7 @@ def search_run(index: QdrantIndex, alias: str, vectors: np.ndarray, ids: list[st
 
 
 def evaluate_retrieval(job: JobConfig, encoder: Encoder, index: QdrantIndex, alias: str, queries_path: str | Path,
-                       qrels_path: str | Path, depth: int = 1000) -> dict[str, Any]:
+                       qrels_path: str | Path, depth: int = 1000, chunked: bool | None = None) -> dict[str, Any]:
     import pytrec_eval
 
     queries = read_queries(queries_path)
@@ -135,7 +135,7 @@ def evaluate_retrieval(job: JobConfig, encoder: Encoder, index: QdrantIndex, ali
         raise ConfigError(f"{qrels_path}: {len(missing)} judged query id(s) not in {queries_path}, e.g. {missing[:3]}")
     ids = sorted(qrels)
     vectors, _ = encoder.encode([queries[q] for q in ids], kind="query")
-    run = search_run(index, alias, vectors, ids, depth, chunked=job.chunking is not None)
+    run = search_run(index, alias, vectors, ids, depth, chunked=job.chunking is not None if chunked is None else chunked)
     top10 = {q: dict(sorted(d.items(), key=lambda kv: -kv[1])[:10]) for q, d in run.items()}
     per_query = pytrec_eval.RelevanceEvaluator(qrels, {"ndcg_cut.10", "recall.100"}).evaluate(run)
     mrr = pytrec_eval.RelevanceEvaluator(qrels, {"recip_rank"}).evaluate(top10)

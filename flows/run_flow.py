@@ -23,6 +23,7 @@ from prefect.task_runners import ThreadPoolTaskRunner
 
 from flows.config import JobConfig
 from flows.errors import JOB_LEVEL_ERRORS, retry_unless_job_level
+from flows.gate import GateFailed, check_gate
 from flows.ray_pool import ActorPool, init_ray
 from indexing.corpus import Shard, check_columns, file_fingerprint, list_files, plan_shards, shard_fingerprint
 from indexing.qdrant_index import IndexError_, QdrantIndex, point_id
@@ -161,7 +162,7 @@ def _reconcile(index: QdrantIndex, store: VectorStore, collection: str, results:
 
 
 @flow(name="reembed-run", task_runner=ThreadPoolTaskRunner(max_workers=8), validate_parameters=False)
-def run_job(job: JobConfig) -> dict[str, Any]:
+def run_job(job: JobConfig, force_reason: str | None = None) -> dict[str, Any]:
     """Embed the job's corpus into Parquet and its Qdrant collection, then point the alias at it.
 
     Shards whose commit marker matches their input and the model are skipped; documents whose text is
@@ -241,13 +242,29 @@ def run_job(job: JobConfig) -> dict[str, Any]:
                        points=index.count(collection))
         summary["docs_per_s"] = round(summary["encoded"] / max(time.perf_counter() - encode_started, 1e-9), 2)
         _check_invariant(summary)
-        store.write_manifest({
+        manifest = {
             "collection": collection, "alias": job.name, "model": summary["model"], "dim": dim,
+            "model_settings": job.model.model_dump(mode="json"),
             "fingerprint": model_fp, "shards": [r["shard_id"] for r in results],
             "vector_rows": vector_rows, "input_rows": summary["input_rows"], "chunked": job.chunking is not None,
             "quarantined": summary["quarantined"], "duplicates": duplicates,
             "finished_at": datetime.now(timezone.utc).isoformat(),
-        })
+        }
+        store.write_manifest(manifest)
+        live = index.alias_target(job.name)
+        if job.gate is not None and live is not None and live != collection:
+            live_manifest = VectorStore(job.output.uri, live, job.output.storage_options).read_manifest() or {}
+            gate = check_gate(job, index, collection, live, live_manifest)
+            summary["gate"] = gate
+            manifest.update(score=gate["new_score"], gate=gate)
+            store.write_manifest(manifest)
+            log.info("quality gate: %s new %.4f vs live %s", gate["metric"], gate["new_score"], gate["live_score"])
+            if not gate["passed"]:
+                if not force_reason:
+                    raise GateFailed(gate, summary)
+                log.warning("quality gate failed but --force was given: %s", force_reason)
+                manifest["forced"] = force_reason
+                store.write_manifest(manifest)
         index.point_alias(job.name, collection)
         log.info("invariant holds: %d input rows = %d indexed + %d quarantined + %d duplicates; %d points = %d vector rows",
                  summary["input_rows"], summary["indexed"] - duplicates, summary["quarantined"], duplicates,

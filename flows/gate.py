@@ -1,0 +1,62 @@
+"""The quality gate: a new version goes live only if it scores at least the live one minus a tolerance.
+
+Both versions are evaluated on the same queries (or pairs), each with its own model, read back from its run
+manifest, so a backfill with a new model is compared fairly against what users search today.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+from flows.config import JobConfig
+from flows.evaluate import evaluate_pairs, evaluate_retrieval
+from indexing.qdrant_index import QdrantIndex
+from workers.encoder import Encoder
+from workers.settings import ModelSettings
+
+logger = logging.getLogger(__name__)
+
+
+class GateFailed(RuntimeError):
+    """The new version scored worse than the live one beyond the tolerance; the alias was not moved."""
+
+    def __init__(self, result: dict[str, Any], summary: dict[str, Any]) -> None:
+        self.result = result
+        self.summary = summary
+        super().__init__(
+            f"quality gate blocked the swap: {result['metric']} new {result['new_score']:.4f} ({result['new']}) < "
+            f"live {result['live_score']:.4f} ({result['live']}) - tolerance {result['tolerance']}; "
+            f"the alias stays on {result['live']} (use --force REASON to override)"
+        )
+
+
+def _score(job: JobConfig, model: ModelSettings, index: QdrantIndex, collection: str, chunked: bool) -> float:
+    gate = job.gate
+    assert gate is not None
+    encoder = Encoder(model)
+    if gate.pairs:
+        metrics = evaluate_pairs(encoder, gate.pairs)
+    else:
+        metrics = evaluate_retrieval(job, encoder, index, collection, gate.queries, gate.qrels, chunked=chunked)
+    metric = gate.resolved_metric()
+    if metric not in metrics:
+        raise ValueError(f"gate.metric {metric!r} is not one of {sorted(k for k in metrics if '@' in k or k in ('spearman', 'pearson'))}")
+    return float(metrics[metric])
+
+
+def check_gate(job: JobConfig, index: QdrantIndex, new: str, live: str, live_manifest: dict[str, Any]) -> dict[str, Any]:
+    """Scores of the new and live versions and whether the new one may go live."""
+    gate = job.gate
+    assert gate is not None
+    new_score = _score(job, job.model, index, new, job.chunking is not None)
+    live_model = live_manifest.get("model_settings")
+    if not live_model:
+        logger.warning("live version %s records no model settings; the gate cannot score it and lets %s through",
+                       live, new)
+        return {"metric": gate.resolved_metric(), "new": new, "live": live, "new_score": new_score,
+                "live_score": None, "tolerance": gate.tolerance, "passed": True}
+    live_score = _score(job, ModelSettings(**live_model), index, live, bool(live_manifest.get("chunked")))
+    return {"metric": gate.resolved_metric(), "new": new, "live": live, "new_score": new_score,
+            "live_score": live_score, "tolerance": gate.tolerance,
+            "passed": new_score >= live_score - gate.tolerance}

