@@ -24,6 +24,7 @@ from prefect.task_runners import ThreadPoolTaskRunner
 from flows.config import JobConfig
 from flows.errors import JOB_LEVEL_ERRORS, retry_unless_job_level
 from flows.gate import GateFailed, check_gate
+from flows.versions import apply_retention
 from flows.ray_pool import ActorPool, init_ray
 from indexing.corpus import Shard, check_columns, file_fingerprint, list_files, plan_shards, shard_fingerprint
 from indexing.qdrant_index import IndexError_, QdrantIndex, point_id
@@ -238,6 +239,7 @@ def run_job(job: JobConfig, force_reason: str | None = None) -> dict[str, Any]:
             summary["points"] = index.count(collection)
             raise RunFailed(summary)
         vector_rows, duplicates, deleted = _reconcile(index, store, collection, results)
+        summary["index_status"] = index.finish_bulk_load(collection)
         summary.update(vector_rows=vector_rows, duplicates=duplicates, deleted=deleted,
                        points=index.count(collection))
         summary["docs_per_s"] = round(summary["encoded"] / max(time.perf_counter() - encode_started, 1e-9), 2)
@@ -266,6 +268,7 @@ def run_job(job: JobConfig, force_reason: str | None = None) -> dict[str, Any]:
                 manifest["forced"] = force_reason
                 store.write_manifest(manifest)
         index.point_alias(job.name, collection)
+        summary["retired_versions"] = apply_retention(job, index, job.index.keep_versions)
         log.info("invariant holds: %d input rows = %d indexed + %d quarantined + %d duplicates; %d points = %d vector rows",
                  summary["input_rows"], summary["indexed"] - duplicates, summary["quarantined"], duplicates,
                  summary["points"], vector_rows)

@@ -45,6 +45,21 @@ def list_versions(job: JobConfig, index: QdrantIndex) -> list[dict[str, Any]]:
     return versions
 
 
+def apply_retention(job: JobConfig, index: QdrantIndex, keep: int) -> list[str]:
+    """Delete collections and vector sets of versions beyond the newest ``keep``; never the live one."""
+    retired = []
+    for version in list_versions(job, index)[keep:]:
+        if version["live"]:
+            continue
+        if version["in_index"]:
+            index.client.delete_collection(version["collection"])
+        fs, root = filesystem(VectorStore(job.output.uri, version["collection"]).root, job.output.storage_options)
+        fs.rm(root, recursive=True)
+        retired.append(version["collection"])
+        logger.info("retention: deleted version %s (keeping the newest %d)", version["collection"], keep)
+    return retired
+
+
 def rollback(job: JobConfig, index: QdrantIndex, version: str | None) -> dict[str, Any]:
     """Point the alias at ``version``, or at the newest version older than the live one."""
     versions = list_versions(job, index)

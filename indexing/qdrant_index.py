@@ -11,7 +11,8 @@ import uuid
 import warnings
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
+import time
+from typing import Any, Literal
 
 import numpy as np
 from pydantic import BaseModel, ConfigDict, Field, SecretStr
@@ -35,6 +36,12 @@ class IndexSettings(BaseModel):
     api_key: SecretStr | None = Field(None, description="API key for a Qdrant server")
     path: str = Field("./reembed-data/qdrant", description="local-mode storage folder")
     upsert_batch: int = Field(256, ge=1, description="points per upsert request")
+    bulk_load: bool = Field(True, description="defer HNSW indexing while a new collection is filled, then build it once")
+    indexing_threshold: int = Field(20000, ge=0, description="Qdrant's indexing_threshold restored after a bulk load")
+    on_disk: bool = Field(False, description="keep original vectors on disk (memmap) instead of RAM")
+    quantization: Literal["none", "scalar"] = Field("none", description="scalar = int8 scalar quantization kept in RAM")
+    keep_versions: int = Field(3, ge=1, description="retention: newest versions kept; older collections and vector sets are deleted")
+    green_timeout: int = Field(600, ge=1, description="seconds to wait for the collection to turn green after a bulk load")
     timeout: int = Field(60, ge=1, description="seconds per request to a server")
 
 
@@ -101,7 +108,17 @@ class QdrantIndex:
             if size is not None and size != dim:
                 raise IndexError_(f"collection {name!r} holds {size}-dim vectors but the model makes {dim}-dim ones")
             return
-        self.client.create_collection(name, vectors_config=models.VectorParams(size=dim, distance=models.Distance.COSINE))
+        quantization = None
+        if self.settings.quantization == "scalar":
+            quantization = models.ScalarQuantization(
+                scalar=models.ScalarQuantizationConfig(type=models.ScalarType.INT8, always_ram=True))
+        # Per Qdrant's bulk-upload guide: no HNSW building while points stream in, payload indexes first.
+        self.client.create_collection(
+            name,
+            vectors_config=models.VectorParams(size=dim, distance=models.Distance.COSINE, on_disk=self.settings.on_disk),
+            optimizers_config=models.OptimizersConfigDiff(indexing_threshold=0) if self.settings.bulk_load else None,
+            quantization_config=quantization,
+        )
         with warnings.catch_warnings():
             warnings.filterwarnings("ignore", message="Payload indexes have no effect in the local Qdrant")
             for field_name in ["doc_id", *(payload_indexes or [])]:
@@ -158,6 +175,22 @@ class QdrantIndex:
         for start in range(0, len(ids), batch):
             self.client.delete(collection, points_selector=models.PointIdsList(points=ids[start : start + batch]),
                                wait=True)
+
+    def finish_bulk_load(self, name: str) -> str:
+        """Turn indexing back on after a bulk load and wait until the collection is green."""
+        if self.settings.bulk_load:
+            self.client.update_collection(
+                name, optimizers_config=models.OptimizersConfigDiff(indexing_threshold=self.settings.indexing_threshold))
+        deadline = time.monotonic() + self.settings.green_timeout
+        while True:
+            status = self.client.get_collection(name).status
+            if status == models.CollectionStatus.GREEN:
+                return str(status.value)
+            if status == models.CollectionStatus.RED:
+                raise IndexError_(f"collection {name} turned red while indexing after the bulk load")
+            if time.monotonic() > deadline:
+                raise IndexError_(f"collection {name} not green after {self.settings.green_timeout}s (status {status})")
+            time.sleep(1)
 
     def count(self, name: str) -> int:
         return self.client.count(name, exact=True).count

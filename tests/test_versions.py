@@ -61,3 +61,16 @@ def test_versions_cli_json(tmp_path) -> None:
     assert res.returncode == 2 and "no earlier version" in res.stderr
     res = run_cli("reindex", str(SAMPLE), *sets, "--json")
     assert res.returncode == 0 and last_json(res.stdout)["points"] == 40
+
+
+def test_retention_keeps_the_newest_versions(tmp_path, ray_session) -> None:
+    sets = [f"output.uri={tmp_path / 'v'}", f"index.path={tmp_path / 'q'}", "index.keep_versions=2"]
+    made = [run_job(load_job(SAMPLE, [*sets, f"model.max_seq_length={n}"]))["collection"] for n in (128, 192, 256)]
+    job = load_job(SAMPLE, sets)
+    with QdrantIndex(job.index) as index:
+        left = [v["collection"] for v in list_versions(job, index)]
+        assert left == [made[2], made[1]]
+        assert not index.client.collection_exists(made[0])
+        assert index.client.get_collection(made[2]).status.value == "green"
+    assert not (tmp_path / "v" / made[0]).exists()
+    assert (tmp_path / "v" / made[1] / "current.json").exists()
