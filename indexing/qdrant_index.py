@@ -11,6 +11,7 @@ import uuid
 import warnings
 from collections.abc import Iterator
 from pathlib import Path
+import threading
 import time
 from typing import Any, Literal
 
@@ -67,6 +68,43 @@ _retry = retry(
 )
 
 
+_LOCAL: dict[str, list[Any]] = {}  # resolved path -> [client, users]
+_LOCAL_LOCK = threading.Lock()
+
+
+def _open_local(path: str) -> QdrantClient:
+    """One local-mode client per folder and process, shared by every user (a search loop beside a run, say).
+
+    Local mode locks its folder against other processes; within a process, sharing the client is what lets a
+    reader search through a backfill and alias swap.
+    """
+    key = str(Path(path).resolve())
+    with _LOCAL_LOCK:
+        if key not in _LOCAL:
+            Path(key).mkdir(parents=True, exist_ok=True)
+            try:
+                _LOCAL[key] = [QdrantClient(path=key), 0]
+            except RuntimeError as exc:
+                raise IndexError_(
+                    f"Qdrant local storage {key} is in use by another process "
+                    f"(local mode allows one process at a time; run a Qdrant server for concurrent access): {exc}"
+                ) from None
+        _LOCAL[key][1] += 1
+        return _LOCAL[key][0]
+
+
+def _release_local(path: str) -> None:
+    key = str(Path(path).resolve())
+    with _LOCAL_LOCK:
+        entry = _LOCAL.get(key)
+        if entry is None:
+            return
+        entry[1] -= 1
+        if entry[1] <= 0:
+            entry[0].close()
+            del _LOCAL[key]
+
+
 class QdrantIndex:
     """Thin, typed wrapper over the calls reembed makes; identical for local mode and a server."""
 
@@ -76,21 +114,17 @@ class QdrantIndex:
             key = settings.api_key.get_secret_value() if settings.api_key else None
             self.client = QdrantClient(url=settings.url, api_key=key, timeout=settings.timeout)
         else:
-            Path(settings.path).mkdir(parents=True, exist_ok=True)
-            try:
-                self.client = QdrantClient(path=settings.path)
-            except RuntimeError as exc:
-                raise IndexError_(
-                    f"Qdrant local storage {settings.path} is in use by another process "
-                    f"(local mode allows one client at a time; run a Qdrant server for concurrent access): {exc}"
-                ) from None
+            self.client = _open_local(settings.path)
 
     @property
     def where(self) -> str:
         return self.settings.url or f"local:{self.settings.path}"
 
     def close(self) -> None:
-        self.client.close()
+        if self.settings.url:
+            self.client.close()
+        else:
+            _release_local(self.settings.path)
 
     def __enter__(self) -> "QdrantIndex":
         return self

@@ -74,3 +74,54 @@ def test_retention_keeps_the_newest_versions(tmp_path, ray_session) -> None:
         assert index.client.get_collection(made[2]).status.value == "green"
     assert not (tmp_path / "v" / made[0]).exists()
     assert (tmp_path / "v" / made[1] / "current.json").exists()
+
+
+def test_search_loop_sees_no_error_through_a_backfill_and_swap(tmp_path, ray_session) -> None:
+    """Backfill to a model of another dimension (384 -> 256) behind a pairs gate while a reader keeps searching."""
+    import threading
+
+    import numpy as np
+
+    from conftest import DATASETS
+
+    pairs = DATASETS / "stsbenchmark" / "sts-test.csv"
+    if not pairs.exists():
+        pytest.skip(f"STS Benchmark not found at {pairs}")
+    gate = f"gate.pairs={pairs}"
+    sets = [f"output.uri={tmp_path / 'v'}", f"index.path={tmp_path / 'q'}", gate, "gate.tolerance=0.05"]
+    old_job = load_job(SAMPLE, sets)
+    new_job = load_job(SAMPLE, [*sets, "model.truncate_dim=256"])
+    old = run_job(old_job)
+    query = "why does bread rise"
+    vectors = {384: Encoder(old_job.model).encode([query], kind="query")[0][0],
+               256: Encoder(new_job.model).encode([query], kind="query")[0][0]}
+    seen: list[str] = []
+    errors: list[BaseException] = []
+    empty = 0
+    stop = threading.Event()
+
+    def reader() -> None:
+        nonlocal empty
+        with QdrantIndex(old_job.index) as index:
+            while not stop.is_set():
+                try:
+                    target = index.alias_target("sample")
+                    dim = index.client.get_collection(target).config.params.vectors.size
+                    hits = index.search(target, np.asarray(vectors[dim]), 5)
+                    empty += not hits
+                    if not seen or seen[-1] != target:
+                        seen.append(target)
+                except BaseException as exc:  # any failure is what this test is looking for
+                    errors.append(exc)
+
+    thread = threading.Thread(target=reader)
+    thread.start()
+    try:
+        new = run_job(new_job)
+    finally:
+        stop.set()
+        thread.join(timeout=60)
+    assert not errors, errors[:3]
+    assert empty == 0
+    assert new["gate"]["passed"] and new["dim"] == 256
+    assert seen == [old["collection"], new["collection"]]
