@@ -112,4 +112,9 @@ def test_job_level_errors_are_clear(tmp_path: Path) -> None:
     broken = tmp_path / "broken.parquet"
     broken.write_bytes(path.read_bytes()[:50])
     with pytest.raises(CorpusError, match="broken.parquet"):
-        plan_shards(CorpusSettings(uri=str(broken)), 1 << 30)
+        plan_shards(CorpusSettings(uri=str(broken), on_bad_rows="fail"), 1 << 30)
+    quarantining = CorpusSettings(uri=str(broken))  # the default policy reports the file instead
+    (shard,) = plan_shards(quarantining, 1 << 30)
+    out = read_shard(shard, quarantining)
+    assert out.ids == [] and out.input_rows == 1
+    assert out.rejected[0]["row"] is None and out.rejected[0]["reason"].startswith("unreadable file")
