@@ -30,7 +30,7 @@ JAPANESE = [
 ] * 4
 
 
-def _save_st(model_dir: Path, st_dir: Path, pooling: str, max_seq_length: int, prompts: dict | None = None) -> Path:
+def save_st(model_dir: Path, st_dir: Path, pooling: str, max_seq_length: int, prompts: dict | None = None) -> Path:
     from sentence_transformers import SentenceTransformer
     from sentence_transformers import models as st_models
 
@@ -61,7 +61,7 @@ def bert(tmp: Path, pooling: str) -> Path:
     cfg = BertConfig(vocab_size=tok.get_vocab_size(), hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
                      intermediate_size=64, max_position_embeddings=64)
     BertModel(cfg).save_pretrained(model_dir)
-    return _save_st(model_dir, tmp / f"bert-st-{pooling}", pooling, 24)
+    return save_st(model_dir, tmp / f"bert-st-{pooling}", pooling, 24)
 
 
 def xlmr_japanese(tmp: Path, pooling: str = "mean") -> Path:
@@ -85,7 +85,7 @@ def xlmr_japanese(tmp: Path, pooling: str = "mean") -> Path:
                            intermediate_size=64, max_position_embeddings=80, pad_token_id=tok.token_to_id("<pad>"),
                            bos_token_id=tok.token_to_id("<s>"), eos_token_id=tok.token_to_id("</s>"))
     XLMRobertaModel(cfg).save_pretrained(model_dir)
-    return _save_st(model_dir, tmp / f"xlmr-st-{pooling}", pooling, 48)
+    return save_st(model_dir, tmp / f"xlmr-st-{pooling}", pooling, 48)
 
 
 def qwen2_decoder(tmp: Path, padding_side: str) -> Path:
@@ -108,4 +108,4 @@ def qwen2_decoder(tmp: Path, padding_side: str) -> Path:
                       pad_token_id=tok.token_to_id(eos), eos_token_id=tok.token_to_id(eos))
     Qwen2Model(cfg).save_pretrained(model_dir)
     prompts = {"query": "Instruct: find documents\nQuery: "}
-    return _save_st(model_dir, tmp / f"qwen2-st-{padding_side}", "lasttoken", 64, prompts)
+    return save_st(model_dir, tmp / f"qwen2-st-{padding_side}", "lasttoken", 64, prompts)
