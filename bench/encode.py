@@ -143,12 +143,13 @@ def time_st(st, texts: list[str], batch: int, device: str) -> tuple[float, np.nd
 
 
 def bench_model(name: str, texts: list[str], device: str, peak: float, workdir: Path, st_batches: list[int],
-                budget: int | None) -> dict:
+                budget: int | None, attention: str = "auto") -> dict:
     from sentence_transformers import SentenceTransformer
 
     path = build_model(name, workdir)
     dtype = "float16" if device == "cuda" else "float32"
-    encoder = Encoder(ModelSettings(name=str(path), device=device, dtype=dtype, max_batch_tokens=budget))
+    encoder = Encoder(ModelSettings(name=str(path), device=device, dtype=dtype, max_batch_tokens=budget,
+                                    attention=attention))
     encoder.encode(texts[:64])
     sync(device)
     with GpuBusy(device) as busy:
@@ -171,6 +172,7 @@ def bench_model(name: str, texts: list[str], device: str, peak: float, workdir: 
     docs_per_s = len(texts) / seconds
     b128 = st_rates.get(128)
     best_batch = max(st_rates, key=st_rates.get)
+    encoder_budget, encoder_attention = encoder.max_batch_tokens, encoder.attention
     del encoder, st
     if device == "cuda":
         torch.cuda.empty_cache()
@@ -187,7 +189,8 @@ def bench_model(name: str, texts: list[str], device: str, peak: float, workdir: 
         "padding_pct": round(100 * (stats.padded_tokens - stats.tokens) / max(stats.padded_tokens, 1), 2),
         "gpu_busy_pct": round(busy.pct, 1) if busy.pct is not None else None,
         "max_cos_diff": float(1 - cos.min()),
-        "max_batch_tokens": budget or (65536 if device == "cuda" else 16384),
+        "max_batch_tokens": encoder_budget,
+        "attention": encoder_attention,
     }
 
 
@@ -199,6 +202,8 @@ def main() -> None:
     parser.add_argument("--limit", type=int, default=None, help="texts to encode (default: 5183 on cuda, 256 on cpu)")
     parser.add_argument("--st-batches", default=None, help="sentence-transformers batch sizes to try (comma list)")
     parser.add_argument("--max-batch-tokens", type=int, default=None, help="reembed's token budget (default: auto)")
+    parser.add_argument("--attention", choices=["auto", "packed", "padded"], default="auto",
+                        help="reembed's forward: packed (padding-free) or padded (default: auto)")
     parser.add_argument("--json", action="store_true", help="last line: one JSON object keyed by model")
     args = parser.parse_args()
     if not SCIFACT.exists():
@@ -214,12 +219,14 @@ def main() -> None:
     results = {}
     with tempfile.TemporaryDirectory() as tmp:
         for name in [m.strip() for m in args.models.split(",") if m.strip()]:
-            results[name] = bench_model(name, texts, args.device, peak, Path(tmp), batches, args.max_batch_tokens)
+            results[name] = bench_model(name, texts, args.device, peak, Path(tmp), batches, args.max_batch_tokens,
+                                        args.attention)
             r = results[name]
             print(f"{name:10s} reembed {r['docs_per_s']:9.1f} docs/s {r['tokens_per_s']:11.0f} tok/s | "
                   f"ST b128 {r['st_b128_docs_per_s']} best {r['st_best_docs_per_s']} (b{r['st_best_batch']}) | "
                   f"x{r['ratio_st_b128']} / x{r['ratio_st_best']} | MFU {r['mfu']:.1%} | pad {r['padding_pct']}% | "
-                  f"busy {r['gpu_busy_pct']} | max 1-cos {r['max_cos_diff']:.2e}", file=sys.stderr)
+                  f"busy {r['gpu_busy_pct']} | max 1-cos {r['max_cos_diff']:.2e} | {r['attention']} "
+                  f"budget {r['max_batch_tokens']}", file=sys.stderr)
     if args.json:
         print(json.dumps(results))
 

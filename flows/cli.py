@@ -106,8 +106,8 @@ def run(job: str, overrides: tuple[str, ...], verbose: bool, as_json: bool, forc
 def _print_summary(summary: dict[str, Any]) -> None:
     table = Table(title="reembed run", show_header=False)
     for key in ("alias", "collection", "model", "dim", "input_rows", "indexed", "quarantined", "tokens",
-                "truncated_docs", "dropped_tokens", "seconds", "docs_per_s", "shards_total", "actors", "points",
-                "output", "index"):
+                "truncated_docs", "dropped_tokens", "seconds", "docs_per_s", "embed_docs_per_s", "shards_total",
+                "actors", "points", "output", "index"):
         table.add_row(key, str(summary.get(key)))
     err.print(table)
 

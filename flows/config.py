@@ -70,6 +70,11 @@ class RuntimeSettings(BaseModel):
     shard_rows: int | None = Field(None, ge=1, description="also cut shards at this many rows")
     ship_code: bool | None = Field(None, description="send reembed's code to the cluster (runtime_env py_modules); auto = when ray_address is set")
     ray_init_timeout: int = Field(120, ge=1, description="seconds to wait for actors to load the model")
+    shards_per_actor: int | None = Field(
+        None, ge=1, le=8,
+        description="shards one actor works on at once (threads); auto = 2 on GPU, so one shard's read and "
+        "Parquet write overlap another's encoding, 1 on CPU",
+    )
 
 
 class JobConfig(BaseSettings):

@@ -83,8 +83,9 @@ class ActorPool:
                            rt.num_actors, capacity)
         self.use_gpu = use_gpu
         self.options = options
+        slots = rt.shards_per_actor or (2 if use_gpu else 1)
         actor_cls = ray.remote(EmbedWorker).options(
-            scheduling_strategy="SPREAD", max_restarts=2, max_task_retries=0, **options
+            scheduling_strategy="SPREAD", max_restarts=2, max_task_retries=0, max_concurrency=slots, **options
         )
         threads = max(1, int(rt.cpus_per_actor)) if not use_gpu else None
         self.actors = [actor_cls.remote(job.model, threads) for _ in range(n)]
@@ -96,10 +97,12 @@ class ActorPool:
         self.dim = int(self.infos[0]["dim"])
         self.model_id = str(self.infos[0]["model"])
         self._idle: queue.Queue = queue.Queue()
-        for actor in self.actors:
-            self._idle.put(actor)
-        logger.info("started %d embedding actor(s) (%s) on %d node(s)", n, "GPU" if use_gpu else "CPU",
-                    len({i["node"] for i in self.infos}))
+        for _ in range(slots):  # an actor is lent out once per slot: that many shards run in it at once
+            for actor in self.actors:
+                self._idle.put(actor)
+        self.slots = slots
+        logger.info("started %d embedding actor(s) (%s, %d shard(s) at once each) on %d node(s)", n,
+                    "GPU" if use_gpu else "CPU", slots, len({i["node"] for i in self.infos}))
 
     def process_shard(self, *args: Any) -> dict[str, Any]:
         import ray

@@ -14,6 +14,7 @@ from pydantic import BaseModel, ConfigDict, Field
 PoolingMode = Literal["cls", "mean", "max", "lasttoken", "weightedmean", "mean_sqrt_len_tokens"]
 Device = Literal["auto", "cpu", "cuda"]
 DType = Literal["auto", "float32", "float16", "bfloat16"]
+Attention = Literal["auto", "packed", "padded"]
 
 
 class ChunkingSettings(BaseModel):
@@ -41,6 +42,15 @@ class ModelSettings(BaseModel):
     device: Device = Field("auto", description="auto = cuda when available, else cpu")
     dtype: DType = Field("auto", description="auto = float16 on cuda, float32 on cpu")
     max_batch_tokens: int | None = Field(
-        None, ge=16, description="token budget per forward pass (padded tokens); auto: 16384 on cpu, 65536 on cuda"
+        None, ge=16, description="token budget per forward pass (padded tokens); auto: 2048 on cpu, 65536 on cuda"
     )
     cpu_threads: int | None = Field(None, ge=1, description="torch intra-op threads on cpu; auto = the CPUs Ray gave the actor")
+    attention: Attention = Field(
+        "auto",
+        description="packed = padding-free batches (BERT-family encoders; varlen flash attention on cuda in "
+        "float16/bfloat16, else padded attention inside), padded = the Hugging Face forward on padded batches; "
+        "auto = packed where varlen flash attention runs, else padded",
+    )
+    tokenize_ahead: bool | None = Field(
+        None, description="tokenize and collate the next batches in a background thread while the model runs; auto = on"
+    )

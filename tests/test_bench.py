@@ -1,0 +1,47 @@
+"""Smoke tests of the benchmarks on CPU: they run, report every field, and agree with sentence-transformers.
+
+No timing is asserted (speed claims live in docs/benchmarks.md); only that the numbers exist, are sane
+and that the outputs are the model's.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+
+from conftest import ROOT, SCIFACT
+
+pytestmark = pytest.mark.skipif(not (SCIFACT / "corpus.jsonl").exists(), reason="SciFact not found")
+
+ENCODE_KEYS = {"docs_per_s", "tokens_per_s", "st_b128_docs_per_s", "st_best_docs_per_s", "ratio_st_b128",
+               "ratio_st_best", "mfu", "padding_pct", "gpu_busy_pct", "max_cos_diff"}
+
+
+def _run(*args: str) -> dict:
+    proc = subprocess.run([sys.executable, *args], cwd=ROOT, capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def test_encode_bench_smoke() -> None:
+    result = _run("bench/encode.py", "--device", "cpu", "--models", "minilm,bert-base", "--limit", "8",
+                  "--st-batches", "4,128", "--json")
+    assert set(result) == {"minilm", "bert-base"}
+    for name, r in result.items():
+        assert ENCODE_KEYS <= set(r), name
+        assert r["docs"] == 8 and r["gpu_busy_pct"] is None
+        assert r["docs_per_s"] > 0 and r["tokens_per_s"] > r["docs_per_s"]
+        assert 0 < r["mfu"] < 1.5 and 0 <= r["padding_pct"] < 100
+        assert r["ratio_st_b128"] == pytest.approx(r["docs_per_s"] / r["st_b128_docs_per_s"], rel=0.01)
+        assert r["max_cos_diff"] < 1e-4, name  # float32 on CPU: the same vectors as sentence-transformers
+
+
+def test_e2e_bench_smoke() -> None:
+    result = _run("bench/e2e.py", "--device", "cpu", "--limit", "16", "--shard-rows", "4", "--flow", "--json")
+    assert result["docs"] == 16 and result["shards"] == 4
+    assert result["encode_only_docs_per_s"] > 0 and result["worker_docs_per_s"] > 0
+    assert result["worker_encode_s"] > 0 and result["upsert_points_per_s"] > 0
+    assert result["flow"]["encoded"] == 16 and result["flow"]["embed_docs_per_s"] > 0

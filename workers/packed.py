@@ -1,0 +1,176 @@
+"""Padding-free ("packed") forward pass for BERT-family encoders.
+
+A padded batch spends the dense layers, which hold almost all of the FLOPs, on pad slots. Here a batch is
+one ``[total_tokens, hidden]`` matrix plus cumulative sequence offsets (``cu_seqlens``), as in flash
+attention's varlen interface and text-embeddings-inference's backends: every matmul, LayerNorm and
+activation touches real tokens only, and only attention needs to know where one sequence ends.
+
+Attention runs as PyTorch's variable-length flash attention (``torch.nn.attention.varlen.varlen_attn``) on
+CUDA in float16/bfloat16, and otherwise as padded ``scaled_dot_product_attention`` with a key mask (the
+padded copy then exists only inside attention). The module reuses the Hugging Face model's own parameters
+(query/key/value are concatenated into one matrix), so it loads nothing and follows the same weights;
+tests compare it with the Hugging Face forward on every supported family.
+"""
+
+from __future__ import annotations
+
+import itertools
+import logging
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+logger = logging.getLogger(__name__)
+
+# model_type -> first position id (RoBERTa-style models count positions from padding_idx + 1).
+_FAMILIES = {"bert": None, "roberta": "padding", "xlm-roberta": "padding", "camembert": "padding"}
+
+
+def varlen_kernel() -> object | None:
+    """PyTorch's varlen flash-attention function, where this torch has it."""
+    try:
+        from torch.nn.attention.varlen import varlen_attn
+    except ImportError:
+        return None
+    return varlen_attn
+
+
+def unsupported_reason(model: torch.nn.Module) -> str | None:
+    """Why the packed path cannot run this model (None when it can)."""
+    cfg = model.config
+    if cfg.model_type not in _FAMILIES:
+        return f"model_type {cfg.model_type!r} is not a BERT-family encoder ({', '.join(sorted(_FAMILIES))})"
+    if getattr(cfg, "position_embedding_type", "absolute") not in (None, "absolute"):
+        return f"position_embedding_type {cfg.position_embedding_type!r} (only absolute positions are packed)"
+    if getattr(cfg, "is_decoder", False) or getattr(cfg, "add_cross_attention", False):
+        return "decoder or cross-attention configuration"
+    try:
+        layer = model.encoder.layer[0]
+        parts = (model.embeddings.word_embeddings, model.embeddings.position_embeddings,
+                 model.embeddings.token_type_embeddings, model.embeddings.LayerNorm,
+                 layer.attention.self.query, layer.attention.self.key, layer.attention.self.value,
+                 layer.attention.output.dense, layer.attention.output.LayerNorm, layer.intermediate.dense,
+                 layer.intermediate.intermediate_act_fn, layer.output.dense, layer.output.LayerNorm)
+    except AttributeError as exc:
+        return f"unexpected module layout ({exc})"
+    if any(p is None for p in parts):
+        return "unexpected module layout"
+    return None
+
+
+@dataclass
+class PackedBatch:
+    """One batch without padding: tokens of all sequences back to back."""
+
+    input_ids: torch.Tensor  # [T] int64
+    position_ids: torch.Tensor  # [T] int64, restarting at each sequence
+    cu_seqlens: torch.Tensor  # [B + 1] int32, offsets of each sequence in the T axis
+    scatter_index: torch.Tensor  # [T] int64, slot of each token in a right-padded [B * max_len] layout
+    lengths: list[int]
+
+    @property
+    def max_len(self) -> int:
+        return max(self.lengths)
+
+    def to(self, device: torch.device, non_blocking: bool = False) -> "PackedBatch":
+        move = lambda t: t.to(device, non_blocking=non_blocking)  # noqa: E731
+        return PackedBatch(move(self.input_ids), move(self.position_ids), move(self.cu_seqlens),
+                           move(self.scatter_index), self.lengths)
+
+    def pin_memory(self) -> "PackedBatch":
+        return PackedBatch(self.input_ids.pin_memory(), self.position_ids.pin_memory(),
+                           self.cu_seqlens.pin_memory(), self.scatter_index.pin_memory(), self.lengths)
+
+
+def pack(seqs: list[list[int]], position_offset: int = 0) -> PackedBatch:
+    """Concatenate token id lists into a PackedBatch (host tensors)."""
+    lengths = [len(s) for s in seqs]
+    width = max(lengths)
+    lens = np.asarray(lengths, dtype=np.int64)
+    starts = np.zeros(len(seqs) + 1, dtype=np.int64)
+    np.cumsum(lens, out=starts[1:])
+    total = int(starts[-1])
+    # numpy from an iterator: several times faster than torch.tensor on a nested list, and this runs
+    # in the tokenizer thread, where holding the GIL delays the main thread's kernel launches.
+    ids = np.fromiter(itertools.chain.from_iterable(seqs), dtype=np.int64, count=total)
+    within = np.arange(total, dtype=np.int64) - np.repeat(starts[:-1], lens)
+    slots = np.repeat(np.arange(len(seqs), dtype=np.int64) * width, lens) + within
+    return PackedBatch(
+        input_ids=torch.from_numpy(ids),
+        position_ids=torch.from_numpy(within + position_offset),
+        cu_seqlens=torch.from_numpy(starts.astype(np.int32)),
+        scatter_index=torch.from_numpy(slots),
+        lengths=lengths,
+    )
+
+
+class PackedEncoder(torch.nn.Module):
+    """The forward pass of a BERT-family ``AutoModel`` over a PackedBatch; returns [T, hidden]."""
+
+    def __init__(self, model: torch.nn.Module, use_varlen: bool) -> None:
+        super().__init__()
+        reason = unsupported_reason(model)
+        if reason:
+            raise ValueError(f"packed attention cannot run this model: {reason}")
+        cfg = model.config
+        self.emb = model.embeddings
+        self.heads = int(cfg.num_attention_heads)
+        self.hidden = int(cfg.hidden_size)
+        self.head_dim = self.hidden // self.heads
+        self.position_offset = (int(cfg.pad_token_id) + 1) if _FAMILIES[cfg.model_type] == "padding" else 0
+        self.layers = []
+        for layer in model.encoder.layer:
+            sa = layer.attention.self
+            qkv_w = torch.cat([sa.query.weight, sa.key.weight, sa.value.weight]).detach()
+            qkv_b = torch.cat([sa.query.bias, sa.key.bias, sa.value.bias]).detach()
+            self.layers.append((qkv_w, qkv_b, layer.attention.output.dense, layer.attention.output.LayerNorm,
+                                layer.intermediate.dense, layer.intermediate.intermediate_act_fn,
+                                layer.output.dense, layer.output.LayerNorm))
+        self.varlen = varlen_kernel() if use_varlen else None
+        if use_varlen and self.varlen is None:
+            raise RuntimeError("this torch has no torch.nn.attention.varlen.varlen_attn (needs torch >= 2.9)")
+        if self.varlen is not None and (self.head_dim % 8 or self.head_dim > 256):
+            logger.info("head size %d is not one flash attention takes; packed batches use padded attention",
+                        self.head_dim)
+            self.varlen = None
+
+    def _attention(self, qkv: torch.Tensor, batch: PackedBatch) -> torch.Tensor:
+        total = qkv.shape[0]
+        qkv = qkv.view(total, 3, self.heads, self.head_dim)
+        if self.varlen is not None:
+            q, k, v = (qkv[:, i].contiguous() for i in range(3))
+            out = self.varlen(q, k, v, batch.cu_seqlens, batch.cu_seqlens, batch.max_len, batch.max_len)
+            return out.reshape(total, self.hidden)
+        # Padded fallback: only attention sees pad slots; keys beyond a sequence's end are masked out.
+        n, width = len(batch.lengths), batch.max_len
+        padded = qkv.new_zeros(n * width, 3, self.heads, self.head_dim)
+        padded[batch.scatter_index] = qkv
+        q, k, v = padded.view(n, width, 3, self.heads, self.head_dim).permute(2, 0, 3, 1, 4).unbind(0)
+        mask = None
+        if min(batch.lengths) != width:
+            keys = torch.zeros(n * width, dtype=torch.bool, device=qkv.device)
+            keys[batch.scatter_index] = True
+            mask = keys.view(n, 1, 1, width)
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+        return out.transpose(1, 2).reshape(n * width, self.hidden)[batch.scatter_index]
+
+    def forward(self, batch: PackedBatch) -> torch.Tensor:
+        emb = self.emb
+        x = emb.word_embeddings(batch.input_ids) + emb.token_type_embeddings.weight[0]
+        x = emb.LayerNorm(x + emb.position_embeddings(batch.position_ids))
+        for qkv_w, qkv_b, attn_out, ln1, inter, act, out, ln2 in self.layers:
+            a = self._attention(F.linear(x, qkv_w, qkv_b), batch)
+            x = ln1(attn_out(a) + x)
+            x = ln2(out(act(inter(x))) + x)
+        return x
+
+    def padded(self, hidden: torch.Tensor, batch: PackedBatch) -> dict[str, torch.Tensor]:
+        """Right-padded ``token_embeddings`` and ``attention_mask`` for the pooling stage."""
+        n, width = len(batch.lengths), batch.max_len
+        tokens = hidden.new_zeros(n * width, hidden.shape[1])
+        tokens[batch.scatter_index] = hidden
+        mask = torch.zeros(n * width, dtype=torch.int64, device=hidden.device)
+        mask[batch.scatter_index] = 1
+        return {"token_embeddings": tokens.view(n, width, -1), "attention_mask": mask.view(n, width)}
