@@ -42,10 +42,10 @@ from workers.settings import ModelSettings  # noqa: E402
 SCIFACT = ROOT.parent / "shared" / "datasets" / "scifact"
 
 
-def write_corpus(path: Path, limit: int) -> list[str]:
+def write_corpus(path: Path, limit: int, scifact: Path = SCIFACT) -> list[str]:
     """SciFact documents as a JSONL corpus with reembed's default columns; returns the rendered texts."""
     texts = []
-    with (SCIFACT / "corpus.jsonl").open(encoding="utf-8") as src, path.open("w", encoding="utf-8") as dst:
+    with (scifact / "corpus.jsonl").open(encoding="utf-8") as src, path.open("w", encoding="utf-8") as dst:
         for line in src:
             if len(texts) >= limit:
                 break
@@ -93,13 +93,13 @@ def bench_upsert(parts: list[str], store_uri: str, dim: int, qdrant_path: Path) 
     return {"points": points, "seconds": seconds, "points_per_s": points / seconds, "status": status}
 
 
-def bench_flow(corpus_path: Path, out: Path, device: str, shard_rows: int) -> dict:
+def bench_flow(corpus_path: Path, out: Path, device: str, shard_rows: int, model: str) -> dict:
     """The real `reembed run` in a fresh process on the same corpus."""
     job = out / "job.yaml"
     job.write_text(
         "name: bench-e2e\n"
         f"corpus: {{uri: {corpus_path}}}\n"
-        f"model: {{device: {device}}}\n"
+        f"model: {{name: {json.dumps(model)}, device: {device}}}\n"
         f"output: {{uri: {out / 'flow-vectors'}}}\n"
         f"index: {{path: {out / 'flow-qdrant'}}}\n"
         f"runtime: {{shard_rows: {shard_rows}}}\n",
@@ -126,10 +126,14 @@ def main() -> None:
     parser.add_argument("--shards-per-actor", type=int, default=None,
                         help="shards processed at once, as runtime.shards_per_actor (default: 2 cuda, 1 cpu)")
     parser.add_argument("--flow", action="store_true", help="also time the real `reembed run` (needs Ray, Prefect)")
+    parser.add_argument("--minilm", type=Path, default=None,
+                        help="MiniLM folder (default: the bundled package; see bench/prepare_device.py)")
+    parser.add_argument("--scifact", type=Path, default=SCIFACT, help=f"SciFact folder (default: {SCIFACT})")
     parser.add_argument("--json", action="store_true", help="last line: one JSON object")
     args = parser.parse_args()
-    if not SCIFACT.exists():
-        parser.error(f"SciFact not found at {SCIFACT}")
+    if not (args.scifact / "corpus.jsonl").exists():
+        parser.error(f"SciFact not found at {args.scifact}")
+    model = str(args.minilm.resolve()) if args.minilm else "all-MiniLM-L6-v2"
     limit = args.limit or (5183 if args.device == "cuda" else 256)
     shard_rows = args.shard_rows or max(1, limit // 8)
     slots = args.shards_per_actor or (2 if args.device == "cuda" else 1)
@@ -137,8 +141,8 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         out = Path(tmp)
         corpus_path = out / "corpus.jsonl"
-        texts = write_corpus(corpus_path, limit)
-        worker = EmbedWorker(ModelSettings(device=args.device))
+        texts = write_corpus(corpus_path, limit, args.scifact)
+        worker = EmbedWorker(ModelSettings(name=model, device=args.device))
         encoder = worker.encoder
         encoder.encode(texts[:64])  # warm-up: kernels, allocator
         start = time.perf_counter()
@@ -167,7 +171,7 @@ def main() -> None:
         }
         del worker, encoder
         if args.flow:
-            flow = bench_flow(corpus_path, out, args.device, shard_rows)
+            flow = bench_flow(corpus_path, out, args.device, shard_rows, model)
             result["flow"] = flow
             result["ratio_flow_embed_to_encode"] = round(flow["embed_docs_per_s"] / encode_rate, 3)
             result["ratio_flow_total_to_encode"] = round(flow["docs_per_s"] / encode_rate, 3)

