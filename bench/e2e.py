@@ -33,13 +33,12 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from bench.encode import SCIFACT, parse_with_data  # noqa: E402
 from indexing.corpus import CorpusSettings, plan_shards  # noqa: E402
 from indexing.storage import StorageOptions  # noqa: E402
 from indexing.vector_store import VectorStore  # noqa: E402
 from workers.embed_worker import EmbedWorker  # noqa: E402
 from workers.settings import ModelSettings  # noqa: E402
-
-SCIFACT = ROOT.parent / "shared" / "datasets" / "scifact"
 
 
 def write_corpus(path: Path, limit: int, scifact: Path = SCIFACT) -> list[str]:
@@ -126,13 +125,8 @@ def main() -> None:
     parser.add_argument("--shards-per-actor", type=int, default=None,
                         help="shards processed at once, as runtime.shards_per_actor (default: 2 cuda, 1 cpu)")
     parser.add_argument("--flow", action="store_true", help="also time the real `reembed run` (needs Ray, Prefect)")
-    parser.add_argument("--minilm", type=Path, default=None,
-                        help="MiniLM folder (default: the bundled package; see bench/prepare_device.py)")
-    parser.add_argument("--scifact", type=Path, default=SCIFACT, help=f"SciFact folder (default: {SCIFACT})")
     parser.add_argument("--json", action="store_true", help="last line: one JSON object")
-    args = parser.parse_args()
-    if not (args.scifact / "corpus.jsonl").exists():
-        parser.error(f"SciFact not found at {args.scifact}")
+    args = parse_with_data(parser)
     model = str(args.minilm.resolve()) if args.minilm else "all-MiniLM-L6-v2"
     limit = args.limit or (5183 if args.device == "cuda" else 256)
     shard_rows = args.shard_rows or max(1, limit // 8)

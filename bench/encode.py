@@ -35,6 +35,17 @@ ARCHS = {
 }
 
 
+def parse_with_data(parser: argparse.ArgumentParser) -> argparse.Namespace:
+    """Add the data options both benchmarks share (--minilm, --scifact), parse, and check SciFact is there."""
+    parser.add_argument("--minilm", type=Path, default=None,
+                        help="MiniLM folder (default: the bundled package; see bench/prepare_device.py)")
+    parser.add_argument("--scifact", type=Path, default=SCIFACT, help=f"SciFact folder (default: {SCIFACT})")
+    args = parser.parse_args()
+    if not (args.scifact / "corpus.jsonl").exists():
+        parser.error(f"SciFact not found at {args.scifact}")
+    return args
+
+
 def load_texts(corpus: str, limit: int, scifact: Path = SCIFACT) -> list[str]:
     name = "corpus.jsonl" if corpus == "docs" else "queries.jsonl"
     with (scifact / name).open(encoding="utf-8") as fh:
@@ -205,13 +216,8 @@ def main() -> None:
     parser.add_argument("--max-batch-tokens", type=int, default=None, help="reembed's token budget (default: auto)")
     parser.add_argument("--attention", choices=["auto", "packed", "padded"], default="auto",
                         help="reembed's forward: packed (padding-free) or padded (default: auto)")
-    parser.add_argument("--minilm", type=Path, default=None,
-                        help="MiniLM folder (default: the bundled package; see bench/prepare_device.py)")
-    parser.add_argument("--scifact", type=Path, default=SCIFACT, help=f"SciFact folder (default: {SCIFACT})")
     parser.add_argument("--json", action="store_true", help="last line: one JSON object keyed by model")
-    args = parser.parse_args()
-    if not (args.scifact / "corpus.jsonl").exists():
-        parser.error(f"SciFact not found at {args.scifact}")
+    args = parse_with_data(parser)
     limit = args.limit or (5183 if args.device == "cuda" else 256)
     texts = load_texts(args.corpus, limit, args.scifact)
     batches = [int(b) for b in args.st_batches.split(",")] if args.st_batches else (

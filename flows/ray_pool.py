@@ -100,7 +100,6 @@ class ActorPool:
         for _ in range(slots):  # an actor is lent out once per slot: that many shards run in it at once
             for actor in self.actors:
                 self._idle.put(actor)
-        self.slots = slots
         logger.info("started %d embedding actor(s) (%s, %d shard(s) at once each) on %d node(s)", n,
                     "GPU" if use_gpu else "CPU", slots, len({i["node"] for i in self.infos}))
 

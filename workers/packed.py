@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import itertools
 import logging
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import numpy as np
@@ -74,14 +75,21 @@ class PackedBatch:
     def max_len(self) -> int:
         return max(self.lengths)
 
+    def _map(self, fn: Callable[[torch.Tensor], torch.Tensor]) -> "PackedBatch":
+        return PackedBatch(fn(self.input_ids), fn(self.position_ids), fn(self.cu_seqlens), fn(self.scatter_index),
+                           self.lengths)
+
     def to(self, device: torch.device, non_blocking: bool = False) -> "PackedBatch":
-        move = lambda t: t.to(device, non_blocking=non_blocking)  # noqa: E731
-        return PackedBatch(move(self.input_ids), move(self.position_ids), move(self.cu_seqlens),
-                           move(self.scatter_index), self.lengths)
+        return self._map(lambda t: t.to(device, non_blocking=non_blocking))
 
     def pin_memory(self) -> "PackedBatch":
-        return PackedBatch(self.input_ids.pin_memory(), self.position_ids.pin_memory(),
-                           self.cu_seqlens.pin_memory(), self.scatter_index.pin_memory(), self.lengths)
+        return self._map(torch.Tensor.pin_memory)
+
+    def token_mask(self) -> torch.Tensor:
+        """[B, max_len] bool, True on real tokens of the right-padded layout."""
+        mask = torch.zeros(len(self.lengths) * self.max_len, dtype=torch.bool, device=self.scatter_index.device)
+        mask[self.scatter_index] = True
+        return mask.view(len(self.lengths), self.max_len)
 
 
 def pack(seqs: list[list[int]], position_offset: int = 0) -> PackedBatch:
@@ -136,7 +144,7 @@ class PackedEncoder(torch.nn.Module):
                         self.head_dim)
             self.varlen = None
 
-    def _attention(self, qkv: torch.Tensor, batch: PackedBatch) -> torch.Tensor:
+    def _attention(self, qkv: torch.Tensor, batch: PackedBatch, key_mask: torch.Tensor | None) -> torch.Tensor:
         total = qkv.shape[0]
         qkv = qkv.view(total, 3, self.heads, self.head_dim)
         if self.varlen is not None:
@@ -148,20 +156,19 @@ class PackedEncoder(torch.nn.Module):
         padded = qkv.new_zeros(n * width, 3, self.heads, self.head_dim)
         padded[batch.scatter_index] = qkv
         q, k, v = padded.view(n, width, 3, self.heads, self.head_dim).permute(2, 0, 3, 1, 4).unbind(0)
-        mask = None
-        if min(batch.lengths) != width:
-            keys = torch.zeros(n * width, dtype=torch.bool, device=qkv.device)
-            keys[batch.scatter_index] = True
-            mask = keys.view(n, 1, 1, width)
-        out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=key_mask)
         return out.transpose(1, 2).reshape(n * width, self.hidden)[batch.scatter_index]
 
     def forward(self, batch: PackedBatch) -> torch.Tensor:
         emb = self.emb
         x = emb.word_embeddings(batch.input_ids) + emb.token_type_embeddings.weight[0]
         x = emb.LayerNorm(x + emb.position_embeddings(batch.position_ids))
+        # The padded-attention fallback masks keys past each sequence's end: one mask for all layers.
+        key_mask = None
+        if self.varlen is None and min(batch.lengths) != batch.max_len:
+            key_mask = batch.token_mask().view(len(batch.lengths), 1, 1, batch.max_len)
         for qkv_w, qkv_b, attn_out, ln1, inter, act, out, ln2 in self.layers:
-            a = self._attention(F.linear(x, qkv_w, qkv_b), batch)
+            a = self._attention(F.linear(x, qkv_w, qkv_b), batch, key_mask)
             x = ln1(attn_out(a) + x)
             x = ln2(out(act(inter(x))) + x)
         return x
@@ -171,6 +178,4 @@ class PackedEncoder(torch.nn.Module):
         n, width = len(batch.lengths), batch.max_len
         tokens = hidden.new_zeros(n * width, hidden.shape[1])
         tokens[batch.scatter_index] = hidden
-        mask = torch.zeros(n * width, dtype=torch.int64, device=hidden.device)
-        mask[batch.scatter_index] = 1
-        return {"token_embeddings": tokens.view(n, width, -1), "attention_mask": mask.view(n, width)}
+        return {"token_embeddings": tokens.view(n, width, -1), "attention_mask": batch.token_mask().long()}
