@@ -154,6 +154,7 @@ def main() -> None:
             "shards": work["shards"],
             "shards_per_actor": slots,
             "attention": encoder.attention,
+            "attention_fallback": encoder.attention_fallback,
             "encode_only_docs_per_s": round(encode_rate, 2),
             "worker_docs_per_s": round(work["docs_per_s"], 2),
             "ratio_worker_to_encode": round(work["docs_per_s"] / encode_rate, 3),

@@ -13,6 +13,8 @@ from __future__ import annotations
 
 import argparse
 import json
+import shutil
+import subprocess
 import sys
 import tempfile
 import threading
@@ -100,11 +102,17 @@ def matmul_peak(device: str) -> float:
 
 
 class GpuBusy:
-    """Average NVML utilisation while the block runs (None where there is no NVIDIA GPU)."""
+    """Average GPU utilisation (NVML's "a kernel was running" %) while the block runs; None without an NVIDIA GPU.
+
+    Reads NVML through ``pynvml`` (nvidia-ml-py) where it is installed, else samples ``nvidia-smi``, so the
+    number is there on a machine that has the driver but not the Python binding.
+    """
 
     def __init__(self, device: str) -> None:
-        self.samples: list[int] = []
+        self.samples: list[float] = []
+        self.device = device
         self.handle = None
+        self.smi: subprocess.Popen | None = None
         if device == "cuda":
             try:
                 import pynvml
@@ -117,8 +125,16 @@ class GpuBusy:
 
     def __enter__(self) -> "GpuBusy":
         self.stop = threading.Event()
+        self.thread = None
         if self.handle is not None:
             self.thread = threading.Thread(target=self._poll, daemon=True)
+        elif self.device == "cuda" and shutil.which("nvidia-smi"):
+            index = torch.cuda.current_device()
+            self.smi = subprocess.Popen(["nvidia-smi", f"--id={index}", "--query-gpu=utilization.gpu",
+                                         "--format=csv,noheader,nounits", "--loop-ms=20"],
+                                        stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+            self.thread = threading.Thread(target=self._read_smi, daemon=True)
+        if self.thread is not None:
             self.thread.start()
         return self
 
@@ -127,9 +143,17 @@ class GpuBusy:
             self.samples.append(self.nvml.nvmlDeviceGetUtilizationRates(self.handle).gpu)
             time.sleep(0.01)
 
+    def _read_smi(self) -> None:
+        for line in self.smi.stdout:
+            if line.strip().isdigit():
+                self.samples.append(float(line))
+
     def __exit__(self, *exc: object) -> None:
         self.stop.set()
-        if self.handle is not None:
+        if self.smi is not None:
+            self.smi.terminate()
+            self.smi.wait()
+        if self.thread is not None:
             self.thread.join()
 
     @property
@@ -184,7 +208,8 @@ def bench_model(name: str, texts: list[str], device: str, peak: float, workdir: 
     docs_per_s = len(texts) / seconds
     b128 = st_rates.get(128)
     best_batch = max(st_rates, key=st_rates.get)
-    encoder_budget, encoder_attention = encoder.max_batch_tokens, encoder.attention
+    encoder_budget, encoder_attention, encoder_fallback = (encoder.max_batch_tokens, encoder.attention,
+                                                            encoder.attention_fallback)
     del encoder, st
     if device == "cuda":
         torch.cuda.empty_cache()
@@ -203,6 +228,7 @@ def bench_model(name: str, texts: list[str], device: str, peak: float, workdir: 
         "max_cos_diff": float(1 - cos.min()),
         "max_batch_tokens": encoder_budget,
         "attention": encoder_attention,
+        "attention_fallback": encoder_fallback,
     }
 
 
@@ -236,7 +262,8 @@ def main() -> None:
                   f"ST b128 {r['st_b128_docs_per_s']} best {r['st_best_docs_per_s']} (b{r['st_best_batch']}) | "
                   f"x{r['ratio_st_b128']} / x{r['ratio_st_best']} | MFU {r['mfu']:.1%} | pad {r['padding_pct']}% | "
                   f"busy {r['gpu_busy_pct']} | max 1-cos {r['max_cos_diff']:.2e} | {r['attention']} "
-                  f"budget {r['max_batch_tokens']}", file=sys.stderr)
+                  f"budget {r['max_batch_tokens']}"
+                  + (f" | fell back: {r['attention_fallback']}" if r["attention_fallback"] else ""), file=sys.stderr)
     if args.json:
         print(json.dumps(results))
 

@@ -12,11 +12,10 @@ That machine has torch, transformers, sentence-transformers and pyarrow but no i
 - ``.device/whl``: wheels of reembed's pure-Python needs that machine lacks (pydantic, tenacity,
   qdrant-client, ...), for Python 3.12 on x86-64.
 
-Then, through the device tool, with ``carry: [".device"]``:
+Then, through the device tool, with ``carry: [".device"]``, every GPU benchmark in one call (results and
+logs under ``$OUT``; see docs/benchmarks.md):
 
-    python3 -m pip install -q --no-index --no-deps --target /tmp/site .device/whl/*.whl && \\
-    export PYTHONPATH=/tmp/site && \\
-    python3 bench/encode.py --device cuda --minilm .device/minilm --scifact .device/scifact --json
+    bash bench/run_device.sh
 """
 
 from __future__ import annotations

@@ -66,6 +66,11 @@ class RuntimeSettings(BaseModel):
     num_actors: int | None = Field(None, ge=1, description="embedding actors; auto = one per GPU, else cluster CPUs / cpus_per_actor")
     cpus_per_actor: float = Field(1, gt=0, description="CPUs each actor asks Ray for (CPU runs)")
     gpus_per_actor: float = Field(1, gt=0, le=1, description="GPUs each actor asks Ray for when the job runs on GPUs")
+    cpus_per_gpu_actor: float | None = Field(
+        None, gt=0,
+        description="CPUs a GPU actor asks Ray for; its tokenizer runs on that many threads so the GPU does not "
+        "wait for text; auto = the GPU nodes' CPUs per GPU minus one, between 1 and 8",
+    )
     shard_size_mb: float = Field(64, gt=0, description="target shard size; smaller files are one shard each")
     shard_rows: int | None = Field(None, ge=1, description="also cut shards at this many rows")
     ship_code: bool | None = Field(None, description="send reembed's code to the cluster (runtime_env py_modules); auto = when ray_address is set")

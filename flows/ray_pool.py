@@ -57,6 +57,17 @@ def init_ray(job: JobConfig) -> bool:
     return True
 
 
+def gpu_actor_cpus(nodes: list[dict[str, Any]], gpus_per_actor: float) -> int:
+    """CPUs for one GPU actor: what the leanest live GPU node has per actor, minus one for Ray and the shard
+    threads, between 1 and 8 (past 8 tokenizer threads outrun even an H100 on MiniLM-sized models)."""
+    per_actor = [
+        node["Resources"].get("CPU", 0) / (node["Resources"]["GPU"] / gpus_per_actor)
+        for node in nodes
+        if node.get("Alive") and node.get("Resources", {}).get("GPU", 0) > 0
+    ]
+    return int(max(1, min(8, int(min(per_actor, default=2)) - 1)))
+
+
 class ActorPool:
     """N embedding actors behind a queue: ``run`` borrows an idle actor, calls it, and gives it back."""
 
@@ -73,7 +84,8 @@ class ActorPool:
             if gpus <= 0:
                 raise RayError("model.device is 'cuda' but the Ray cluster has no GPU")
             capacity = int(gpus // rt.gpus_per_actor)
-            options: dict[str, Any] = {"num_gpus": rt.gpus_per_actor, "num_cpus": 1}
+            cpus = rt.cpus_per_gpu_actor or gpu_actor_cpus(ray.nodes(), rt.gpus_per_actor)
+            options: dict[str, Any] = {"num_gpus": rt.gpus_per_actor, "num_cpus": cpus}
         else:
             capacity = int(resources.get("CPU", 1) // rt.cpus_per_actor)
             options = {"num_cpus": rt.cpus_per_actor, "num_gpus": 0}
@@ -87,7 +99,8 @@ class ActorPool:
         actor_cls = ray.remote(EmbedWorker).options(
             scheduling_strategy="SPREAD", max_restarts=2, max_task_retries=0, max_concurrency=slots, **options
         )
-        threads = max(1, int(rt.cpus_per_actor)) if not use_gpu else None
+        # CPU actors: torch's threads; GPU actors: the tokenizer's (Encoder picks which from its device).
+        threads = max(1, int(options["num_cpus"]))
         self.actors = [actor_cls.remote(job.model, threads) for _ in range(n)]
         try:
             self.infos = ray.get([a.ready.remote() for a in self.actors], timeout=rt.ray_init_timeout)

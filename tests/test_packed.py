@@ -9,6 +9,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
+import torch.nn.functional as F
 
 import tiny_models
 from workers.encoder import Encoder
@@ -89,3 +90,80 @@ def test_tokenize_ahead_raises_producer_errors(tmp_path) -> None:
         encoder.encode(TEXTS[:6] + [None] + TEXTS[:3])  # type: ignore[list-item]
     ours, _ = encoder.encode(TEXTS)  # the encoder is still usable afterwards
     assert ours.shape == (len(TEXTS), encoder.dim)
+
+
+def _reference_varlen(q, k, v, cu_q, cu_k, max_q, max_k):
+    """Attention within each packed sequence, by torch's documented varlen contract (the flash kernel has no CPU
+    build): [T, heads, head_dim] inputs with a contiguous last dimension (what flash attention checks), int32
+    offsets on the same device, python-int maxima."""
+    assert q.dim() == 3 and all(t.stride(-1) == 1 for t in (q, k, v)) and q.shape == k.shape == v.shape
+    assert cu_q.dtype == torch.int32 and cu_q.device == q.device and torch.equal(cu_q, cu_k)
+    assert isinstance(max_q, int) and max_q == max_k == int((cu_q[1:] - cu_q[:-1]).max())
+    spans = zip(cu_q[:-1].tolist(), cu_q[1:].tolist())
+    return torch.cat([F.scaled_dot_product_attention(*(t[s:e].transpose(0, 1) for t in (q, k, v))).transpose(0, 1)
+                      for s, e in spans])
+
+
+def _contiguous_only_varlen(q, k, v, cu_q, cu_k, max_q, max_k):
+    """A kernel build that refuses strided q/k/v views."""
+    if not all(t.is_contiguous() for t in (q, k, v)):
+        raise RuntimeError("q, k and v must be contiguous")
+    return _reference_varlen(q, k, v, cu_q, cu_k, max_q, max_k)
+
+
+def _leaky_varlen(q, k, v, cu_q, cu_k, max_q, max_k):
+    """A broken kernel: attends across sequence boundaries."""
+    return F.scaled_dot_product_attention(*(t.transpose(0, 1) for t in (q, k, v))).transpose(0, 1)
+
+
+def test_varlen_branch_packs_and_unpacks_like_padded(tmp_path) -> None:
+    """The code around the varlen call (q/k/v split, offsets, reshape), run with a per-sequence reference kernel."""
+    st_dir = tiny_models.bert(tmp_path, "mean")
+    encoder = Encoder(ModelSettings(name=str(st_dir), attention="packed", max_batch_tokens=64))
+    encoder.packed.varlen = _reference_varlen
+    assert encoder.packed.varlen_failure() is None
+    ours, _ = encoder.encode(TEXTS)
+    ref, _ = Encoder(ModelSettings(name=str(st_dir), attention="padded")).encode(TEXTS)
+    assert _min_cos(ours, ref) >= 0.99999
+
+
+def test_varlen_start_up_check_catches_failing_and_wrong_kernels(tmp_path) -> None:
+    """A kernel that raises (here the real one: no CPU build, as on a GPU older than Ampere) or that mixes
+    sequences is reported at start-up, so the encoder uses padded attention instead."""
+    from transformers import AutoModel
+
+    from workers.packed import PackedEncoder
+
+    model = AutoModel.from_pretrained(str(tiny_models.bert(tmp_path, "mean"))).eval()
+    packed = PackedEncoder(model, use_varlen=True)
+    assert packed.varlen is not None
+    assert packed.varlen_failure().startswith("NotImplementedError: Could not run 'aten::_flash_attention_forward'")
+    packed.varlen = _leaky_varlen
+    assert "differs from padded attention" in packed.varlen_failure()
+    packed.varlen = _contiguous_only_varlen  # falls back to copying q/k/v, still varlen
+    assert packed.varlen_failure() is None and packed.contiguous_qkv
+
+
+@pytest.mark.parametrize("family", ["bert", "xlmr", "qwen2", "minilm"])
+def test_fast_tokenize_equals_the_hugging_face_call(tmp_path, family, scifact_docs) -> None:
+    """Encoder.tokenize (Rust encode_batch_fast, no BatchEncoding) gives the ids and truncation counts of the
+    Hugging Face tokenizer's own call, which sentence-transformers makes."""
+    name = {"bert": lambda: tiny_models.bert(tmp_path, "mean"), "xlmr": lambda: tiny_models.xlmr_japanese(tmp_path),
+            "qwen2": lambda: tiny_models.qwen2_decoder(tmp_path, "left"), "minilm": lambda: None}[family]()
+    encoder = Encoder(ModelSettings(**({"name": str(name)} if name else {})))
+    texts = TEXTS + tiny_models.JAPANESE[:4] + [(r["title"] + " " + r["text"]) for r in scifact_docs[:24]]
+    ids, stats = encoder.tokenize(texts, "query: ")
+    ref = encoder.tokenizer(encoder._prepare(texts, "query: "), truncation=True,  # prompt + sentence-transformers' strip
+                            max_length=encoder.profile.max_seq_length, return_overflowing_tokens=True,
+                            return_special_tokens_mask=True)
+    first: dict[int, list[int]] = {}
+    dropped = 0
+    for row, sample in enumerate(ref["overflow_to_sample_mapping"]):
+        if sample in first:
+            dropped += len(ref["input_ids"][row]) - sum(ref["special_tokens_mask"][row])
+        else:
+            first[sample] = ref["input_ids"][row]
+    assert ids == [first[i] for i in range(len(texts))]
+    assert stats.truncated_rows == sorted({s for s in ref["overflow_to_sample_mapping"]
+                                           if ref["overflow_to_sample_mapping"].count(s) > 1})
+    assert stats.dropped_tokens == dropped and stats.truncated_docs > 0

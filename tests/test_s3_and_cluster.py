@@ -147,3 +147,23 @@ def test_two_node_ray_cluster_matches_local_run(local_reference, tmp_path: Path)
                     proc.wait(timeout=30)
                 except subprocess.TimeoutExpired:
                     proc.kill()
+
+
+def test_gpu_actor_cpus_from_the_clusters_nodes(ray_session) -> None:
+    """GPU actors take CPUs for their tokenizer threads: the leanest live GPU node's CPUs per actor, minus one.
+
+    This cluster has no GPU, so GPU nodes are this node's own ``ray.nodes()`` entry with GPUs added."""
+    from flows.ray_pool import gpu_actor_cpus
+
+    nodes = ray_session.nodes()
+    assert gpu_actor_cpus(nodes, 1) == 1  # no GPU node: the minimum
+
+    def gpu_node(cpus: float, gpus: float, alive: bool = True) -> dict:
+        node = {**nodes[0], "Alive": alive}
+        node["Resources"] = {**nodes[0]["Resources"], "CPU": cpus, "GPU": gpus}
+        return node
+
+    assert gpu_actor_cpus([gpu_node(16, 1)], 1) == 8  # capped
+    assert gpu_actor_cpus([gpu_node(16, 1)], 0.25) == 3  # four actors share the node
+    assert gpu_actor_cpus([gpu_node(64, 8), gpu_node(12, 2)], 1) == 5  # the leanest node decides
+    assert gpu_actor_cpus([gpu_node(64, 8), gpu_node(2, 2, alive=False)], 1) == 7

@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import inspect
 import logging
+import os
 import queue
 import threading
 import time
@@ -63,6 +64,7 @@ class Encoder:
 
     def __init__(self, settings: ModelSettings | None = None, *, cpu_threads: int | None = None) -> None:
         from transformers import AutoModel, AutoTokenizer
+        from transformers.tokenization_utils_base import PaddingStrategy, TruncationStrategy
         from transformers.utils import logging as hf_logging
 
         hf_logging.disable_progress_bar()
@@ -70,10 +72,12 @@ class Encoder:
         self.settings = settings or ModelSettings()
         self.profile: ModelProfile = load_profile(self.settings)
         self.device = pick_device(self.settings.device)
+        threads = self.settings.cpu_threads or cpu_threads
         if self.device.type == "cpu":
-            threads = self.settings.cpu_threads or cpu_threads
             if threads:
                 torch.set_num_threads(int(threads))
+        else:
+            _parallel_tokenizer(threads)
         dtype_name = self.settings.dtype
         if dtype_name == "auto":
             dtype_name = "float16" if self.device.type == "cuda" else "float32"
@@ -84,6 +88,10 @@ class Encoder:
         self.tokenizer = AutoTokenizer.from_pretrained(self.profile.path, use_fast=True)
         if not getattr(self.tokenizer, "is_fast", False):
             raise RuntimeError(f"model {self.profile.model_id!r} has no fast (Rust) tokenizer; reembed needs one")
+        self._truncation = {"padding_strategy": PaddingStrategy.DO_NOT_PAD,
+                            "truncation_strategy": TruncationStrategy.LONGEST_FIRST,
+                            "max_length": self.profile.max_seq_length, "stride": 0, "pad_to_multiple_of": None,
+                            "padding_side": None}
         self.pad_id = self.tokenizer.pad_token_id
         if self.pad_id is None:
             self.pad_id = self.tokenizer.eos_token_id if self.tokenizer.eos_token_id is not None else 0
@@ -98,6 +106,7 @@ class Encoder:
         # A fast tokenizer is not safe to call from two threads at once (truncation settings are shared
         # state), and a GPU actor encodes two shards at a time; tokenizer calls take turns.
         self._tokenizer_lock = threading.Lock()
+        self.attention_fallback: str | None = None  # why a faster attention was tried and not used
         self.packed, self.attention = self._pick_attention()
         self.tokenize_ahead = True if self.settings.tokenize_ahead is None else self.settings.tokenize_ahead
         # Texts tokenized (and length-sorted) together: big enough for tight batches, small enough that the
@@ -131,6 +140,13 @@ class Encoder:
         if wanted == "auto" and not varlen:
             return None, "padded-sdpa"
         packed = PackedEncoder(self.model, use_varlen=varlen)
+        failure = packed.varlen_failure() if packed.varlen is not None else None
+        if failure:
+            self.attention_fallback = f"varlen flash attention failed its start-up check on {self.device}: {failure}"
+            logger.warning("%s; using padded attention", self.attention_fallback)
+            if wanted == "auto":
+                return None, "padded-sdpa"
+            packed.varlen = None
         return packed, "packed-varlen" if packed.varlen is not None else "packed-sdpa"
 
     def _prepare(self, texts: list[str], prompt: str) -> list[str]:
@@ -150,36 +166,33 @@ class Encoder:
         return self._prompt_len_cache[prompt]
 
     def tokenize(self, texts: list[str], prompt: str = "") -> tuple[list[list[int]], EncodeStats]:
-        """Token ids per text (truncated to max_seq_length) and counts of what truncation dropped."""
+        """Token ids per text (truncated to max_seq_length) and counts of what truncation dropped.
+
+        Calls the Rust tokenizer the way the Hugging Face tokenizer's ``__call__`` does (same truncation and
+        special-token settings, set through its own ``set_truncation_and_padding``), but through
+        ``encode_batch_fast`` where it exists (no character offsets, which nothing here uses) and without
+        building a BatchEncoding: on a GPU this loop, not the model, bounds small models' throughput.
+        """
         stats = EncodeStats(docs=len(texts))
         if not texts:
             return [], stats
         prepared = self._prepare(texts, prompt)
+        tok = self.tokenizer
+        backend = tok.backend_tokenizer
         with self._tokenizer_lock:
-            enc = self.tokenizer(
-                prepared,
-                truncation=True,
-                max_length=self.profile.max_seq_length,
-                return_overflowing_tokens=True,
-                return_special_tokens_mask=True,
-                return_attention_mask=False,
-                return_token_type_ids=False,
-                padding=False,
-            )
-        mapping = enc.get("overflow_to_sample_mapping")
-        if mapping is None:
-            mapping = list(range(len(enc["input_ids"])))
-        ids: list[list[int] | None] = [None] * len(texts)
-        truncated: set[int] = set()
-        for row, sample in enumerate(mapping):
-            if ids[sample] is None:
-                ids[sample] = enc["input_ids"][row]
-            else:
-                truncated.add(sample)
-                stats.dropped_tokens += len(enc["input_ids"][row]) - sum(enc["special_tokens_mask"][row])
-        stats.truncated_rows = sorted(truncated)
-        stats.truncated_docs = len(truncated)
-        return ids, stats  # type: ignore[return-value]
+            tok.set_truncation_and_padding(**self._truncation)
+            split = bool(getattr(tok, "split_special_tokens", False))
+            if backend.encode_special_tokens != split:
+                backend.encode_special_tokens = split
+            encode = getattr(backend, "encode_batch_fast", backend.encode_batch)
+            encodings = encode(prepared, add_special_tokens=True)
+        ids = [e.ids for e in encodings]
+        for row, e in enumerate(encodings):
+            if e.overflowing:
+                stats.truncated_rows.append(row)
+                stats.dropped_tokens += sum(len(o.ids) - sum(o.special_tokens_mask) for o in e.overflowing)
+        stats.truncated_docs = len(stats.truncated_rows)
+        return ids, stats
 
     def chunk_spans(self, texts: list[str], max_tokens: int, overlap: int) -> list[list[tuple[int, int]]]:
         """Character spans of token windows per text; a text that fits is one span covering all of it."""
@@ -326,6 +339,18 @@ class Encoder:
         _flush(pending, out)  # truncated_rows is already in order: blocks run in order, each sorted
         stats.seconds = time.perf_counter() - start
         return out, stats
+
+
+def _parallel_tokenizer(threads: int | None) -> None:
+    """Let the Rust tokenizer split each block over several threads: on a GPU the model waits for text.
+
+    ``tokenizers`` reads TOKENIZERS_PARALLELISM on every call (reembed's Ray actors start with it off, right
+    for CPU actors whose cores belong to torch) and RAYON_NUM_THREADS once, when its thread pool starts; so
+    this runs before the process first tokenizes, and ``threads`` is what Ray gave the actor.
+    """
+    os.environ["TOKENIZERS_PARALLELISM"] = "true"
+    if threads:
+        os.environ.setdefault("RAYON_NUM_THREADS", str(int(threads)))
 
 
 def _flush(pending: list[tuple[np.ndarray, torch.Tensor]], out: np.ndarray) -> None:

@@ -137,6 +137,7 @@ class PackedEncoder(torch.nn.Module):
                                 layer.intermediate.dense, layer.intermediate.intermediate_act_fn,
                                 layer.output.dense, layer.output.LayerNorm))
         self.varlen = varlen_kernel() if use_varlen else None
+        self.contiguous_qkv = False  # set by the start-up check if this kernel build refuses strided q/k/v
         if use_varlen and self.varlen is None:
             raise RuntimeError("this torch has no torch.nn.attention.varlen.varlen_attn (needs torch >= 2.9)")
         if self.varlen is not None and (self.head_dim % 8 or self.head_dim > 256):
@@ -145,19 +146,65 @@ class PackedEncoder(torch.nn.Module):
             self.varlen = None
 
     def _attention(self, qkv: torch.Tensor, batch: PackedBatch, key_mask: torch.Tensor | None) -> torch.Tensor:
-        total = qkv.shape[0]
-        qkv = qkv.view(total, 3, self.heads, self.head_dim)
         if self.varlen is not None:
-            q, k, v = (qkv[:, i].contiguous() for i in range(3))
-            out = self.varlen(q, k, v, batch.cu_seqlens, batch.cu_seqlens, batch.max_len, batch.max_len)
-            return out.reshape(total, self.hidden)
-        # Padded fallback: only attention sees pad slots; keys beyond a sequence's end are masked out.
+            return self._varlen_attention(qkv, batch)
+        return self._padded_attention(qkv, batch, key_mask)
+
+    def _varlen_attention(self, qkv: torch.Tensor, batch: PackedBatch) -> torch.Tensor:
+        # q, k and v are strided views into the fused projection ([T, 3, heads, head_dim]), as flash-attn's own
+        # qkv-packed varlen function passes them: the kernel needs only the last dimension contiguous, and three
+        # copies per layer would cost about as much memory traffic as the attention itself.
+        total = qkv.shape[0]
+        q, k, v = qkv.view(total, 3, self.heads, self.head_dim).unbind(1)
+        if self.contiguous_qkv:
+            q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
+        out = self.varlen(q, k, v, batch.cu_seqlens, batch.cu_seqlens, batch.max_len, batch.max_len)
+        return out.reshape(total, self.hidden)
+
+    def _padded_attention(self, qkv: torch.Tensor, batch: PackedBatch, key_mask: torch.Tensor | None) -> torch.Tensor:
+        """Only attention sees pad slots; keys beyond a sequence's end are masked out."""
         n, width = len(batch.lengths), batch.max_len
         padded = qkv.new_zeros(n * width, 3, self.heads, self.head_dim)
-        padded[batch.scatter_index] = qkv
+        padded[batch.scatter_index] = qkv.view(-1, 3, self.heads, self.head_dim)
         q, k, v = padded.view(n, width, 3, self.heads, self.head_dim).permute(2, 0, 3, 1, 4).unbind(0)
         out = F.scaled_dot_product_attention(q, k, v, attn_mask=key_mask)
         return out.transpose(1, 2).reshape(n * width, self.hidden)[batch.scatter_index]
+
+    def varlen_failure(self) -> str | None:
+        """Run varlen attention once on a small batch and compare it with padded attention; why not, or None.
+
+        Flash attention needs a recent GPU (Ampere or newer) and a torch build that ships the kernel. Where
+        either is missing the call raises at the first batch, and a kernel that runs but disagrees would
+        silently change every vector; this check runs at start-up so the encoder can use padded attention
+        instead of failing a shard or writing wrong vectors.
+        """
+        if self.varlen is None:
+            return "varlen attention is not enabled"
+        with torch.inference_mode():
+            return self._check_varlen()
+
+    def _check_varlen(self) -> str | None:
+        weight = self.layers[0][0]
+        batch = pack([[0] * n for n in (7, 3, 300, 129)]).to(weight.device)  # short and multi-tile sequences
+        generator = torch.Generator(device="cpu").manual_seed(0)
+        qkv = torch.randn(len(batch.input_ids), 3 * self.hidden, generator=generator).to(weight.device, weight.dtype)
+        try:
+            got = self._varlen_attention(qkv, batch)
+        except Exception as strided_exc:  # noqa: BLE001 - any failure: try contiguous q/k/v, then give up
+            self.contiguous_qkv = True
+            try:
+                got = self._varlen_attention(qkv, batch)
+            except Exception as exc:  # noqa: BLE001
+                self.contiguous_qkv = False
+                first_line = (str(exc).splitlines() or [""])[0][:300]
+                return f"{type(exc).__name__}: {first_line}".rstrip(": ")
+            logger.info("varlen attention refused strided q/k/v (%s); copying them per layer", strided_exc)
+        mask = batch.token_mask().view(len(batch.lengths), 1, 1, batch.max_len)
+        want = self._padded_attention(qkv, batch, mask)
+        cos = F.cosine_similarity(got.float(), want.float(), dim=1).min().item()
+        if not cos >= 0.999:
+            return f"its output differs from padded attention (min cosine {cos:.4f})"
+        return None
 
     def forward(self, batch: PackedBatch) -> torch.Tensor:
         emb = self.emb

@@ -44,12 +44,13 @@ class ModelSettings(BaseModel):
     max_batch_tokens: int | None = Field(
         None, ge=16, description="token budget per forward pass (padded tokens); auto: 2048 on cpu, 65536 on cuda"
     )
-    cpu_threads: int | None = Field(None, ge=1, description="torch intra-op threads on cpu; auto = the CPUs Ray gave the actor")
+    cpu_threads: int | None = Field(None, ge=1, description="torch intra-op threads on cpu, tokenizer threads on cuda; auto = the CPUs Ray gave the actor")
     attention: Attention = Field(
         "auto",
         description="packed = padding-free batches (BERT-family encoders; varlen flash attention on cuda in "
         "float16/bfloat16, else padded attention inside), padded = the Hugging Face forward on padded batches; "
-        "auto = packed where varlen flash attention runs, else padded",
+        "auto = packed where varlen flash attention runs (a start-up check runs the kernel once; if it fails "
+        "or disagrees with padded attention, padded is used and the reason logged), else padded",
     )
     tokenize_ahead: bool | None = Field(
         None, description="tokenize and collate the next batches in a background thread while the model runs; auto = on"
