@@ -69,7 +69,7 @@ class RuntimeSettings(BaseModel):
     cpus_per_gpu_actor: float | None = Field(
         None, gt=0,
         description="CPUs a GPU actor asks Ray for; its tokenizer runs on that many threads so the GPU does not "
-        "wait for text; auto = the GPU nodes' CPUs per GPU minus one, between 1 and 8",
+        "wait for text; auto = the GPU nodes' CPUs per GPU actor minus one, between 1 and 16",
     )
     shard_size_mb: float = Field(64, gt=0, description="target shard size; smaller files are one shard each")
     shard_rows: int | None = Field(None, ge=1, description="also cut shards at this many rows")

@@ -163,7 +163,8 @@ def test_gpu_actor_cpus_from_the_clusters_nodes(ray_session) -> None:
         node["Resources"] = {**nodes[0]["Resources"], "CPU": cpus, "GPU": gpus}
         return node
 
-    assert gpu_actor_cpus([gpu_node(16, 1)], 1) == 8  # capped
+    assert gpu_actor_cpus([gpu_node(16, 1)], 1) == 15
+    assert gpu_actor_cpus([gpu_node(96, 1)], 1) == 16  # capped
     assert gpu_actor_cpus([gpu_node(16, 1)], 0.25) == 3  # four actors share the node
     assert gpu_actor_cpus([gpu_node(64, 8), gpu_node(12, 2)], 1) == 5  # the leanest node decides
     assert gpu_actor_cpus([gpu_node(64, 8), gpu_node(2, 2, alive=False)], 1) == 7

@@ -329,7 +329,9 @@ class Encoder:
         batches = self._produce(texts, prompt, stats)
         pending: list[tuple[np.ndarray, torch.Tensor]] = []
         rows = 0
-        with _ahead(batches, depth=4) if self.tokenize_ahead else contextlib.nullcontext(batches) as stream:
+        # The producer tokenizes a whole block before it yields that block's batches; 16 queued batches (a few
+        # MB of host memory) keep a BERT-base-sized GPU busy while it does.
+        with _ahead(batches, depth=16) if self.tokenize_ahead else contextlib.nullcontext(batches) as stream:
             for index, batch in stream:
                 pending.append((index, self._forward(batch, prompt_length)))
                 rows += len(index)
