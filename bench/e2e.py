@@ -33,7 +33,7 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from bench.encode import SCIFACT, parse_with_data  # noqa: E402
+from bench.encode import SCIFACT, parse_with_data, sync  # noqa: E402
 from indexing.corpus import CorpusSettings, plan_shards  # noqa: E402
 from indexing.storage import StorageOptions  # noqa: E402
 from indexing.vector_store import VectorStore  # noqa: E402
@@ -141,8 +141,7 @@ def main() -> None:
         encoder.encode(texts[:64])  # warm-up: kernels, allocator
         start = time.perf_counter()
         encoder.encode(texts)
-        if args.device == "cuda":
-            torch.cuda.synchronize()
+        sync(args.device)
         encode_rate = len(texts) / (time.perf_counter() - start)
 
         corpus = CorpusSettings(uri=str(corpus_path))

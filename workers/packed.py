@@ -170,35 +170,36 @@ class PackedEncoder(torch.nn.Module):
         out = F.scaled_dot_product_attention(q, k, v, attn_mask=key_mask)
         return out.transpose(1, 2).reshape(n * width, self.hidden)[batch.scatter_index]
 
+    @torch.inference_mode()
     def varlen_failure(self) -> str | None:
         """Run varlen attention once on a small batch and compare it with padded attention; why not, or None.
 
         Flash attention needs a recent GPU (Ampere or newer) and a torch build that ships the kernel. Where
         either is missing the call raises at the first batch, and a kernel that runs but disagrees would
         silently change every vector; this check runs at start-up so the encoder can use padded attention
-        instead of failing a shard or writing wrong vectors.
+        instead of failing a shard or writing wrong vectors. Strided q/k/v views are tried first, copies if
+        this kernel build refuses them.
         """
         if self.varlen is None:
             return "varlen attention is not enabled"
-        with torch.inference_mode():
-            return self._check_varlen()
-
-    def _check_varlen(self) -> str | None:
         weight = self.layers[0][0]
         batch = pack([[0] * n for n in (7, 3, 300, 129)]).to(weight.device)  # short and multi-tile sequences
         generator = torch.Generator(device="cpu").manual_seed(0)
         qkv = torch.randn(len(batch.input_ids), 3 * self.hidden, generator=generator).to(weight.device, weight.dtype)
-        try:
-            got = self._varlen_attention(qkv, batch)
-        except Exception as strided_exc:  # noqa: BLE001 - any failure: try contiguous q/k/v, then give up
-            self.contiguous_qkv = True
+        got, error = None, None
+        for contiguous in (False, True):
+            self.contiguous_qkv = contiguous
             try:
                 got = self._varlen_attention(qkv, batch)
-            except Exception as exc:  # noqa: BLE001
-                self.contiguous_qkv = False
-                first_line = (str(exc).splitlines() or [""])[0][:300]
-                return f"{type(exc).__name__}: {first_line}".rstrip(": ")
-            logger.info("varlen attention refused strided q/k/v (%s); copying them per layer", strided_exc)
+                break
+            except Exception as exc:  # noqa: BLE001 - any failure of the kernel means: do not use it this way
+                error = exc
+        if got is None:
+            self.contiguous_qkv = False
+            first_line = (str(error).splitlines() or [""])[0][:300]
+            return f"{type(error).__name__}: {first_line}".rstrip(": ")
+        if self.contiguous_qkv:
+            logger.info("varlen attention refused strided q/k/v (%s); copying them per layer", error)
         mask = batch.token_mask().view(len(batch.lengths), 1, 1, batch.max_len)
         want = self._padded_attention(qkv, batch, mask)
         cos = F.cosine_similarity(got.float(), want.float(), dim=1).min().item()
