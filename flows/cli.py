@@ -10,6 +10,7 @@ import json
 import logging
 import os
 import sys
+import time
 from typing import Any
 
 import click
@@ -17,29 +18,49 @@ from rich.console import Console
 from rich.table import Table
 
 logger = logging.getLogger(__name__)
-err = Console(stderr=True)
-out = Console()
+# Piped output is not cut to 80 columns: a table read by a script or a log collector keeps whole values.
+err = Console(stderr=True, width=None if sys.stderr.isatty() else 200)
+out = Console(width=None if sys.stdout.isatty() else 200)
 
 _SET_HELP = "override a job-file key, e.g. --set runtime.num_actors=2 (repeatable)"
+
+
+class NothingYet(RuntimeError):
+    """The job has never produced what the command shows (no alias, no committed version)."""
 
 
 def _user_errors() -> tuple[type[BaseException], ...]:
     from flows.errors import JOB_LEVEL_ERRORS
     from flows.ray_pool import RayError
     from flows.gate import GateFailed
-    from flows.run_flow import RunFailed
+    from flows.guards import GuardBlocked
 
-    return (*JOB_LEVEL_ERRORS, RayError, RunFailed, GateFailed, FileNotFoundError)
+    errors: tuple[type[BaseException], ...] = (*JOB_LEVEL_ERRORS, RayError, GateFailed, GuardBlocked,
+                                               FileNotFoundError, NothingYet)
+    if "flows.run_flow" in sys.modules:  # only a run can raise it; importing Prefect costs seconds
+        errors += (sys.modules["flows.run_flow"].RunFailed,)
+    return errors
 
 
-def _fail(exc: BaseException, verbose: bool) -> None:
+def _exit_code(exc: BaseException) -> int:
+    """1: the run worked but was stopped (failed shards, gate, guards); 2: the job or its input is wrong."""
+    from flows.gate import GateFailed
+    from flows.guards import GuardBlocked
+
+    blocked = (GateFailed, GuardBlocked)
+    if "flows.run_flow" in sys.modules:
+        blocked += (sys.modules["flows.run_flow"].RunFailed,)
+    return 1 if isinstance(exc, blocked) else 2
+
+
+def _fail(exc: BaseException, verbose: bool, as_json: bool = False) -> None:
     if verbose:
         err.print_exception()
     err.print(f"[bold red]error:[/] {exc}", highlight=False, markup=True, soft_wrap=True)
-    from flows.gate import GateFailed
-    from flows.run_flow import RunFailed
-
-    sys.exit(1 if isinstance(exc, (RunFailed, GateFailed)) else 2)
+    summary = getattr(exc, "summary", None)
+    if as_json and isinstance(summary, dict):
+        _print_json_last({**summary, "error": str(exc)})
+    sys.exit(_exit_code(exc))
 
 
 def _setup_logging(verbose: bool) -> None:
@@ -76,27 +97,56 @@ def _job_options(fn: Any) -> Any:
 @click.option("--json", "as_json", is_flag=True, help="print the summary as one JSON object on the last line",
               show_envvar=True)
 @click.option("--force", "force_reason", metavar="REASON", default=None,
-              help="move the alias even if the quality gate fails; the reason is logged and recorded", show_envvar=True)
-def run(job: str, overrides: tuple[str, ...], verbose: bool, as_json: bool, force_reason: str | None) -> None:
+              help="let the run through when the quality gate or a guard (guards.*: most rows quarantined, most "
+              "points deleted, an empty collection) would stop it; the reason is logged and recorded in the manifest",
+              show_envvar=True)
+@click.option("--limit", type=click.IntRange(1), default=None, metavar="N",
+              help="trial run: embed only the first N input rows into a separate trial version "
+              "(<name>-trial-<fingerprint>) that never becomes live", show_envvar=True)
+@click.option("--progress", type=click.Choice(["auto", "bar", "log", "off"]), default="auto",
+              help="auto = a progress bar on a terminal, periodic log lines otherwise (and with --json)",
+              show_envvar=True)
+def run(job: str, overrides: tuple[str, ...], verbose: bool, as_json: bool, force_reason: str | None,
+        limit: int | None, progress: str) -> None:
     """Embed JOB's corpus: plan shards, encode them on Ray actors, write Parquet, upsert into Qdrant.
 
-    Progress (shards done / total, docs/s) is logged while it runs; the end prints a summary. Re-running is
-    safe: point ids are deterministic, so the collection never holds duplicates.
+    Progress over documents (done / total, docs/s, ETA) shows while it runs; the end prints a summary. A run
+    with nothing to do says so and ends in seconds, without starting Ray or Prefect. Re-running is safe: point
+    ids are deterministic, so the collection never holds duplicates. Guards stop a run that would quarantine
+    most rows or delete most of the live collection before anything live changes (exit code 1).
+
+    Exit codes: 0 done, 1 stopped (failed shards, quality gate, guards), 2 the job or its input is wrong.
     """
     _setup_logging(verbose)
+    started = time.perf_counter()
     try:
         from flows.config import load_job
+        from flows.planning import live_collection, plan_run, preflight, up_to_date_summary
 
         cfg = load_job(job, list(overrides))
-        from flows.errors import quiet_prefect_tracebacks
-        from flows.run_flow import preflight, run_job
-
         preflight(cfg)
+        if limit is None:
+            live = live_collection(cfg)
+            plan = plan_run(cfg, None, live)
+            if plan.mode == "up-to-date":
+                from indexing.qdrant_index import QdrantIndex
+
+                with QdrantIndex(cfg.index) as index:
+                    points = index.count(plan.collection)
+                summary = up_to_date_summary(cfg, plan, points, time.perf_counter() - started)
+                err.print(summary["message"] + f" [{summary['seconds']:.1f} s]", highlight=False)
+                if as_json:
+                    _print_json_last(summary)
+                return
+        from flows.errors import quiet_prefect_tracebacks
+        from flows.run_flow import run_job
+
         if not verbose:
             quiet_prefect_tracebacks()
-        summary = run_job(cfg, force_reason)
+        mode = "log" if as_json and progress == "auto" else progress
+        summary = run_job(cfg, force_reason, limit, mode)
     except _user_errors() as exc:
-        _fail(exc, verbose)
+        _fail(exc, verbose, as_json)
         return
     _print_summary(summary)
     if as_json:
@@ -104,12 +154,66 @@ def run(job: str, overrides: tuple[str, ...], verbose: bool, as_json: bool, forc
 
 
 def _print_summary(summary: dict[str, Any]) -> None:
+    if summary.get("message"):
+        err.print(summary["message"], highlight=False)
     table = Table(title="reembed run", show_header=False)
-    for key in ("alias", "collection", "model", "dim", "input_rows", "indexed", "quarantined", "tokens",
-                "truncated_docs", "dropped_tokens", "seconds", "docs_per_s", "embed_docs_per_s", "shards_total",
-                "actors", "points", "output", "index"):
-        table.add_row(key, str(summary.get(key)))
+    for key in ("alias", "collection", "status", "mode", "model", "dim", "input_rows", "indexed", "encoded",
+                "reused", "deleted", "quarantined", "duplicates", "tokens", "truncated_docs", "dropped_tokens",
+                "seconds", "startup_s", "docs_per_s", "embed_docs_per_s", "shards_total", "shards_embedded",
+                "actors", "actors_used", "points", "output", "index"):
+        if key in summary:
+            table.add_row(key, "-" if summary[key] is None else str(summary[key]))
     err.print(table)
+    if summary.get("quarantined"):
+        err.print(f"{summary['quarantined']} row(s) quarantined with their file, row and reason: "
+                  f"{summary.get('quarantine') or summary.get('output')}", highlight=False, soft_wrap=True)
+
+
+@cli.command()
+@_job_options
+@click.option("--limit", type=click.IntRange(1), default=None, metavar="N",
+              help="plan the trial run `reembed run --limit N` would make", show_envvar=True)
+@click.option("--json", "as_json", is_flag=True, help="print the plan as one JSON object on the last line",
+              show_envvar=True)
+def plan(job: str, overrides: tuple[str, ...], verbose: bool, limit: int | None, as_json: bool) -> None:
+    """Show what `reembed run JOB` would do, encoding nothing and starting neither Ray nor Prefect.
+
+    Prints the resolved job (file < environment < --set, secrets masked), the collection and alias, whether
+    the run builds a new version (a backfill), refreshes the live one, resumes a stopped run or has nothing
+    to do, and every shard with its state (indexed, written, todo).
+    """
+    _setup_logging(verbose)
+    try:
+        from flows.config import load_job
+        from flows.planning import live_collection, plan_run, preflight
+
+        cfg = load_job(job, list(overrides))
+        preflight(cfg)
+        info = plan_run(cfg, limit, live_collection(cfg)).describe(cfg)
+    except _user_errors() as exc:
+        _fail(exc, verbose)
+        return
+    table = Table(title=f"reembed plan: {cfg.name}", show_header=False)
+    for key in ("alias", "collection", "live_collection", "mode", "backfill", "shards_total", "shards_done",
+                "shards_written", "shards_todo", "rows_known"):
+        table.add_row(key, str(info[key]))
+    (err if as_json else out).print(table)
+    shards = Table(title="shards")
+    for col in ("state", "shard_id", "uri", "range", "rows"):
+        shards.add_column(col, overflow="fold")
+    for sh in info["shards"][:50]:
+        span = "" if sh["start"] is None else f"{sh['start']}..{sh['end']}"
+        shards.add_row(sh["state"], sh["shard_id"], sh["uri"], span, "" if sh["rows"] is None else str(sh["rows"]))
+    (err if as_json else out).print(shards)
+    if len(info["shards"]) > 50:
+        (err if as_json else out).print(f"... and {len(info['shards']) - 50} more shard(s) (--json lists all)")
+    if not as_json:
+        import yaml
+
+        out.print("resolved job (secrets masked):", highlight=False)
+        out.print(yaml.safe_dump(info["job"], sort_keys=False), highlight=False, markup=False)
+    if as_json:
+        _print_json_last(info)
 
 
 @cli.command()
@@ -190,12 +294,16 @@ def status(job: str, overrides: tuple[str, ...], verbose: bool, as_json: bool) -
         "index": cfg.index.url or f"local:{cfg.index.path}",
         "in_sync": collection is not None and points == manifest.get("vector_rows"),
     }
+    if not collection:
+        if as_json:
+            _print_json_last(info)
+        _fail(NothingYet(f"alias {cfg.name!r} not found in {info['index']}: nothing indexed yet; "
+                         f"run `reembed run {job}` first"), verbose)
+        return
     table = Table(title=f"reembed status: {cfg.name}", show_header=False)
     for key, value in info.items():
         table.add_row(key, str(value))
     (err if as_json else out).print(table)
-    if not collection:
-        err.print(f"alias {cfg.name!r} not found: nothing indexed yet")
     if as_json:
         _print_json_last(info)
 
@@ -265,8 +373,11 @@ def versions(job: str, overrides: tuple[str, ...], verbose: bool, as_json: bool)
         cfg = load_job(job, list(overrides))
         with QdrantIndex(cfg.index) as index:
             rows = list_versions(cfg, index)
+        if not rows:
+            raise NothingYet(f"no committed version of {cfg.name!r} under {cfg.output.uri}; "
+                             f"run `reembed run {job}` first")
     except _user_errors() as exc:
-        _fail(exc, verbose)
+        _fail(exc, verbose, as_json)
         return
     table = Table(title=f"reembed versions: {cfg.name}")
     for col in ("live", "collection", "model", "dim", "points", "vector_rows", "score", "finished_at"):

@@ -6,6 +6,7 @@ Relative paths resolve against the job file's folder so a job behaves the same f
 
 from __future__ import annotations
 
+import difflib
 import hashlib
 import json
 import os
@@ -57,6 +58,24 @@ class GateSettings(BaseModel):
         return self.metric or ("spearman" if self.pairs else "ndcg@10")
 
 
+class GuardSettings(BaseModel):
+    """The `guards:` section: how much a run may change the live version before it stops and asks for --force.
+
+    A run that quarantines most of its input or would delete most of what is live is far likelier to be a
+    mistake (a wrong id key, a truncated upload, a misconfigured template) than a real change; rclone's
+    ``--max-delete`` is the same idea. The checks run before the reconcile deletes any point and before the
+    alias moves; ``reembed run --force REASON`` overrides them and records the reason in the manifest.
+    """
+
+    model_config = ConfigDict(extra="forbid")
+
+    max_quarantined_fraction: float = Field(
+        0.05, ge=0, le=1, description="stop when more than this fraction of input rows is quarantined")
+    max_deleted_fraction: float = Field(
+        0.2, ge=0, le=1, description="stop when more than this fraction of the live points would be deleted")
+    allow_empty: bool = Field(False, description="allow a run that leaves the collection with no points")
+
+
 class RuntimeSettings(BaseModel):
     """The `runtime:` section: Ray and sharding."""
 
@@ -80,6 +99,13 @@ class RuntimeSettings(BaseModel):
         description="shards one actor works on at once (threads); auto = 2 on GPU, so one shard's read and "
         "Parquet write overlap another's encoding, 1 on CPU",
     )
+    min_shards: int | None = Field(
+        None, ge=1,
+        description="cut files smaller than shard_size_mb further until the plan has this many shards, so every "
+        "actor has work; auto = twice the expected actors x shards_per_actor",
+    )
+    progress_seconds: float = Field(
+        5, gt=0, description="seconds between progress reports (actors to the driver, and log lines when not a terminal)")
 
 
 class JobConfig(BaseSettings):
@@ -92,6 +118,7 @@ class JobConfig(BaseSettings):
     model: ModelSettings = Field(default_factory=ModelSettings)
     chunking: ChunkingSettings | None = Field(None, description="null = one vector per document (truncated, and counted)")
     gate: GateSettings | None = Field(None, description="quality gate checked before the alias moves to a new version")
+    guards: GuardSettings = Field(default_factory=GuardSettings)
     output: OutputSettings = Field(default_factory=OutputSettings)
     index: IndexSettings = Field(default_factory=IndexSettings)
     runtime: RuntimeSettings = Field(default_factory=RuntimeSettings)
@@ -130,8 +157,10 @@ class JobConfig(BaseSettings):
             shape["chunking"] = self.chunking.model_dump()
         return hashlib.sha256(json.dumps(shape, sort_keys=True).encode()).hexdigest()[:12]
 
-    def collection_name(self, dim: int | None = None) -> str:
-        return f"{self.name}-{self.fingerprint(dim)}"
+    def collection_name(self, dim: int | None = None, trial: bool = False) -> str:
+        """``<name>-<fingerprint>``; a trial run (``run --limit``) writes ``<name>-trial-<fingerprint>``, which
+        no alias, version listing or retention ever picks up."""
+        return f"{self.name}-{'trial-' if trial else ''}{self.fingerprint(dim)}"
 
 
 def _set_path(tree: dict[str, Any], dotted: str, value: Any) -> None:
@@ -144,15 +173,79 @@ def _set_path(tree: dict[str, Any], dotted: str, value: Any) -> None:
     node[keys[-1]] = value
 
 
+def override_value(raw: str) -> Any:
+    """A ``--set`` value: a number, boolean or null when it reads as one, a list when written as ``[a, b]``,
+    otherwise the string as typed, so templates (``{title} {text}``), URLs and colons pass through unchanged."""
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else raw
+    except yaml.YAMLError:
+        return raw
+    if value is None or isinstance(value, (bool, int, float)):
+        return value
+    if isinstance(value, list) and raw.lstrip().startswith("[") and all(
+            v is None or isinstance(v, (bool, int, float, str)) for v in value):
+        return value
+    return raw
+
+
 def parse_overrides(pairs: list[str]) -> dict[str, Any]:
-    """``["model.name=x", "runtime.num_actors=2"]`` -> nested dict; values parse as YAML scalars."""
+    """``["model.name=x", "runtime.num_actors=2"]`` -> nested dict (values as :func:`override_value` reads them)."""
     tree: dict[str, Any] = {}
     for pair in pairs:
         if "=" not in pair:
             raise ConfigError(f"--set {pair!r}: expected key=value, e.g. model.name=all-MiniLM-L6-v2")
         key, raw = pair.split("=", 1)
-        _set_path(tree, key.strip(), yaml.safe_load(raw) if raw else "")
+        if not key.strip():
+            raise ConfigError(f"--set {pair!r}: the key before '=' is empty")
+        _set_path(tree, key.strip(), override_value(raw))
     return tree
+
+
+def _field_paths(model: type[BaseModel], prefix: str = "") -> list[str]:
+    """Every settable dotted key of a settings model (``model.name``, ``corpus.storage_options.key``, ...)."""
+    paths = []
+    for name, info in model.model_fields.items():
+        path = f"{prefix}{name}"
+        paths.append(path)
+        for arg in (info.annotation, *getattr(info.annotation, "__args__", ())):
+            if isinstance(arg, type) and issubclass(arg, BaseModel):
+                paths.extend(_field_paths(arg, f"{path}."))
+    return paths
+
+
+def check_env(environ: dict[str, str] | None = None) -> None:
+    """Unknown ``REEMBED_<SECTION>__<KEY>`` variables are errors, as unknown keys in the file are.
+
+    pydantic-settings ignores variables that match no field, so a typo (``REEMBED_MODLE__NAME``) would
+    silently leave the setting at its default. Command-line twins (``REEMBED_SEARCH_K``, one underscore)
+    are click's and are not checked here.
+    """
+    environ = dict(os.environ if environ is None else environ)
+    known = {p.upper().replace(".", "__") for p in _field_paths(JobConfig)}
+    for var in sorted(environ):
+        upper = var.upper()
+        if not upper.startswith(ENV_PREFIX) or "__" not in upper:
+            continue
+        key = upper[len(ENV_PREFIX):]
+        if key in known:
+            continue
+        close = difflib.get_close_matches(key, sorted(known), n=1, cutoff=0.75)
+        hint = f"; did you mean {ENV_PREFIX}{close[0]}?" if close else ""
+        raise ConfigError(f"environment variable {var} names no job setting{hint}")
+
+
+def _blame(job_path: Path, pairs: list[str], exc: ValidationError) -> str:
+    """Name where each bad value came from: the ``--set`` pair, the environment variable, or the file."""
+    given = {p.split("=", 1)[0].strip(): p for p in pairs}
+    problems = []
+    for error in exc.errors():
+        dotted = ".".join(str(p) for p in error["loc"])
+        env_var = ENV_PREFIX + dotted.upper().replace(".", "__")
+        where = next((f"--set {given[k]!r}" for k in given if dotted == k or dotted.startswith(k + ".")), None)
+        if where is None and any(v.upper() == env_var for v in os.environ):
+            where = f"environment variable {env_var}"
+        problems.append(f"{where or job_path}: {dotted}: {error['msg']}")
+    return "; ".join(problems)
 
 
 def _is_local(uri: str) -> bool:
@@ -178,12 +271,13 @@ def load_job(path: str | os.PathLike[str], overrides: list[str] | None = None) -
         raise ConfigError(f"{job_path}: not valid YAML: {exc}") from None
     if not isinstance(data, dict):
         raise ConfigError(f"{job_path}: expected a mapping of sections at the top level")
+    check_env()
+    pairs = overrides or []
     token = _JOB_FILE.set(job_path)
     try:
-        job = JobConfig(**parse_overrides(overrides or []))
+        job = JobConfig(**parse_overrides(pairs))
     except ValidationError as exc:
-        problems = "; ".join(f"{'.'.join(str(p) for p in e['loc'])}: {e['msg']}" for e in exc.errors())
-        raise ConfigError(f"{job_path}: {problems}") from None
+        raise ConfigError(_blame(job_path, pairs, exc)) from None
     finally:
         _JOB_FILE.reset(token)
     clash = _RESERVED_COLUMNS.intersection(job.corpus.payload)

@@ -9,11 +9,13 @@ from __future__ import annotations
 import logging
 from typing import Any
 
+from typing import TYPE_CHECKING
+
 from flows.config import JobConfig
-from flows.evaluate import evaluate_pairs, evaluate_retrieval
-from indexing.qdrant_index import QdrantIndex
-from workers.encoder import Encoder
 from workers.settings import ModelSettings
+
+if TYPE_CHECKING:
+    from indexing.qdrant_index import QdrantIndex
 
 logger = logging.getLogger(__name__)
 
@@ -31,7 +33,11 @@ class GateFailed(RuntimeError):
         )
 
 
-def _score(job: JobConfig, model: ModelSettings, index: QdrantIndex, collection: str, chunked: bool) -> float:
+def _score(job: JobConfig, model: ModelSettings, index: "QdrantIndex", collection: str, chunked: bool) -> float:
+    # torch, transformers and scipy load here, only for jobs with a gate: a run without one starts seconds sooner
+    from flows.evaluate import evaluate_pairs, evaluate_retrieval
+    from workers.encoder import Encoder
+
     gate = job.gate
     assert gate is not None
     encoder = Encoder(model)
@@ -45,7 +51,7 @@ def _score(job: JobConfig, model: ModelSettings, index: QdrantIndex, collection:
     return float(metrics[metric])
 
 
-def check_gate(job: JobConfig, index: QdrantIndex, new: str, live: str, live_manifest: dict[str, Any]) -> dict[str, Any]:
+def check_gate(job: JobConfig, index: "QdrantIndex", new: str, live: str, live_manifest: dict[str, Any]) -> dict[str, Any]:
     """Scores of the new and live versions and whether the new one may go live."""
     gate = job.gate
     assert gate is not None

@@ -8,6 +8,7 @@ input row either comes out as a row or as a rejection naming the file, the row n
 from __future__ import annotations
 
 import csv
+import difflib
 import gzip
 import hashlib
 import io
@@ -74,6 +75,8 @@ class Shard:
     end: int | None = None  # exclusive
     first_row: int = 1  # row number of the shard's first row in its file (1-based)
     rows_hint: int | None = None
+    limit: int | None = None  # read at most this many input rows (trial runs: `reembed run --limit N`)
+    bytes_hint: int | None = None  # bytes the shard covers: progress estimates rows from it when rows_hint is None
 
 
 @dataclass
@@ -124,8 +127,9 @@ def list_files(settings: CorpusSettings) -> list[str]:
     return sorted(full_uri(fs, p) for p in paths)
 
 
-def _shard_id(uri: str, start: int | None, end: int | None) -> str:
-    return hashlib.sha256(f"{uri}|{start}|{end}".encode()).hexdigest()[:16]
+def _shard_id(uri: str, start: int | None, end: int | None, limit: int | None = None) -> str:
+    key = f"{uri}|{start}|{end}" + (f"|limit={limit}" if limit is not None else "")
+    return hashlib.sha256(key.encode()).hexdigest()[:16]
 
 
 def _scan_records(fh: io.BufferedIOBase, quoted: bool) -> list[tuple[int, int]]:
@@ -162,18 +166,19 @@ def plan_file(uri: str, settings: CorpusSettings, shard_bytes: int, shard_rows: 
         except Exception as exc:
             raise UnreadableFile(f"{uri}: not a readable Parquet file: {exc}") from None
         if size <= shard_bytes and (shard_rows is None or meta.num_rows <= shard_rows):
-            return [Shard(_shard_id(uri, None, None), uri, fmt, rows_hint=meta.num_rows)]
+            return [Shard(_shard_id(uri, None, None), uri, fmt, rows_hint=meta.num_rows, bytes_hint=size)]
         shards, first, acc_bytes, acc_rows, row_base = [], 0, 0, 0, 1
         for rg in range(meta.num_row_groups):
             acc_bytes += meta.row_group(rg).total_byte_size
             acc_rows += meta.row_group(rg).num_rows
             if acc_bytes >= shard_bytes or (shard_rows and acc_rows >= shard_rows) or rg == meta.num_row_groups - 1:
-                shards.append(Shard(_shard_id(uri, first, rg + 1), uri, fmt, first, rg + 1, row_base, acc_rows))
+                shards.append(Shard(_shard_id(uri, first, rg + 1), uri, fmt, first, rg + 1, row_base, acc_rows,
+                                    bytes_hint=acc_bytes))
                 row_base += acc_rows
                 first, acc_bytes, acc_rows = rg + 1, 0, 0
         return shards
     if fmt == "jsonl.gz" or (size <= shard_bytes and shard_rows is None):
-        return [Shard(_shard_id(uri, None, None), uri, fmt)]
+        return [Shard(_shard_id(uri, None, None), uri, fmt, bytes_hint=size)]
     try:
         with fs.open(path, "rb") as fh:
             starts = _scan_records(fh, quoted=fmt in ("csv", "tsv"))
@@ -189,7 +194,7 @@ def plan_file(uri: str, settings: CorpusSettings, shard_bytes: int, shard_rows: 
         if last or starts[i][0] - starts[begin][0] >= shard_bytes or (shard_rows and rows >= shard_rows):
             if rows:
                 s, e = starts[begin][0], starts[i][0]
-                shards.append(Shard(_shard_id(uri, s, e), uri, fmt, s, e, starts[begin][1], rows))
+                shards.append(Shard(_shard_id(uri, s, e), uri, fmt, s, e, starts[begin][1], rows, bytes_hint=e - s))
             begin = i
     return shards
 
@@ -205,33 +210,81 @@ def file_fingerprint(uri: str, settings: CorpusSettings) -> str:
 def shard_fingerprint(shard: Shard, file_fp: str, settings: CorpusSettings) -> str:
     """What decides a shard's rows: its file's content, its range, and how rows are read and rendered."""
     how = settings.model_dump(include={"id", "text", "payload", "max_text_bytes", "format"})
-    key = json.dumps([shard.uri, shard.start, shard.end, file_fp, how], sort_keys=True, default=str)
+    key = json.dumps([shard.uri, shard.start, shard.end, file_fp, how] + ([shard.limit] if shard.limit else []),
+                     sort_keys=True, default=str)
     return hashlib.sha256(key.encode()).hexdigest()[:24]
 
 
-def check_columns(uri: str, settings: CorpusSettings) -> None:
-    """Fail fast when a file with a schema (Parquet, CSV) lacks the id or text columns; JSONL is checked per row."""
+SAMPLE_ROWS = 200  # rows preflight reads from the start of a JSON lines file
+
+
+def sample_keys(uri: str, settings: CorpusSettings, rows: int = SAMPLE_ROWS) -> tuple[list[str], str] | None:
+    """The columns a file offers and what they were read from: the schema of Parquet and CSV files, the keys
+    seen in the first ``rows`` records of JSON lines (plain or gzip); None when the file cannot be read here
+    (its shard reports it) or has no records."""
     fmt = detect_format(uri, settings.format)
     fs, path = filesystem(uri, settings.storage_options)
     try:
         if fmt == "parquet":
-            columns = pq.ParquetFile(fs.open(path, "rb")).schema_arrow.names
-        elif fmt in ("csv", "tsv"):
-            with fs.open(path, "rb") as fh:
+            return pq.ParquetFile(fs.open(path, "rb")).schema_arrow.names, "the file's schema"
+        with fs.open(path, "rb") as raw:
+            fh = gzip.GzipFile(fileobj=raw) if fmt == "jsonl.gz" else raw
+            if fmt in ("csv", "tsv"):
                 header = fh.readline().decode("utf-8", errors="replace")
-            columns = next(csv.reader([header], delimiter="\t" if fmt == "tsv" else ","), [])
-        else:
-            return
+                return next(csv.reader([header], delimiter="\t" if fmt == "tsv" else ","), []), "the file's header"
+            keys: dict[str, None] = {}
+            seen = 0
+            for line in fh:
+                if seen >= rows:
+                    break
+                if not line.strip():
+                    continue
+                seen += 1
+                try:
+                    record = json.loads(line)
+                except ValueError:
+                    continue
+                if isinstance(record, dict):
+                    keys.update(dict.fromkeys(record))
     except Exception:
-        return  # unreadable files are reported (or fail) when their shard is read
-    missing = [c for c in [settings.id, *settings.template_fields()] if c not in columns]
-    if missing:
-        raise CorpusError(f"{uri}: missing column(s) {missing}; the file has {columns}")
+        return None  # unreadable files are reported (or fail) when their shard is read
+    if not seen:
+        return None
+    return list(keys), f"the first {seen} row(s)"
 
 
-def plan_shards(settings: CorpusSettings, shard_bytes: int, shard_rows: int | None = None) -> list[Shard]:
+def check_columns(uri: str, settings: CorpusSettings) -> None:
+    """Fail fast, naming the columns the file does have, when the id, a template field or a payload column
+    appears nowhere in it (Parquet/CSV: the schema; JSON lines: a bounded sample of the first rows).
+
+    Without this a wrong ``corpus.id`` quarantines every row and a misspelled template field renders as an
+    empty string in every document: both run to the end and look like success.
+    """
+    found = sample_keys(uri, settings)
+    if found is None:
+        return
+    columns, source = found
+    wanted = [("corpus.id", settings.id)] + [("corpus.text", f) for f in settings.template_fields()]
+    wanted += [("corpus.payload", p) for p in settings.payload]
+    problems = []
+    for setting, name in wanted:
+        if name in columns:
+            continue
+        close = difflib.get_close_matches(name, columns, n=1, cutoff=0.6)
+        if not close:
+            close = [c for c in columns if c.strip("_").lower() == name.strip("_").lower()]
+        problems.append(f"{setting} names {name!r}" + (f" (did you mean {close[0]!r}?)" if close else ""))
+    if problems:
+        raise CorpusError(f"{uri}: {'; '.join(problems)}, but no such column is in {source}; "
+                          f"columns found: {columns}")
+
+
+MIN_SPLIT_BYTES = 64 * 1024  # below this a file is never cut further to feed more actors
+
+
+def _plan_files(uris: list[str], settings: CorpusSettings, shard_bytes: int, shard_rows: int | None) -> list[Shard]:
     shards: list[Shard] = []
-    for uri in list_files(settings):
+    for uri in uris:
         try:
             shards.extend(plan_file(uri, settings, shard_bytes, shard_rows))
         except UnreadableFile:
@@ -239,6 +292,49 @@ def plan_shards(settings: CorpusSettings, shard_bytes: int, shard_rows: int | No
                 raise
             # Whole-file shard: reading it again in the worker reports the file in the quarantine.
             shards.append(Shard(_shard_id(uri, None, None), uri, detect_format(uri, settings.format)))
+    return shards
+
+
+def plan_shards(settings: CorpusSettings, shard_bytes: int, shard_rows: int | None = None,
+                min_shards: int = 1) -> list[Shard]:
+    """Shards for the whole corpus, in a stable order.
+
+    When files smaller than ``shard_bytes`` would give fewer than ``min_shards`` shards, they are cut by a
+    smaller byte target (never below 64 KiB), so that one 8 MB file still keeps every actor busy.
+    """
+    uris = list_files(settings)
+    shards = _plan_files(uris, settings, shard_bytes, shard_rows)
+    if len(shards) >= min_shards:
+        return shards
+    total = 0
+    for uri in uris:
+        fs, path = filesystem(uri, settings.storage_options)
+        total += fs.size(path)
+    smaller = max(MIN_SPLIT_BYTES, total // min_shards)
+    if smaller >= shard_bytes:
+        return shards
+    return _plan_files(uris, settings, smaller, shard_rows)
+
+
+def limit_shards(settings: CorpusSettings, limit: int, shard_rows: int | None = None) -> list[Shard]:
+    """The first ``limit`` input rows of the corpus as shards (trial runs), scanning only the files needed.
+
+    Files are cut at ``min(shard_rows, limit)`` rows so each shard knows its row count; the last shard reads
+    only the rows still missing. A gzip file's rows are unknown until read, so it ends the plan.
+    """
+    shards: list[Shard] = []
+    remaining = limit
+    for uri in list_files(settings):
+        for shard in _plan_files([uri], settings, 1 << 62, min(shard_rows or limit, limit)):
+            take = remaining if shard.rows_hint is None else min(remaining, shard.rows_hint)
+            last = shard.rows_hint is None or take < shard.rows_hint
+            if last:
+                shard = Shard(_shard_id(shard.uri, shard.start, shard.end, take), shard.uri, shard.format,
+                              shard.start, shard.end, shard.first_row, take, take, shard.bytes_hint)
+            shards.append(shard)
+            remaining -= take
+            if last or remaining <= 0:
+                return shards
     return shards
 
 
@@ -261,6 +357,8 @@ def _read_records(shard: Shard, settings: CorpusSettings) -> tuple[list[tuple[in
             table = pf.read_row_groups(groups) if groups else pf.schema_arrow.empty_table()
         except Exception as exc:
             raise UnreadableFile(f"{shard.uri}: corrupt or unreadable Parquet: {exc}") from None
+        if shard.limit is not None:
+            table = table.slice(0, shard.limit)
         for i, rec in enumerate(table.to_pylist()):
             out.append((shard.first_row + i, rec, None))
         return out, table.column_names
@@ -281,6 +379,8 @@ def _read_records(shard: Shard, settings: CorpusSettings) -> tuple[list[tuple[in
         reader = csv.DictReader(io.StringIO(text, newline=""), delimiter="\t" if shard.format == "tsv" else ",")
         columns = list(reader.fieldnames or [])
         for i, rec in enumerate(reader):
+            if shard.limit is not None and i >= shard.limit:
+                break
             bad = "\ufffd" in "".join(str(v) for v in rec.values() if v is not None)
             out.append((shard.first_row + i, None if bad else rec, "invalid UTF-8" if bad else None))
         return out, columns
@@ -291,6 +391,8 @@ def _read_records(shard: Shard, settings: CorpusSettings) -> tuple[list[tuple[in
         row = shard.first_row + i
         if not raw.strip():
             continue
+        if shard.limit is not None and len(out) >= shard.limit:
+            break
         try:
             line = raw.decode("utf-8")
         except UnicodeDecodeError as exc:

@@ -2,10 +2,14 @@
 
 Layout under ``output.uri``::
 
-    <collection>/vectors/part-<shard>.parquet     doc_id, vector fixed_size_list<float32>[dim], text_sha256, model, text, payload...
-    <collection>/quarantine/part-<shard>.jsonl    rejected rows: file, row, doc_id, reason
-    <collection>/shards/<shard>.json              per-shard marker, written after its Parquet file
-    <collection>/current.json                     the run manifest: which shards form the current vector set, written last
+    <collection>/vectors/part-<shard>-<input>.parquet     doc_id, vector fixed_size_list<float32>[dim], text_sha256, model, text, payload...
+    <collection>/quarantine/part-<shard>-<input>.jsonl    rejected rows: file, row, doc_id, reason
+    <collection>/shards/<shard>.json                      per-shard marker, written after its Parquet file
+    <collection>/current.json                             the run manifest: which parts form the current vector set, written last
+
+Part and quarantine files are named by the shard's input fingerprint as well as its id, so a run never
+overwrites a file the committed manifest points at: a run that fails or is stopped by a guard leaves the live
+vector set exactly as it was. Files no manifest names any more are removed after the next commit.
 """
 
 from __future__ import annotations
@@ -44,6 +48,10 @@ def text_sha256(text: str) -> str:
     return hashlib.sha256(text.encode("utf-8")).hexdigest()
 
 
+def _part_name(shard_id: str, input_fingerprint: str | None) -> str:
+    return f"{shard_id}-{input_fingerprint[:12]}" if input_fingerprint else shard_id
+
+
 class VectorStore:
     """Paths and reads/writes for one collection's vectors under the output URI."""
 
@@ -52,11 +60,15 @@ class VectorStore:
         self.collection = collection
         self.options = options or StorageOptions()
 
-    def part_uri(self, shard_id: str) -> str:
-        return join(self.root, "vectors", f"part-{shard_id}.parquet")
+    def part_uri(self, shard_id: str, input_fingerprint: str | None = None) -> str:
+        return join(self.root, "vectors", f"part-{_part_name(shard_id, input_fingerprint)}.parquet")
 
-    def quarantine_uri(self, shard_id: str) -> str:
-        return join(self.root, "quarantine", f"part-{shard_id}.jsonl")
+    def quarantine_uri(self, shard_id: str, input_fingerprint: str | None = None) -> str:
+        return join(self.root, "quarantine", f"part-{_part_name(shard_id, input_fingerprint)}.jsonl")
+
+    @property
+    def quarantine_dir(self) -> str:
+        return join(self.root, "quarantine")
 
     def marker_uri(self, shard_id: str) -> str:
         return join(self.root, "shards", f"{shard_id}.json")
@@ -65,8 +77,9 @@ class VectorStore:
     def manifest_uri(self) -> str:
         return join(self.root, "current.json")
 
-    def write_part(self, shard_id: str, table: pa.Table, metadata: dict[str, Any]) -> str:
-        uri = self.part_uri(shard_id)
+    def write_part(self, shard_id: str, table: pa.Table, metadata: dict[str, Any],
+                   input_fingerprint: str | None = None) -> str:
+        uri = self.part_uri(shard_id, input_fingerprint)
         fs, path = filesystem(uri, self.options)
         fs.makedirs(path.rsplit("/", 1)[0], exist_ok=True)
         meta = dict(table.schema.metadata or {})
@@ -74,8 +87,9 @@ class VectorStore:
         pq.write_table(table.replace_schema_metadata(meta), path, filesystem=fs, compression="zstd")
         return uri
 
-    def write_quarantine(self, shard_id: str, rejected: list[dict[str, Any]]) -> str | None:
-        uri = self.quarantine_uri(shard_id)
+    def write_quarantine(self, shard_id: str, rejected: list[dict[str, Any]],
+                         input_fingerprint: str | None = None) -> str | None:
+        uri = self.quarantine_uri(shard_id, input_fingerprint)
         fs, path = filesystem(uri, self.options)
         if not rejected:
             if fs.exists(path):
@@ -102,9 +116,33 @@ class VectorStore:
         fs, path = filesystem(uri, self.options)
         return pq.read_table(path, filesystem=fs, columns=columns)
 
-    def current_parts(self) -> list[str]:
-        manifest = self.read_manifest() or {}
-        return [self.part_uri(s) for s in manifest.get("shards", [])]
+    def current_parts(self, manifest: dict[str, Any] | None = None) -> list[str]:
+        """Part URIs of the committed vector set, in plan order."""
+        manifest = manifest if manifest is not None else (self.read_manifest() or {})
+        if "parts" in manifest:
+            return [p["part_uri"] for p in manifest["parts"]]
+        return [self.part_uri(s) for s in manifest.get("shards", [])]  # manifests written before parts were listed
+
+    def remove_unreferenced(self, manifest: dict[str, Any]) -> int:
+        """Delete part and quarantine files the committed manifest does not name (older inputs' parts, and
+        parts of runs that were stopped); returns how many files went."""
+        keep = {p["part_uri"] for p in manifest.get("parts", [])}
+        keep |= {p["quarantine_uri"] for p in manifest.get("parts", []) if p.get("quarantine_uri")}
+        keep |= set(manifest.get("extra_quarantine", []))
+        fs, _ = filesystem(self.root, self.options)
+        removed = 0
+        for folder, pattern in (("vectors", "part-*.parquet"), ("quarantine", "part-*.jsonl")):
+            _, path = filesystem(join(self.root, folder), self.options)
+            try:
+                found = fs.glob(f"{path}/{pattern}")
+            except FileNotFoundError:
+                continue
+            for name in found:
+                uri = join(self.root, folder, name.rsplit("/", 1)[-1])
+                if uri not in keep:
+                    fs.rm(name)
+                    removed += 1
+        return removed
 
     def read_all(self, columns: list[str] | None = None) -> pa.Table:
         """The current vector set as one table (tests and small corpora; big ones stream part by part)."""

@@ -42,7 +42,8 @@ def _corpus(folder: Path) -> None:
 
 def test_every_bad_row_quarantined_and_counts_add_up(tmp_path, ray_session) -> None:
     _corpus(tmp_path / "corpus")
-    (tmp_path / "job.yaml").write_text("name: bad\ncorpus: {uri: corpus}\n")
+    # 10 of 15 inputs are bad on purpose: the quarantine guard would rightly stop this run, so it is relaxed
+    (tmp_path / "job.yaml").write_text("name: bad\ncorpus: {uri: corpus}\nguards: {max_quarantined_fraction: 1}\n")
     job = load_job(tmp_path / "job.yaml")
     summary = run_job(job)
     store = VectorStore(job.output.uri, summary["collection"])
@@ -65,6 +66,18 @@ def test_every_bad_row_quarantined_and_counts_add_up(tmp_path, ray_session) -> N
     assert summary["quarantined"] == 10
     assert summary["input_rows"] == summary["indexed"] + summary["quarantined"]
     assert summary["points"] == summary["vector_rows"] == 4
+    assert summary["quarantine"] == str(Path(store.root) / "quarantine")
+
+
+def test_quarantine_guard_on_a_first_run(tmp_path) -> None:
+    """Without the relaxed guard the same corpus stops before the alias is created, and says where to look."""
+    _corpus(tmp_path / "corpus")
+    (tmp_path / "job.yaml").write_text("name: bad\ncorpus: {uri: corpus}\n")
+    res = run_cli("run", str(tmp_path / "job.yaml"))
+    assert res.returncode == 1, res.stderr[-3000:]
+    error = next(line for line in res.stderr.splitlines() if line.startswith("error:"))
+    assert "10 of 15 input rows quarantined (66.7%)" in error and "no alias was created" in error
+    assert "quarantined rows are in " in error and "first reasons: " in error
 
 
 def test_fail_policy_and_job_level_errors(tmp_path) -> None:

@@ -18,10 +18,16 @@ def sample_overrides(tmp_path_factory) -> list[str]:
 
 
 def test_help_on_every_command() -> None:
-    for args in ([], ["run"], ["search"], ["status"]):
+    from flows.cli import cli
+
+    commands = sorted(cli.commands)
+    assert {"run", "plan", "search", "status", "eval", "versions", "rollback", "reindex"} <= set(commands)
+    for args in ([], *([c] for c in commands)):
         res = run_cli(*args, "--help")
         assert res.returncode == 0, res.stderr
         assert "Usage:" in res.stdout
+        if args:  # every option of every command names its environment twin
+            assert "env var: REEMBED_" in res.stdout, args
     assert "REEMBED_SEARCH_K" in run_cli("search", "--help").stdout
 
 
@@ -32,11 +38,15 @@ def test_run_twice_search_and_status(sample_overrides: list[str]) -> None:
     s1 = last_json(first.stdout)
     assert s1["input_rows"] == s1["indexed"] == s1["points"] == 40
     assert "shards 2/2 embedded" in first.stderr + first.stdout
+    assert "progress: 40/40 docs (100.0%)" in first.stderr
+    table_rows = [line for line in first.stderr.splitlines() if "│ output" in line]
+    assert table_rows and s1["output"] in table_rows[0]  # piped output keeps whole values, not 80 columns
 
     second = run_cli("run", str(SAMPLE), *sample_overrides, "--json")
     assert second.returncode == 0, second.stderr[-3000:]
     s2 = last_json(second.stdout)
     assert s2["points"] == 40 and s2["collection"] == s1["collection"]
+    assert s2["status"] == "up-to-date" and s2["encoded"] == s2["tokens"] == 0
 
     found = run_cli("search", str(SAMPLE), "why does dough get bigger in the oven", "-k", "3", *sample_overrides, "--json")
     assert found.returncode == 0, found.stderr[-3000:]

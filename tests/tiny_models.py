@@ -41,7 +41,7 @@ def save_st(model_dir: Path, st_dir: Path, pooling: str, max_seq_length: int, pr
     return st_dir
 
 
-def bert(tmp: Path, pooling: str) -> Path:
+def bert(tmp: Path, pooling: str, hidden: int = 32, layers: int = 2, max_seq_length: int = 24) -> Path:
     from transformers import BertConfig, BertModel, BertTokenizerFast
 
     tok = Tokenizer(models.WordPiece(unk_token="[UNK]"))
@@ -53,15 +53,17 @@ def bert(tmp: Path, pooling: str) -> Path:
         single="[CLS] $A [SEP]", pair="[CLS] $A [SEP] $B [SEP]",
         special_tokens=[("[CLS]", tok.token_to_id("[CLS]")), ("[SEP]", tok.token_to_id("[SEP]"))])
     tok.decoder = decoders.WordPiece()
-    model_dir = tmp / "bert-hf"
+    model_dir = tmp / f"bert-hf-{hidden}x{layers}"
     hf_tok = BertTokenizerFast(tokenizer_object=tok, unk_token="[UNK]", pad_token="[PAD]", cls_token="[CLS]",
                                sep_token="[SEP]", mask_token="[MASK]")
     hf_tok.save_pretrained(model_dir)
     torch.manual_seed(0)
-    cfg = BertConfig(vocab_size=tok.get_vocab_size(), hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
-                     intermediate_size=64, max_position_embeddings=64)
+    cfg = BertConfig(vocab_size=tok.get_vocab_size(), hidden_size=hidden, num_hidden_layers=layers,
+                     num_attention_heads=2, intermediate_size=2 * hidden,
+                     max_position_embeddings=max(64, max_seq_length))
     BertModel(cfg).save_pretrained(model_dir)
-    return save_st(model_dir, tmp / f"bert-st-{pooling}", pooling, 24)
+    suffix = "" if (hidden, layers) == (32, 2) else f"-{hidden}x{layers}"
+    return save_st(model_dir, tmp / f"bert-st-{pooling}{suffix}", pooling, max_seq_length)
 
 
 def xlmr_japanese(tmp: Path, pooling: str = "mean") -> Path:

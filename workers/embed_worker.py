@@ -53,8 +53,13 @@ class EmbedWorker:
         chunking: ChunkingSettings | None = None,
         reuse_uris: list[str] | None = None,
         input_fingerprint: str | None = None,
+        progress: Any | None = None,
+        progress_seconds: float = 5.0,
     ) -> dict[str, Any]:
+        """Read, embed and write one shard. ``progress`` (a Ray actor handle with ``update``) hears how many
+        of the shard's input rows are done, at most every ``progress_seconds`` and once at the end."""
         start = time.perf_counter()
+        report = _Reporter(progress, shard.shard_id, progress_seconds)
         rows = read_shard(shard, corpus)
         read_s = time.perf_counter() - start
         store = VectorStore(output_uri, collection, output_options)
@@ -66,7 +71,12 @@ class EmbedWorker:
         else:
             todo_spans = self.encoder.chunk_spans([rows.texts[d] for d in todo], chunking.max_tokens, chunking.overlap)
         pieces = [(d, n, span) for d, spans in zip(todo, todo_spans) for n, span in enumerate(spans)]
-        fresh, stats = self.encoder.encode([rows.texts[d][a:b] for d, _, (a, b) in pieces])
+        settled = len(rows.rejected) + len(reused)  # rows needing no encoding count as done at once
+        report(settled)
+        fresh, stats = self.encoder.encode(
+            [rows.texts[d][a:b] for d, _, (a, b) in pieces],
+            progress=lambda n: report(settled + len(todo) * n // max(len(pieces), 1)),
+        )
         encoded: dict[int, list[tuple[int, tuple[int, int], Any]]] = {}
         for (d, n, span), vec in zip(pieces, fresh):
             encoded.setdefault(d, []).append((n, span, vec))
@@ -109,8 +119,8 @@ class EmbedWorker:
             "truncated_docs": len(truncated),
             "dropped_tokens": stats.dropped_tokens,
         }
-        part = store.write_part(shard.shard_id, table, metadata)
-        quarantine = store.write_quarantine(shard.shard_id, rows.rejected)
+        part = store.write_part(shard.shard_id, table, metadata, input_fingerprint)
+        quarantine = store.write_quarantine(shard.shard_id, rows.rejected, input_fingerprint)
         seconds = time.perf_counter() - start
         result = {
             **metadata,
@@ -130,7 +140,29 @@ class EmbedWorker:
             "pid": os.getpid(),
         }
         store.write_marker(shard.shard_id, {**result, "stage": "written"})
+        report(rows.input_rows, final=True)
         return result
+
+
+class _Reporter:
+    """Sends a shard's rows-done count to the driver's progress board, at most every ``seconds``.
+
+    Fire-and-forget Ray calls: a slow or missing board never slows the encoder.
+    """
+
+    def __init__(self, board: Any | None, shard_id: str, seconds: float) -> None:
+        self.board = board
+        self.shard_id = shard_id
+        self.seconds = seconds
+        self.last = 0.0
+
+    def __call__(self, done: int, final: bool = False) -> None:
+        if self.board is None:
+            return
+        now = time.monotonic()
+        if final or now - self.last >= self.seconds:
+            self.last = now
+            self.board.update.remote(self.shard_id, int(done), final)
 
 
 def _previous_vectors(store: VectorStore, uris: list[str], ids: list[str], shas: list[str],

@@ -15,7 +15,7 @@ import os
 import queue
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -314,11 +314,14 @@ class Encoder:
             emb = torch.nn.functional.normalize(emb, p=2, dim=1)
         return emb
 
-    def encode(self, texts: list[str], *, prompt: str | None = None, kind: str = "document") -> tuple[np.ndarray, EncodeStats]:
+    def encode(self, texts: list[str], *, prompt: str | None = None, kind: str = "document",
+               progress: Callable[[int], None] | None = None) -> tuple[np.ndarray, EncodeStats]:
         """Encode texts as documents (default) or queries; returns [n, dim] float32 in input order.
 
         Vectors stay on the device until a flush, so the host never waits for the GPU between batches
         while the next batches are tokenized (in a background thread with ``tokenize_ahead``).
+        ``progress`` is called after every batch with the number of texts encoded so far (on a GPU, queued
+        for the device: the count runs ahead of the kernels by at most the queue); callers throttle it.
         """
         if prompt is None:
             prompt = self.profile.query_prompt if kind == "query" else self.profile.document_prompt
@@ -328,13 +331,16 @@ class Encoder:
         prompt_length = self._prompt_length(prompt) if prompt else 0
         batches = self._produce(texts, prompt, stats)
         pending: list[tuple[np.ndarray, torch.Tensor]] = []
-        rows = 0
+        rows = done = 0
         # The producer tokenizes a whole block before it yields that block's batches; 16 queued batches (a few
         # MB of host memory) keep a BERT-base-sized GPU busy while it does.
         with _ahead(batches, depth=16) if self.tokenize_ahead else contextlib.nullcontext(batches) as stream:
             for index, batch in stream:
                 pending.append((index, self._forward(batch, prompt_length)))
                 rows += len(index)
+                done += len(index)
+                if progress is not None:
+                    progress(done)
                 if rows >= _FLUSH_ROWS:
                     _flush(pending, out)
                     pending, rows = [], 0

@@ -1,0 +1,118 @@
+"""Blast-radius guards: a run that looks wrong stops before it deletes a point or moves the alias.
+
+Two numbers decide, both compared with what is live: the fraction of input rows quarantined (a wrong id
+key or a broken upload quarantines nearly everything) and the fraction of live points (or, for a new
+version, live documents) that the commit would remove. A run that would leave the collection empty always
+stops. ``--force REASON`` lets a deliberate change through; the reason and the numbers go into the manifest.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+from flows.config import GuardSettings
+from indexing.storage import filesystem
+
+logger = logging.getLogger(__name__)
+
+FIRST_REASONS = 5
+
+
+@dataclass
+class GuardCheck:
+    """One guard's verdict, with the numbers behind it (kept in the manifest either way)."""
+
+    name: str
+    value: float
+    limit: float
+    detail: str
+    passed: bool
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+@dataclass
+class GuardReport:
+    checks: list[GuardCheck] = field(default_factory=list)
+    forced: str | None = None
+
+    @property
+    def failed(self) -> list[GuardCheck]:
+        return [c for c in self.checks if not c.passed]
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"checks": [c.to_dict() for c in self.checks], "forced": self.forced if self.failed else None}
+
+
+class GuardBlocked(RuntimeError):
+    """A guard stopped the run before anything live changed; the message has the numbers and what to do."""
+
+    def __init__(self, report: GuardReport, live: str | None, quarantine: str | None, reasons: list[str],
+                 summary: dict[str, Any]) -> None:
+        self.report = report
+        self.summary = summary
+        parts = "; ".join(c.detail for c in report.failed)
+        where = f"; quarantined rows are in {quarantine}" if quarantine else ""
+        first = f"; first reasons: {' | '.join(reasons)}" if reasons else ""
+        kept = f"the live version {live} is unchanged" if live else "no alias was created"
+        super().__init__(f"guard stopped the run before any delete or alias move: {parts}{first}{where}; {kept} "
+                         f"(fix the job, or rerun with --force REASON if the change is intended)")
+
+
+def quarantine_check(settings: GuardSettings, input_rows: int, quarantined: int) -> GuardCheck:
+    fraction = quarantined / input_rows if input_rows else 0.0
+    return GuardCheck(
+        "max_quarantined_fraction", round(fraction, 6), settings.max_quarantined_fraction,
+        f"{quarantined} of {input_rows} input rows quarantined ({fraction:.1%}) > "
+        f"guards.max_quarantined_fraction {settings.max_quarantined_fraction:.1%}",
+        fraction <= settings.max_quarantined_fraction)
+
+
+def delete_check(settings: GuardSettings, removed: int, live: int, what: str) -> GuardCheck:
+    fraction = removed / live if live else 0.0
+    return GuardCheck(
+        "max_deleted_fraction", round(fraction, 6), settings.max_deleted_fraction,
+        f"{removed} of {live} live {what} would be removed ({fraction:.1%}) > "
+        f"guards.max_deleted_fraction {settings.max_deleted_fraction:.1%}",
+        fraction <= settings.max_deleted_fraction)
+
+
+def empty_check(settings: GuardSettings, new_points: int, live_points: int) -> GuardCheck:
+    return GuardCheck(
+        "not_empty", float(new_points), 1.0,
+        f"the new version would have 0 points (live has {live_points}); guards.allow_empty is false",
+        new_points > 0 or settings.allow_empty)
+
+
+def first_reasons(quarantine_uris: list[str], options: Any, limit: int = FIRST_REASONS) -> list[str]:
+    """The first few quarantined rows as 'file row N: reason', read back from this run's quarantine files."""
+    reasons: list[str] = []
+    for uri in quarantine_uris:
+        fs, path = filesystem(uri, options)
+        try:
+            with fs.open(path, "rb") as fh:
+                for line in fh:
+                    entry = json.loads(line)
+                    row = f" row {entry['row']}" if entry.get("row") is not None else ""
+                    reasons.append(f"{entry.get('file')}{row}: {entry.get('reason')}")
+                    if len(reasons) >= limit:
+                        return reasons
+        except (OSError, ValueError) as exc:
+            logger.warning("cannot read quarantine file %s: %s", uri, exc)
+    return reasons
+
+
+def enforce(report: GuardReport, force_reason: str | None) -> bool:
+    """True when every guard passed or --force overrides; logs what was overridden."""
+    if not report.failed:
+        return True
+    if force_reason:
+        report.forced = force_reason
+        logger.warning("guards overridden with --force (%s): %s", force_reason,
+                       "; ".join(c.detail for c in report.failed))
+        return True
+    return False

@@ -1,0 +1,222 @@
+"""Unattended runs do not hurt the live index: guards, plans, trial runs, progress and honest summaries.
+
+Every case runs against a live collection built by a real run (Ray actors, Prefect, Qdrant local mode) and
+checks the live side afterwards by count, vectors, search and alias, not only the exit code.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import shutil
+from datetime import datetime
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+import tiny_models
+from conftest import ROOT, SCIFACT, last_json, run_cli
+from flows.config import load_job
+from flows.planning import live_collection, plan_run
+from flows.run_flow import run_job
+from indexing.qdrant_index import QdrantIndex, point_id
+from indexing.vector_store import VectorStore
+from workers.embed_worker import EmbedWorker
+from workers.encoder import Encoder
+
+pytestmark = pytest.mark.slow
+
+SAMPLE_CORPUS = ROOT / "examples" / "sample" / "corpus.jsonl"
+
+
+def _job(folder: Path, extra: str = "") -> Path:
+    folder.mkdir(parents=True, exist_ok=True)
+    if not (folder / "corpus.jsonl").exists():
+        shutil.copy(SAMPLE_CORPUS, folder / "corpus.jsonl")
+    (folder / "job.yaml").write_text(
+        "name: guarded\ncorpus: {uri: corpus.jsonl, id: id, text: '{title} {text}', payload: [title]}\n"
+        f"runtime: {{shard_rows: 20}}\n{extra}")
+    return folder / "job.yaml"
+
+
+def _docs(folder: Path) -> list[dict]:
+    return [json.loads(line) for line in (folder / "corpus.jsonl").read_text().splitlines()]
+
+
+def _write(folder: Path, docs: list[dict]) -> None:
+    (folder / "corpus.jsonl").write_text("".join(json.dumps(d, ensure_ascii=False) + "\n" for d in docs))
+
+
+def _live(job) -> tuple[str | None, int, dict[str, np.ndarray], list[str]]:
+    """Alias target, point count, every point's vector by doc id, and the top hits of a fixed query."""
+    query, _ = Encoder(job.model).encode(["why does bread rise"], kind="query")
+    with QdrantIndex(job.index) as index:
+        target = index.alias_target(job.name)
+        points, _ = index.client.scroll(job.name, limit=10_000, with_payload=["doc_id"], with_vectors=True)
+        hits = [h["doc_id"] for h in index.search(job.name, query[0], 5)]
+        return target, index.count(job.name), {p.payload["doc_id"]: np.asarray(p.vector) for p in points}, hits
+
+
+def _assert_unchanged(before, after) -> None:
+    assert after[0] == before[0] and after[1] == before[1] and after[3] == before[3]
+    assert sorted(after[2]) == sorted(before[2])
+    assert all(np.allclose(after[2][k], before[2][k]) for k in before[2])
+
+
+@pytest.fixture()
+def live(tmp_path, ray_session):
+    job_path = _job(tmp_path / "g")
+    job = load_job(job_path)
+    summary = run_job(job)
+    assert summary["points"] == 40 and summary["status"] == "ok"
+    return job_path, job, _live(job)
+
+
+def test_wrong_id_key_against_live_changes_nothing(live) -> None:
+    job_path, job, before = live
+    res = run_cli("run", str(job_path), "--set", "corpus.id=_id")
+    assert res.returncode == 2 and "Traceback" not in res.stderr
+    errors = [line for line in res.stderr.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1 and "'_id'" in errors[0] and "columns found: ['id'" in errors[0], res.stderr[-2000:]
+    _assert_unchanged(before, _live(job))
+    assert before[3][0] == "doc-002"
+
+
+def test_delete_guard_blocks_then_force_is_recorded(live) -> None:
+    job_path, job, before = live
+    folder = job_path.parent
+    _write(folder, _docs(folder)[:20])  # half the corpus vanished (a truncated upload, say)
+    res = run_cli("run", str(job_path), "--json")
+    assert res.returncode == 1, res.stderr[-3000:]
+    error = next(line for line in res.stderr.splitlines() if line.startswith("error:"))
+    assert "20 of 40 live points would be removed (50.0%)" in error and "guards.max_deleted_fraction 20.0%" in error
+    assert f"the live version {before[0]} is unchanged" in error
+    assert last_json(res.stdout)["status"] == "blocked"
+    _assert_unchanged(before, _live(job))
+    manifest_before = VectorStore(job.output.uri, before[0]).read_manifest()
+    assert manifest_before["input_rows"] == 40  # the committed manifest was not touched
+
+    res = run_cli("run", str(job_path), "--json", "--force", "corpus halved on purpose")
+    assert res.returncode == 0, res.stderr[-3000:]
+    summary = last_json(res.stdout)
+    assert summary["points"] == 20 and summary["deleted"] == 20
+    manifest = VectorStore(job.output.uri, before[0]).read_manifest()
+    assert manifest["forced"] == "corpus halved on purpose"
+    failed = [c for c in manifest["guards"]["checks"] if not c["passed"]]
+    assert [c["name"] for c in failed] == ["max_deleted_fraction"] and failed[0]["value"] == 0.5
+    # the files the old manifest named and the new one does not are gone; the new ones remain
+    parts = {Path(p["part_uri"]).name for p in manifest["parts"]}
+    assert {p.name for p in Path(VectorStore(job.output.uri, before[0]).root, "vectors").glob("*.parquet")} == parts
+
+
+def test_quarantine_guard_blocks_before_any_write(live) -> None:
+    job_path, job, before = live
+    folder = job_path.parent
+    docs = _docs(folder)
+    for d in docs[5:17]:  # 12 of 40 rows (30%) lose their text
+        d["text"], d["title"] = "", ""
+    docs[0]["text"] = "A completely different first document about volcanoes."
+    _write(folder, docs)
+    res = run_cli("run", str(job_path))
+    assert res.returncode == 1, res.stderr[-3000:]
+    error = next(line for line in res.stderr.splitlines() if line.startswith("error:"))
+    assert "12 of 40 input rows quarantined (30.0%)" in error and "first reasons:" in error
+    assert "row 6: empty text" in error
+    quarantine = re.search(r"quarantined rows are in (\S+?);", error).group(1)
+    rows = [json.loads(line) for p in Path(quarantine).glob("*.jsonl") for line in p.read_text().splitlines()]
+    assert len(rows) == 12 and all(r["reason"] == "empty text" for r in rows)
+    # nothing was written into the live collection: the changed document keeps its old vector
+    _assert_unchanged(before, _live(job))
+
+
+def test_plan_fresh_half_done_refresh_and_changed_model(tmp_path, ray_session) -> None:
+    job_path = _job(tmp_path / "p")
+    job = load_job(job_path)
+    fresh = json.loads(run_cli("plan", str(job_path), "--json").stdout.splitlines()[-1])
+    assert fresh["mode"] == "new-version" and fresh["live_collection"] is None
+    assert fresh["shards_total"] == fresh["shards_todo"] == 2 and fresh["rows_known"] == 40
+    assert fresh["job"]["corpus"]["id"] == "id" and fresh["collection"].startswith("guarded-")
+
+    plan = plan_run(job, None, None)  # a killed run: one shard's Parquet part and marker written, nothing else
+    shard = plan.shards[0]
+    EmbedWorker(job.model).process_shard(shard, job.corpus, job.output.uri, plan.collection,
+                                         job.output.storage_options, plan.model_fingerprint, None, [],
+                                         plan.input_fps[shard.shard_id])
+    half = last_json(run_cli("plan", str(job_path), "--json").stdout)
+    assert half["mode"] == "resume" and half["shards_written"] == 1 and half["shards_todo"] == 1
+    assert [s["state"] for s in half["shards"]] == ["written", "todo"]
+
+    run_job(job)
+    assert plan_run(job, None, live_collection(job)).mode == "up-to-date"
+    docs = _docs(job_path.parent)
+    docs[30]["text"] += " (revised)"
+    _write(job_path.parent, docs)
+    refresh = last_json(run_cli("plan", str(job_path), "--json").stdout)
+    # a changed file changes every shard cut from it; unchanged documents will reuse their vectors
+    assert refresh["mode"] == "refresh" and refresh["shards_done"] == 0 and refresh["shards_todo"] == 2
+
+    changed = last_json(run_cli("plan", str(job_path), "--set", "model.pooling=cls", "--json").stdout)
+    assert changed["mode"] == "new-version" and changed["backfill"] is True
+    assert changed["live_collection"] == refresh["collection"] != changed["collection"]
+
+
+def test_noop_rerun_says_so_and_trial_never_goes_live(live) -> None:
+    job_path, job, before = live
+    res = run_cli("run", str(job_path), "--json")
+    assert res.returncode == 0, res.stderr[-2000:]
+    summary = last_json(res.stdout)
+    assert summary["status"] == "up-to-date" and summary["encoded"] == summary["tokens"] == 0
+    assert summary["truncated_docs"] == 0 and summary["seconds"] < 30 and summary["points"] == 40
+    assert "nothing to do: guarded is up to date" in res.stderr
+    assert "Starting temporary server" not in res.stderr  # neither Prefect nor Ray was started
+
+    trial = run_cli("run", str(job_path), "--limit", "7", "--json")
+    assert trial.returncode == 0, trial.stderr[-2000:]
+    t = last_json(trial.stdout)
+    assert t["status"] == "trial" and t["points"] == 7 and t["collection"].startswith("guarded-trial-")
+    assert "never becomes live" in trial.stderr
+    _assert_unchanged(before, _live(job))
+    versions = last_json(run_cli("versions", str(job_path), "--json").stdout)
+    assert [v["collection"] for v in versions] == [before[0]]
+
+
+def test_status_and_versions_before_any_run(tmp_path) -> None:
+    job_path = _job(tmp_path / "never")
+    for command in ("status", "versions"):
+        res = run_cli(command, str(job_path))
+        assert res.returncode == 2, (command, res.stderr)
+        assert "run `reembed run" in res.stderr and "Traceback" not in res.stderr
+
+
+@pytest.fixture(scope="module")
+def progress_model(tmp_path_factory) -> Path:
+    """A random BERT big enough that one SciFact shard takes several seconds to encode on one CPU thread."""
+    return tiny_models.bert(tmp_path_factory.mktemp("progress-model"), "mean", hidden=128, layers=4,
+                            max_seq_length=256)
+
+
+def test_one_8mb_file_uses_both_actors_with_progress_inside_shards(tmp_path, progress_model) -> None:
+    if not (SCIFACT / "corpus.jsonl").exists():
+        pytest.skip("SciFact not found")
+    folder = tmp_path / "scifact"
+    folder.mkdir()
+    (folder / "job.yaml").write_text(
+        f"name: sf\ncorpus: {{uri: {SCIFACT / 'corpus.jsonl'}, id: _id, text: '{{title}} {{text}}'}}\n"
+        f"model: {{name: {progress_model}}}\nruntime: {{num_actors: 2}}\n")
+    res = run_cli("run", str(folder / "job.yaml"), "--json", timeout=900)
+    assert res.returncode == 0, res.stderr[-3000:]
+    summary = last_json(res.stdout)
+    assert summary["input_rows"] == 5183 and summary["shards_total"] >= 2 and summary["actors_used"] == 2
+    stamps, lines = [], []
+    for line in res.stderr.splitlines():
+        if "progress: " in line:
+            stamps.append(datetime.strptime(line[:23], "%Y-%m-%d %H:%M:%S,%f"))
+            lines.append(line)
+    assert len(lines) >= 3, res.stderr[-3000:]
+    gaps = [(b - a).total_seconds() for a, b in zip(stamps, stamps[1:])]
+    assert max(gaps) <= 10, (gaps, lines)
+    # docs move while no shard has finished yet: actors report from inside a shard, not only at its end
+    inside = [line for line in lines if "shards 0/" in line and not re.search(r"progress: 0/", line)]
+    assert inside, lines
+    assert re.search(r"progress: 5183/5183 docs \(100.0%\)", lines[-1]), lines[-1]
