@@ -223,7 +223,11 @@ def plan(job: str, overrides: tuple[str, ...], verbose: bool, limit: int | None,
 @click.option("--chunks", is_flag=True, help="with chunking on, list chunks instead of collapsing them to documents",
               show_envvar=True)
 @click.option("--json", "as_json", is_flag=True, help="print hits as one JSON list on the last line", show_envvar=True)
-def search(job: str, query: str, overrides: tuple[str, ...], verbose: bool, k: int, chunks: bool, as_json: bool) -> None:
+@click.option("--version", "version", metavar="COLLECTION", default=None,
+              help="search this version (e.g. a trial from `run --limit`) instead of the alias; it must have been "
+              "built with the job's current model settings", show_envvar=True)
+def search(job: str, query: str, overrides: tuple[str, ...], verbose: bool, k: int, chunks: bool, as_json: bool,
+           version: str | None) -> None:
     """Embed QUERY with JOB's model and print the top hits from its alias (doc id, score, snippet).
 
     With chunking on, each document appears once, represented by its best-matching chunk.
@@ -236,11 +240,14 @@ def search(job: str, query: str, overrides: tuple[str, ...], verbose: bool, k: i
 
         cfg = load_job(job, list(overrides))
         with QdrantIndex(cfg.index) as index:
-            if index.alias_target(cfg.name) is None:
+            if version is not None and not index.client.collection_exists(version):
+                raise FileNotFoundError(f"version {version!r} does not exist in {index.where}; "
+                                        f"`reembed versions {job}` lists them")
+            if version is None and index.alias_target(cfg.name) is None:
                 raise FileNotFoundError(f"alias {cfg.name!r} does not exist in {index.where}; run `reembed run {job}` first")
             encoder = Encoder(cfg.model)
             vectors, _ = encoder.encode([query], kind="query")
-            hits = index.search(cfg.name, vectors[0], k, collapse=cfg.chunking is not None and not chunks)
+            hits = index.search(version or cfg.name, vectors[0], k, collapse=cfg.chunking is not None and not chunks)
     except _user_errors() as exc:
         _fail(exc, verbose)
         return

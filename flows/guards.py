@@ -63,22 +63,20 @@ class GuardBlocked(RuntimeError):
                          f"(fix the job, or rerun with --force REASON if the change is intended)")
 
 
+def _fraction_check(name: str, part: int, whole: int, limit: float, what: str) -> GuardCheck:
+    fraction = part / whole if whole else 0.0
+    return GuardCheck(name, round(fraction, 6), limit,
+                      f"{part} of {whole} {what} ({fraction:.1%}) > guards.{name} {limit:.1%}", fraction <= limit)
+
+
 def quarantine_check(settings: GuardSettings, input_rows: int, quarantined: int) -> GuardCheck:
-    fraction = quarantined / input_rows if input_rows else 0.0
-    return GuardCheck(
-        "max_quarantined_fraction", round(fraction, 6), settings.max_quarantined_fraction,
-        f"{quarantined} of {input_rows} input rows quarantined ({fraction:.1%}) > "
-        f"guards.max_quarantined_fraction {settings.max_quarantined_fraction:.1%}",
-        fraction <= settings.max_quarantined_fraction)
+    return _fraction_check("max_quarantined_fraction", quarantined, input_rows, settings.max_quarantined_fraction,
+                           "input rows quarantined")
 
 
 def delete_check(settings: GuardSettings, removed: int, live: int, what: str) -> GuardCheck:
-    fraction = removed / live if live else 0.0
-    return GuardCheck(
-        "max_deleted_fraction", round(fraction, 6), settings.max_deleted_fraction,
-        f"{removed} of {live} live {what} would be removed ({fraction:.1%}) > "
-        f"guards.max_deleted_fraction {settings.max_deleted_fraction:.1%}",
-        fraction <= settings.max_deleted_fraction)
+    return _fraction_check("max_deleted_fraction", removed, live, settings.max_deleted_fraction,
+                           f"live {what} would be removed")
 
 
 def empty_check(settings: GuardSettings, new_points: int, live_points: int) -> GuardCheck:

@@ -62,7 +62,7 @@ class RunProgress:
     """
 
     def __init__(self, shards: list[Shard], mode: ProgressMode, interval: float, emit: Callable[[str], None],
-                 board: Any | None = None) -> None:
+                 board: Any | None = None, console: Any | None = None) -> None:
         self.shards = {s.shard_id: s for s in shards}
         self.exact: dict[str, int] = {s.shard_id: s.rows_hint for s in shards if s.rows_hint is not None}
         self.board = board
@@ -79,6 +79,7 @@ class RunProgress:
         self._bar: Any = None
         self._task: Any = None
         self._last_state: tuple[int, int] = (-1, -1)
+        self._console = console
 
     def total(self) -> tuple[int, bool]:
         """(documents in this run's shards, whether that is exact)."""
@@ -152,7 +153,7 @@ class RunProgress:
 
             self._bar = Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
                                  TaskProgressColumn(), TextColumn("docs"), TimeElapsedColumn(), TimeRemainingColumn(),
-                                 console=Console(stderr=True), transient=False)
+                                 console=self._console or Console(stderr=True), transient=False)
             self._bar.start()
             total, _ = self.total()
             self._task = self._bar.add_task("embedding", total=total)

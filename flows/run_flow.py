@@ -247,6 +247,8 @@ def run_job(job: JobConfig, force_reason: str | None = None, limit: int | None =
         report.checks.append(quarantine_check(job.guards, input_rows, quarantined))
         partial = _summary(job, plan, known, fresh, failures, started, len(pool.actors) if pool else 0,
                            encode_started, embed_done)
+        if failures and hold:  # nothing of a failed refresh reaches the live collection; a re-run resumes
+            raise RunFailed({**partial, "status": "failed", "points": index.count(collection)})
         if not failures and not enforce(report, force_reason):
             raise GuardBlocked(report, plan.live, store.quarantine_dir if quarantine_files else None,
                                first_reasons(quarantine_files, job.output.storage_options), {**partial, "status": "blocked"})
@@ -266,8 +268,7 @@ def run_job(job: JobConfig, force_reason: str | None = None, limit: int | None =
         summary = _summary(job, plan, results, fresh, failures, started, len(pool.actors) if pool else 0,
                            encode_started, embed_done)
         if failures:
-            summary["points"] = index.count(collection)
-            raise RunFailed(summary)
+            raise RunFailed({**summary, "status": "failed", "points": index.count(collection)})
         expected = _expected_points(store, results)
         stale = [pid for pid in index.point_ids(collection) if pid not in expected.points]
         if not plan.trial:
@@ -307,7 +308,8 @@ def run_job(job: JobConfig, force_reason: str | None = None, limit: int | None =
         if plan.trial:
             summary["status"] = "trial"
             summary["message"] = (f"trial version {collection} built from the first {limit} input rows; "
-                                  f"it never becomes live (the alias stays on {plan.live})")
+                                  f"it never becomes live (the alias stays on {plan.live}); search it with "
+                                  f"`reembed search JOB QUERY --version {collection}`")
             log.info(summary["message"])
             _publish(job, summary)
             return summary

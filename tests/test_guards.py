@@ -176,6 +176,9 @@ def test_noop_rerun_says_so_and_trial_never_goes_live(live) -> None:
     t = last_json(trial.stdout)
     assert t["status"] == "trial" and t["points"] == 7 and t["collection"].startswith("guarded-trial-")
     assert "never becomes live" in trial.stderr
+    hits = last_json(run_cli("search", str(job_path), "why does bread rise", "--version", t["collection"],
+                             "--json").stdout)
+    assert len(hits) == 7  # only the trial's first 7 documents are in it
     _assert_unchanged(before, _live(job))
     versions = last_json(run_cli("versions", str(job_path), "--json").stdout)
     assert [v["collection"] for v in versions] == [before[0]]

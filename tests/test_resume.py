@@ -66,10 +66,15 @@ def test_incremental_refresh_on_scifact(tmp_path, scifact_docs, ray_session) -> 
     second = run_job(job)
     assert second["encoded"] == 8, second  # 4 changed + 4 added, nothing else
     assert second["reused"] == 392 and second["deleted"] == 4
+    # a normal 1% change passes every guard untouched: nothing forced, every check passed
+    assert second["guards"]["forced"] is None and all(c["passed"] for c in second["guards"]["checks"])
+    assert {c["name"] for c in second["guards"]["checks"]} == {"max_quarantined_fraction", "max_deleted_fraction",
+                                                                "not_empty"}
     assert second["points"] == second["vector_rows"] == 400
 
     third = run_job(job)
     assert third["encoded"] == 0 and third["shards_skipped"] == third["shards_total"]
+    assert third["status"] == "up-to-date" and third["tokens"] == 0
 
     write_jsonl(tmp_path / "clean" / "corpus.jsonl", docs)
     clean = load_job(_job(tmp_path / "clean", "inc", "runtime: {shard_rows: 100}\n"))
