@@ -458,6 +458,9 @@ def main() -> None:
     # The temporary Prefect server would try to phone home at start; this workplace (and many clusters) has no
     # route out, and the failed attempt races the server's first database writes.
     os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+    # The temporary server migrates a fresh SQLite database on its first start; on a loaded 2-core machine
+    # that took 22 s here, past Prefect's default 20 s wait, and failed the run for nothing.
+    os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "120")
     cli()
 
 

@@ -21,6 +21,7 @@ SCIFACT = DATASETS / "scifact"
 # Prefect runs without a server: each process starts its own temporary one on a throwaway home.
 os.environ.setdefault("PREFECT_HOME", tempfile.mkdtemp(prefix="reembed-prefect-"))
 os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "120")  # first start migrates its database
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("RAY_AUTH_MODE", "disabled")
 
