@@ -88,4 +88,5 @@ def test_fail_policy_and_job_level_errors(tmp_path) -> None:
     assert "a.jsonl: row 2: empty text" in res.stderr
     (tmp_path / "job2.yaml").write_text("name: bad\ncorpus: {uri: corpus/c.parquet, text: '{body}'}\n")
     res = run_cli("run", str(tmp_path / "job2.yaml"))
-    assert res.returncode == 2 and "missing column(s) ['body']" in res.stderr and "c.parquet" in res.stderr
+    assert res.returncode == 2 and "corpus.text names 'body'" in res.stderr and "c.parquet" in res.stderr
+    assert "columns found: ['id', 'text']" in res.stderr
