@@ -53,7 +53,8 @@ def bert(tmp: Path, pooling: str, hidden: int = 32, layers: int = 2, max_seq_len
         single="[CLS] $A [SEP]", pair="[CLS] $A [SEP] $B [SEP]",
         special_tokens=[("[CLS]", tok.token_to_id("[CLS]")), ("[SEP]", tok.token_to_id("[SEP]"))])
     tok.decoder = decoders.WordPiece()
-    model_dir = tmp / f"bert-hf-{hidden}x{layers}"
+    suffix = "" if (hidden, layers) == (32, 2) else f"-{hidden}x{layers}"
+    model_dir = tmp / f"bert-hf{suffix}"
     hf_tok = BertTokenizerFast(tokenizer_object=tok, unk_token="[UNK]", pad_token="[PAD]", cls_token="[CLS]",
                                sep_token="[SEP]", mask_token="[MASK]")
     hf_tok.save_pretrained(model_dir)
@@ -62,7 +63,6 @@ def bert(tmp: Path, pooling: str, hidden: int = 32, layers: int = 2, max_seq_len
                      num_attention_heads=2, intermediate_size=2 * hidden,
                      max_position_embeddings=max(64, max_seq_length))
     BertModel(cfg).save_pretrained(model_dir)
-    suffix = "" if (hidden, layers) == (32, 2) else f"-{hidden}x{layers}"
     return save_st(model_dir, tmp / f"bert-st-{pooling}{suffix}", pooling, max_seq_length)
 
 
