@@ -112,19 +112,21 @@ class _Expected:
     duplicates: list[dict[str, Any]]
 
 
-def _expected_points(store: VectorStore, results: list[dict[str, Any]]) -> _Expected:
-    """Read only the id columns of each part (never vectors or text) and resolve cross-shard duplicates."""
+def _expected_points(store: VectorStore, results: list[dict[str, Any]], chunked: bool) -> _Expected:
+    """Read only the id columns of each part (never vectors or text) and resolve cross-shard duplicates.
+
+    `chunked` comes from the job: every part of one version is written with the same chunking settings.
+    """
     expected: dict[str, tuple[str, int]] = {}
     first_seen: dict[str, tuple[str, int]] = {}
     duplicates: list[dict[str, Any]] = []
     duplicate_ids: set[str] = set()
     doc_ids: set[str] = set()
     for result in results:
-        schema_names = store.read_part(result["part_uri"], []).column_names
-        columns = ["doc_id", "source_row"] + (["chunk_index"] if "chunk_index" in schema_names else [])
+        columns = ["doc_id", "source_row"] + (["chunk_index"] if chunked else [])
         table = store.read_part(result["part_uri"], columns)
         ids = table.column("doc_id").to_pylist()
-        chunks = table.column("chunk_index").to_pylist() if "chunk_index" in columns else [None] * len(ids)
+        chunks = table.column("chunk_index").to_pylist() if chunked else [None] * len(ids)
         source_rows = table.column("source_row").to_pylist()
         for row, (doc_id, chunk) in enumerate(zip(ids, chunks)):
             pid = point_id(doc_id, chunk)
@@ -269,7 +271,7 @@ def run_job(job: JobConfig, force_reason: str | None = None, limit: int | None =
                            encode_started, embed_done)
         if failures:
             raise RunFailed({**summary, "status": "failed", "points": index.count(collection)})
-        expected = _expected_points(store, results)
+        expected = _expected_points(store, results, job.chunking is not None)
         stale = [pid for pid in index.point_ids(collection) if pid not in expected.points]
         if not plan.trial:
             if plan.live == collection:
