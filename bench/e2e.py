@@ -34,11 +34,12 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from bench.encode import SCIFACT, parse_with_data, sync  # noqa: E402
-from indexing.corpus import CorpusSettings, plan_shards  # noqa: E402
-from indexing.storage import StorageOptions  # noqa: E402
-from indexing.vector_store import VectorStore  # noqa: E402
-from workers.embed_worker import EmbedWorker  # noqa: E402
-from workers.settings import ModelSettings  # noqa: E402
+from reembed.indexing.corpus import CorpusSettings, plan_shards  # noqa: E402
+from reembed.indexing.records import ShardTask  # noqa: E402
+from reembed.indexing.storage import StorageOptions  # noqa: E402
+from reembed.indexing.vector_store import VectorStore  # noqa: E402
+from reembed.workers.embed_worker import EmbedWorker  # noqa: E402
+from reembed.workers.settings import ModelSettings  # noqa: E402
 
 
 def write_corpus(path: Path, limit: int, scifact: Path = SCIFACT) -> list[str]:
@@ -60,12 +61,14 @@ def bench_worker(worker: EmbedWorker, corpus: CorpusSettings, out: Path, shard_r
     store_uri = str(out / "vectors")
     start = time.perf_counter()
     with ThreadPoolExecutor(max_workers=slots) as pool:
-        results = list(pool.map(lambda s: worker.process_shard(s, corpus, store_uri, "bench", StorageOptions(),
-                                                               "bench-fp"), shards))
+        tasks = [ShardTask(shard=s, corpus=corpus, output_uri=store_uri, collection="bench",
+                           storage_options=StorageOptions(), model_fingerprint="bench-fp", input_fingerprint="bench")
+                 for s in shards]
+        results = list(pool.map(worker.process_shard, tasks))
     seconds = time.perf_counter() - start
-    rows = sum(r["rows"] for r in results)
-    read = sum(r["read_s"] for r in results)
-    encode = sum(r["encode_s"] for r in results)
+    rows = sum(r.rows for r in results)
+    read = sum(r.read_s for r in results)
+    encode = sum(r.encode_s for r in results)
     return {
         "shards": len(shards),
         "rows": rows,
@@ -73,20 +76,21 @@ def bench_worker(worker: EmbedWorker, corpus: CorpusSettings, out: Path, shard_r
         "docs_per_s": rows / seconds,
         "read_s": read,
         "encode_s": encode,
-        "write_s": sum(r["seconds"] for r in results) - read - encode,
-        "parts": [r["part_uri"] for r in results],
+        "write_s": sum(r.seconds for r in results) - read - encode,
+        "parts": [r.part_uri for r in results],
         "store_uri": store_uri,
     }
 
 
 def bench_upsert(parts: list[str], store_uri: str, dim: int, qdrant_path: Path) -> dict:
-    from indexing.qdrant_index import IndexSettings, QdrantIndex
+    from reembed.indexing.qdrant_index import IndexSettings, QdrantIndex
+    from reembed.indexing.upload import upsert_part
 
     store = VectorStore(store_uri, "bench")
     with QdrantIndex(IndexSettings(path=str(qdrant_path))) as index:
         index.ensure_collection("bench", dim)
         start = time.perf_counter()
-        points = sum(index.upsert_part("bench", store, uri) for uri in parts)
+        points = sum(upsert_part(index, store, "bench", uri) for uri in parts)
         status = index.finish_bulk_load("bench")
         seconds = time.perf_counter() - start
     return {"points": points, "seconds": seconds, "points_per_s": points / seconds, "status": status}
@@ -107,7 +111,7 @@ def bench_flow(corpus_path: Path, out: Path, device: str, shard_rows: int, model
     env = {**os.environ, "RAY_AUTH_MODE": "disabled", "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
            "PREFECT_HOME": str(out / "prefect")}
     start = time.perf_counter()
-    proc = subprocess.run([sys.executable, "-m", "flows.cli", "run", str(job), "--json"], cwd=ROOT, env=env,
+    proc = subprocess.run([sys.executable, "-m", "reembed.flows.cli", "run", str(job), "--json"], cwd=ROOT, env=env,
                           capture_output=True, text=True)
     wall = time.perf_counter() - start
     if proc.returncode != 0:

@@ -19,6 +19,7 @@ import sys
 import tempfile
 import threading
 import time
+import types
 from pathlib import Path
 
 import numpy as np
@@ -26,9 +27,15 @@ import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+try:
+    import reembed.workers  # noqa: F401  installed (`pip install -e .`)
+except ImportError:  # a bare copy of the repository (the GPU machine): the namespace maps onto this checkout
+    _namespace = types.ModuleType("reembed")
+    _namespace.__path__ = [str(ROOT)]
+    sys.modules["reembed"] = _namespace
 
-from workers.encoder import Encoder  # noqa: E402
-from workers.settings import ModelSettings  # noqa: E402
+from reembed.workers.encoder import Encoder  # noqa: E402
+from reembed.workers.settings import ModelSettings  # noqa: E402
 
 SCIFACT = ROOT.parent / "shared" / "datasets" / "scifact"
 ARCHS = {

@@ -33,7 +33,7 @@ _STAMP = re.compile(r"^(\d{4}-\d\d-\d\d \d\d:\d\d:\d\d,\d{3}) ")
 def _run(args: list[str], env: dict[str, str], required: bool = True) -> tuple[float, float | None, str, str]:
     start_wall = time.time()
     start = time.perf_counter()
-    res = subprocess.run([sys.executable, "-m", "flows.cli", *args], capture_output=True, text=True, env=env,
+    res = subprocess.run([sys.executable, "-m", "reembed.flows.cli", *args], capture_output=True, text=True, env=env,
                          cwd=ROOT, timeout=900)
     if res.returncode != 0:
         if required:

@@ -11,11 +11,14 @@ import logging
 import os
 import sys
 import time
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import click
 from rich.console import Console
 from rich.table import Table
+
+if TYPE_CHECKING:
+    from reembed.indexing.records import RunSummary
 
 logger = logging.getLogger(__name__)
 # Piped output is not cut to 80 columns: a table read by a script or a log collector keeps whole values.
@@ -30,26 +33,26 @@ class NothingYet(RuntimeError):
 
 
 def _user_errors() -> tuple[type[BaseException], ...]:
-    from flows.errors import JOB_LEVEL_ERRORS
-    from flows.ray_pool import RayError
-    from flows.gate import GateFailed
-    from flows.guards import GuardBlocked
+    from reembed.flows.errors import JOB_LEVEL_ERRORS
+    from reembed.flows.ray_pool import RayError
+    from reembed.flows.gate import GateFailed
+    from reembed.flows.guards import GuardBlocked
 
     errors: tuple[type[BaseException], ...] = (*JOB_LEVEL_ERRORS, RayError, GateFailed, GuardBlocked,
                                                FileNotFoundError, NothingYet)
-    if "flows.run_flow" in sys.modules:  # only a run can raise it; importing Prefect costs seconds
-        errors += (sys.modules["flows.run_flow"].RunFailed,)
+    if "reembed.flows.run_flow" in sys.modules:  # only a run can raise it; importing Prefect costs seconds
+        errors += (sys.modules["reembed.flows.run_flow"].RunFailed,)
     return errors
 
 
 def _exit_code(exc: BaseException) -> int:
     """1: the run worked but was stopped (failed shards, gate, guards); 2: the job or its input is wrong."""
-    from flows.gate import GateFailed
-    from flows.guards import GuardBlocked
+    from reembed.flows.gate import GateFailed
+    from reembed.flows.guards import GuardBlocked
 
     blocked = (GateFailed, GuardBlocked)
-    if "flows.run_flow" in sys.modules:
-        blocked += (sys.modules["flows.run_flow"].RunFailed,)
+    if "reembed.flows.run_flow" in sys.modules:
+        blocked += (sys.modules["reembed.flows.run_flow"].RunFailed,)
     return 1 if isinstance(exc, blocked) else 2
 
 
@@ -58,18 +61,25 @@ def _fail(exc: BaseException, verbose: bool, as_json: bool = False) -> None:
         err.print_exception()
     err.print(f"[bold red]error:[/] {exc}", highlight=False, markup=True, soft_wrap=True)
     summary = getattr(exc, "summary", None)
-    if as_json and isinstance(summary, dict):
-        _print_json_last({**summary, "error": str(exc)})
+    if as_json and summary is not None:
+        _print_json_last({**summary.model_dump(mode="json"), "error": str(exc)})
     sys.exit(_exit_code(exc))
 
 
 def _setup_logging(verbose: bool) -> None:
     logging.basicConfig(level=logging.INFO if verbose else logging.WARNING,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    logging.getLogger("workers").setLevel(logging.INFO if verbose else logging.WARNING)
+    logging.getLogger("reembed.workers").setLevel(logging.INFO if verbose else logging.WARNING)
 
 
 def _print_json_last(obj: Any) -> None:
+    """One JSON document on the last stdout line: typed records as ``model_dump_json`` writes them."""
+    from pydantic import BaseModel
+
+    if isinstance(obj, BaseModel):
+        obj = obj.model_dump(mode="json")
+    elif isinstance(obj, list):
+        obj = [o.model_dump(mode="json") if isinstance(o, BaseModel) else o for o in obj]
     sys.stdout.flush()
     print(json.dumps(obj, default=str, ensure_ascii=False), flush=True)
 
@@ -120,31 +130,29 @@ def run(job: str, overrides: tuple[str, ...], verbose: bool, as_json: bool, forc
     _setup_logging(verbose)
     started = time.perf_counter()
     try:
-        from flows.config import load_job
-        from flows.planning import live_collection, plan_run, preflight, up_to_date_summary
+        from reembed.flows.config import load_job
+        from reembed.flows.planning import live_collection, plan_run, preflight, up_to_date_summary
 
         cfg = load_job(job, list(overrides))
         preflight(cfg)
-        if limit is None:
-            live = live_collection(cfg)
-            plan = plan_run(cfg, None, live)
-            if plan.mode == "up-to-date":
-                from indexing.qdrant_index import QdrantIndex
+        plan = plan_run(cfg, limit, live_collection(cfg))
+        if plan.mode == "up-to-date":
+            from reembed.indexing.qdrant_index import QdrantIndex
 
-                with QdrantIndex(cfg.index) as index:
-                    points = index.count(plan.collection)
-                summary = up_to_date_summary(cfg, plan, points, time.perf_counter() - started)
-                err.print(summary["message"] + f" [{summary['seconds']:.1f} s]", highlight=False)
-                if as_json:
-                    _print_json_last(summary)
-                return
-        from flows.errors import quiet_prefect_tracebacks
-        from flows.run_flow import run_job
+            with QdrantIndex(cfg.index) as index:
+                points = index.count(plan.collection)
+            summary = up_to_date_summary(cfg, plan, points, time.perf_counter() - started)
+            err.print(f"{summary.message} [{summary.seconds:.1f} s]", highlight=False)
+            if as_json:
+                _print_json_last(summary)
+            return
+        from reembed.flows.errors import quiet_prefect_tracebacks
+        from reembed.flows.run_flow import run_job
 
         if not verbose:
             quiet_prefect_tracebacks()
         mode = "log" if as_json and progress == "auto" else progress
-        summary = run_job(cfg, force_reason, limit, mode)
+        summary = run_job(cfg, force_reason, limit, mode, plan)
     except _user_errors() as exc:
         _fail(exc, verbose, as_json)
         return
@@ -153,20 +161,20 @@ def run(job: str, overrides: tuple[str, ...], verbose: bool, as_json: bool, forc
         _print_json_last(summary)
 
 
-def _print_summary(summary: dict[str, Any]) -> None:
-    if summary.get("message"):
-        err.print(summary["message"], highlight=False)
+def _print_summary(summary: RunSummary) -> None:
+    if summary.message:
+        err.print(summary.message, highlight=False)
     table = Table(title="reembed run", show_header=False)
+    values = summary.model_dump(mode="json")
     for key in ("alias", "collection", "status", "mode", "model", "dim", "input_rows", "indexed", "encoded",
                 "reused", "deleted", "quarantined", "duplicates", "tokens", "truncated_docs", "dropped_tokens",
                 "seconds", "startup_s", "docs_per_s", "embed_docs_per_s", "shards_total", "shards_embedded",
                 "actors", "actors_used", "points", "output", "index"):
-        if key in summary:
-            table.add_row(key, "-" if summary[key] is None else str(summary[key]))
+        table.add_row(key, "-" if values[key] is None else str(values[key]))
     err.print(table)
-    if summary.get("quarantined"):
-        err.print(f"{summary['quarantined']} row(s) quarantined with their file, row and reason: "
-                  f"{summary.get('quarantine') or summary.get('output')}", highlight=False, soft_wrap=True)
+    if summary.quarantined:
+        err.print(f"{summary.quarantined} row(s) quarantined with their file, row and reason: "
+                  f"{summary.quarantine or summary.output}", highlight=False, soft_wrap=True)
 
 
 @cli.command()
@@ -184,8 +192,8 @@ def plan(job: str, overrides: tuple[str, ...], verbose: bool, limit: int | None,
     """
     _setup_logging(verbose)
     try:
-        from flows.config import load_job
-        from flows.planning import live_collection, plan_run, preflight
+        from reembed.flows.config import load_job
+        from reembed.flows.planning import live_collection, plan_run, preflight
 
         cfg = load_job(job, list(overrides))
         preflight(cfg)
@@ -234,9 +242,9 @@ def search(job: str, query: str, overrides: tuple[str, ...], verbose: bool, k: i
     """
     _setup_logging(verbose)
     try:
-        from flows.config import load_job
-        from indexing.qdrant_index import QdrantIndex
-        from workers.encoder import Encoder
+        from reembed.flows.config import load_job
+        from reembed.indexing.qdrant_index import QdrantIndex
+        from reembed.workers.encoder import Encoder
 
         cfg = load_job(job, list(overrides))
         with QdrantIndex(cfg.index) as index:
@@ -273,9 +281,10 @@ def status(job: str, overrides: tuple[str, ...], verbose: bool, as_json: bool) -
     """Show what JOB has written (Parquet vector set) and indexed (collection behind its alias)."""
     _setup_logging(verbose)
     try:
-        from flows.config import load_job
-        from indexing.qdrant_index import QdrantIndex
-        from indexing.vector_store import VectorStore
+        from reembed.flows.config import load_job
+        from reembed.indexing.qdrant_index import QdrantIndex
+        from reembed.indexing.records import StatusInfo
+        from reembed.indexing.vector_store import VectorStore
 
         cfg = load_job(job, list(overrides))
         with QdrantIndex(cfg.index) as index:
@@ -285,30 +294,23 @@ def status(job: str, overrides: tuple[str, ...], verbose: bool, as_json: bool) -
     except _user_errors() as exc:
         _fail(exc, verbose)
         return
-    manifest = manifest or {}
-    info = {
-        "alias": cfg.name,
-        "collection": collection,
-        "points": points,
-        "vector_rows": manifest.get("vector_rows", 0),
-        "dim": manifest.get("dim"),
-        "model": manifest.get("model"),
-        "shards": len(manifest.get("shards", [])),
-        "input_rows": manifest.get("input_rows"),
-        "quarantined": manifest.get("quarantined"),
-        "finished_at": manifest.get("finished_at"),
-        "output": VectorStore(cfg.output.uri, collection).root if collection else None,
-        "index": cfg.index.url or f"local:{cfg.index.path}",
-        "in_sync": collection is not None and points == manifest.get("vector_rows"),
-    }
+    info = StatusInfo(
+        alias=cfg.name, collection=collection, points=points, vector_rows=manifest.vector_rows if manifest else 0,
+        dim=manifest and manifest.dim, model=manifest and manifest.model, shards=len(manifest.shards) if manifest else 0,
+        input_rows=manifest and manifest.input_rows, quarantined=manifest and manifest.quarantined,
+        finished_at=manifest and manifest.finished_at,
+        output=VectorStore(cfg.output.uri, collection).root if collection else None,
+        index=cfg.index.url or f"local:{cfg.index.path}",
+        in_sync=collection is not None and manifest is not None and points == manifest.vector_rows,
+    )
     if not collection:
         if as_json:
             _print_json_last(info)
-        _fail(NothingYet(f"alias {cfg.name!r} not found in {info['index']}: nothing indexed yet; "
+        _fail(NothingYet(f"alias {cfg.name!r} not found in {info.index}: nothing indexed yet; "
                          f"run `reembed run {job}` first"), verbose)
         return
     table = Table(title=f"reembed status: {cfg.name}", show_header=False)
-    for key, value in info.items():
+    for key, value in info.model_dump(mode="json").items():
         table.add_row(key, str(value))
     (err if as_json else out).print(table)
     if as_json:
@@ -340,10 +342,10 @@ def evaluate(job: str, overrides: tuple[str, ...], verbose: bool, queries: str |
     if not pairs and not (queries and qrels):
         raise click.UsageError("give --queries and --qrels (retrieval), or --pairs (similarity)")
     try:
-        from flows.config import load_job
-        from flows.evaluate import evaluate_pairs, evaluate_retrieval
-        from indexing.qdrant_index import QdrantIndex
-        from workers.encoder import Encoder
+        from reembed.flows.config import load_job
+        from reembed.flows.evaluate import evaluate_pairs, evaluate_retrieval
+        from reembed.indexing.qdrant_index import QdrantIndex
+        from reembed.workers.encoder import Encoder
 
         cfg = load_job(job, list(overrides))
         encoder = Encoder(cfg.model)
@@ -373,9 +375,9 @@ def versions(job: str, overrides: tuple[str, ...], verbose: bool, as_json: bool)
     """List JOB's versions (one per model/pooling/prompt/dimension fingerprint), newest first, and which is live."""
     _setup_logging(verbose)
     try:
-        from flows.config import load_job
-        from flows.versions import list_versions
-        from indexing.qdrant_index import QdrantIndex
+        from reembed.flows.config import load_job
+        from reembed.flows.versions import list_versions
+        from reembed.indexing.qdrant_index import QdrantIndex
 
         cfg = load_job(job, list(overrides))
         with QdrantIndex(cfg.index) as index:
@@ -390,8 +392,8 @@ def versions(job: str, overrides: tuple[str, ...], verbose: bool, as_json: bool)
     for col in ("live", "collection", "model", "dim", "points", "vector_rows", "score", "finished_at"):
         table.add_column(col)
     for v in rows:
-        table.add_row("*" if v["live"] else "", v["collection"], str(v["model"]), str(v["dim"]), str(v["points"]),
-                      str(v["vector_rows"]), str(v["score"]), str(v["finished_at"]))
+        table.add_row("*" if v.live else "", v.collection, str(v.model), str(v.dim), str(v.points),
+                      str(v.vector_rows), str(v.score), str(v.finished_at))
     (err if as_json else out).print(table)
     if as_json:
         _print_json_last(rows)
@@ -406,9 +408,9 @@ def rollback(job: str, version: str | None, overrides: tuple[str, ...], verbose:
     """Point JOB's alias back at VERSION (default: the newest version older than the live one), atomically."""
     _setup_logging(verbose)
     try:
-        from flows.config import load_job
-        from flows.versions import rollback as do_rollback
-        from indexing.qdrant_index import QdrantIndex
+        from reembed.flows.config import load_job
+        from reembed.flows.versions import rollback as do_rollback
+        from reembed.indexing.qdrant_index import QdrantIndex
 
         cfg = load_job(job, list(overrides))
         with QdrantIndex(cfg.index) as index:
@@ -416,7 +418,7 @@ def rollback(job: str, version: str | None, overrides: tuple[str, ...], verbose:
     except _user_errors() as exc:
         _fail(exc, verbose)
         return
-    err.print(f"alias {result['alias']} -> {result['collection']} (was {result['previous']})")
+    err.print(f"alias {result.alias} -> {result.collection} (was {result.previous})")
     if as_json:
         _print_json_last(result)
 
@@ -437,9 +439,9 @@ def reindex(job: str, version: str | None, overrides: tuple[str, ...], verbose: 
     """
     _setup_logging(verbose)
     try:
-        from flows.config import load_job
-        from flows.versions import reindex as do_reindex
-        from indexing.qdrant_index import QdrantIndex
+        from reembed.flows.config import load_job
+        from reembed.flows.versions import reindex as do_reindex
+        from reembed.indexing.qdrant_index import QdrantIndex
 
         cfg = load_job(job, list(overrides))
         with QdrantIndex(cfg.index) as index:
@@ -447,8 +449,8 @@ def reindex(job: str, version: str | None, overrides: tuple[str, ...], verbose: 
     except _user_errors() as exc:
         _fail(exc, verbose)
         return
-    err.print(f"rebuilt {result['collection']} from {result['source']}: {result['points']} points, 0 encoded"
-              f"{' (live)' if result['live'] else ''}")
+    err.print(f"rebuilt {result.collection} from {result.source}: {result.points} points, 0 encoded"
+              f"{' (live)' if result.live else ''}")
     if as_json:
         _print_json_last(result)
 

@@ -19,15 +19,14 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict, YamlConfigSettingsSource
 
-from indexing.corpus import CorpusSettings
-from indexing.qdrant_index import IndexSettings
-from indexing.storage import StorageOptions
-from workers.settings import ChunkingSettings, ModelSettings
+from reembed.indexing.corpus import CorpusSettings
+from reembed.indexing.qdrant_index import IndexSettings
+from reembed.indexing.records import RESERVED_COLUMNS
+from reembed.indexing.storage import StorageOptions
+from reembed.workers.settings import ChunkingSettings, ModelSettings
 
 ENV_PREFIX = "REEMBED_"
 _JOB_FILE: ContextVar[Path | None] = ContextVar("_JOB_FILE", default=None)
-_RESERVED_COLUMNS = {"doc_id", "vector", "text_sha256", "model", "text", "source_row", "chunk_index",
-                     "char_start", "char_end"}
 
 
 class ConfigError(ValueError):
@@ -280,7 +279,7 @@ def load_job(path: str | os.PathLike[str], overrides: list[str] | None = None) -
         raise ConfigError(_blame(job_path, pairs, exc)) from None
     finally:
         _JOB_FILE.reset(token)
-    clash = _RESERVED_COLUMNS.intersection(job.corpus.payload)
+    clash = RESERVED_COLUMNS.intersection(job.corpus.payload)
     if clash:
         raise ConfigError(f"{job_path}: corpus.payload may not name reserved column(s) {sorted(clash)}")
     base = job_path.resolve().parent

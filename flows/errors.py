@@ -5,11 +5,11 @@ from __future__ import annotations
 import logging
 from typing import Any
 
-from flows.config import ConfigError
-from indexing.corpus import CorpusError
-from indexing.qdrant_index import IndexError_
-from indexing.storage import StorageError
-from workers.model_loader import ModelNotFoundError
+from reembed.flows.config import ConfigError
+from reembed.indexing.corpus import CorpusError
+from reembed.indexing.qdrant_index import IndexError_
+from reembed.indexing.storage import StorageError
+from reembed.workers.model_loader import ModelNotFoundError
 
 JOB_LEVEL_ERRORS: tuple[type[BaseException], ...] = (
     ConfigError, CorpusError, StorageError, ModelNotFoundError, IndexError_, PermissionError,

@@ -17,9 +17,9 @@ from typing import Any, Literal
 import numpy as np
 from scipy.stats import pearsonr, spearmanr
 
-from flows.config import ConfigError, JobConfig
-from indexing.qdrant_index import QdrantIndex
-from workers.encoder import Encoder
+from reembed.flows.config import ConfigError, JobConfig
+from reembed.indexing.qdrant_index import QdrantIndex
+from reembed.workers.encoder import Encoder
 
 logger = logging.getLogger(__name__)
 

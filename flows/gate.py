@@ -7,15 +7,14 @@ manifest, so a backfill with a new model is compared fairly against what users s
 from __future__ import annotations
 
 import logging
-from typing import Any
-
 from typing import TYPE_CHECKING
 
-from flows.config import JobConfig
-from workers.settings import ModelSettings
+from reembed.flows.config import JobConfig
+from reembed.indexing.records import GateResult, Manifest, RunSummary
+from reembed.workers.settings import ModelSettings
 
 if TYPE_CHECKING:
-    from indexing.qdrant_index import QdrantIndex
+    from reembed.indexing.qdrant_index import QdrantIndex
 
 logger = logging.getLogger(__name__)
 
@@ -23,20 +22,20 @@ logger = logging.getLogger(__name__)
 class GateFailed(RuntimeError):
     """The new version scored worse than the live one beyond the tolerance; the alias was not moved."""
 
-    def __init__(self, result: dict[str, Any], summary: dict[str, Any]) -> None:
+    def __init__(self, result: GateResult, summary: RunSummary) -> None:
         self.result = result
         self.summary = summary
         super().__init__(
-            f"quality gate blocked the swap: {result['metric']} new {result['new_score']:.4f} ({result['new']}) < "
-            f"live {result['live_score']:.4f} ({result['live']}) - tolerance {result['tolerance']}; "
-            f"the alias stays on {result['live']} (use --force REASON to override)"
+            f"quality gate blocked the swap: {result.metric} new {result.new_score:.4f} ({result.new}) < "
+            f"live {result.live_score:.4f} ({result.live}) - tolerance {result.tolerance}; "
+            f"the alias stays on {result.live} (use --force REASON to override)"
         )
 
 
 def _score(job: JobConfig, model: ModelSettings, index: "QdrantIndex", collection: str, chunked: bool) -> float:
     # torch, transformers and scipy load here, only for jobs with a gate: a run without one starts seconds sooner
-    from flows.evaluate import evaluate_pairs, evaluate_retrieval
-    from workers.encoder import Encoder
+    from reembed.flows.evaluate import evaluate_pairs, evaluate_retrieval
+    from reembed.workers.encoder import Encoder
 
     gate = job.gate
     assert gate is not None
@@ -51,18 +50,16 @@ def _score(job: JobConfig, model: ModelSettings, index: "QdrantIndex", collectio
     return float(metrics[metric])
 
 
-def check_gate(job: JobConfig, index: "QdrantIndex", new: str, live: str, live_manifest: dict[str, Any]) -> dict[str, Any]:
+def check_gate(job: JobConfig, index: "QdrantIndex", new: str, live: str, live_manifest: Manifest | None) -> GateResult:
     """Scores of the new and live versions and whether the new one may go live."""
     gate = job.gate
     assert gate is not None
     new_score = _score(job, job.model, index, new, job.chunking is not None)
-    live_model = live_manifest.get("model_settings")
-    if not live_model:
+    if live_manifest is None or not live_manifest.model_settings:
         logger.warning("live version %s records no model settings; the gate cannot score it and lets %s through",
                        live, new)
-        return {"metric": gate.resolved_metric(), "new": new, "live": live, "new_score": new_score,
-                "live_score": None, "tolerance": gate.tolerance, "passed": True}
-    live_score = _score(job, ModelSettings(**live_model), index, live, bool(live_manifest.get("chunked")))
-    return {"metric": gate.resolved_metric(), "new": new, "live": live, "new_score": new_score,
-            "live_score": live_score, "tolerance": gate.tolerance,
-            "passed": new_score >= live_score - gate.tolerance}
+        return GateResult(metric=gate.resolved_metric(), new=new, live=live, new_score=new_score, live_score=None,
+                          tolerance=gate.tolerance, passed=True)
+    live_score = _score(job, ModelSettings(**live_manifest.model_settings), index, live, live_manifest.chunked)
+    return GateResult(metric=gate.resolved_metric(), new=new, live=live, new_score=new_score, live_score=live_score,
+                      tolerance=gate.tolerance, passed=new_score >= live_score - gate.tolerance)

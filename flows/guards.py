@@ -10,49 +10,22 @@ from __future__ import annotations
 
 import json
 import logging
-from dataclasses import asdict, dataclass, field
 from typing import Any
 
-from flows.config import GuardSettings
-from indexing.storage import filesystem
+from reembed.flows.config import GuardSettings
+from reembed.indexing.records import GuardCheck, GuardReport, RunSummary
+from reembed.indexing.storage import filesystem
 
 logger = logging.getLogger(__name__)
 
 FIRST_REASONS = 5
 
 
-@dataclass
-class GuardCheck:
-    """One guard's verdict, with the numbers behind it (kept in the manifest either way)."""
-
-    name: str
-    value: float
-    limit: float
-    detail: str
-    passed: bool
-
-    def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
-
-
-@dataclass
-class GuardReport:
-    checks: list[GuardCheck] = field(default_factory=list)
-    forced: str | None = None
-
-    @property
-    def failed(self) -> list[GuardCheck]:
-        return [c for c in self.checks if not c.passed]
-
-    def to_dict(self) -> dict[str, Any]:
-        return {"checks": [c.to_dict() for c in self.checks], "forced": self.forced if self.failed else None}
-
-
 class GuardBlocked(RuntimeError):
     """A guard stopped the run before anything live changed; the message has the numbers and what to do."""
 
     def __init__(self, report: GuardReport, live: str | None, quarantine: str | None, reasons: list[str],
-                 summary: dict[str, Any]) -> None:
+                 summary: RunSummary | None = None) -> None:
         self.report = report
         self.summary = summary
         parts = "; ".join(c.detail for c in report.failed)
@@ -65,8 +38,9 @@ class GuardBlocked(RuntimeError):
 
 def _fraction_check(name: str, part: int, whole: int, limit: float, what: str) -> GuardCheck:
     fraction = part / whole if whole else 0.0
-    return GuardCheck(name, round(fraction, 6), limit,
-                      f"{part} of {whole} {what} ({fraction:.1%}) > guards.{name} {limit:.1%}", fraction <= limit)
+    return GuardCheck(name=name, value=round(fraction, 6), limit=limit,
+                      detail=f"{part} of {whole} {what} ({fraction:.1%}) > guards.{name} {limit:.1%}",
+                      passed=fraction <= limit)
 
 
 def quarantine_check(settings: GuardSettings, input_rows: int, quarantined: int) -> GuardCheck:
@@ -81,9 +55,9 @@ def delete_check(settings: GuardSettings, removed: int, live: int, what: str) ->
 
 def empty_check(settings: GuardSettings, new_points: int, live_points: int) -> GuardCheck:
     return GuardCheck(
-        "not_empty", float(new_points), 1.0,
-        f"the new version would have 0 points (live has {live_points}); guards.allow_empty is false",
-        new_points > 0 or settings.allow_empty)
+        name="not_empty", value=float(new_points), limit=1.0,
+        detail=f"the new version would have 0 points (live has {live_points}); guards.allow_empty is false",
+        passed=new_points > 0 or settings.allow_empty)
 
 
 def first_reasons(quarantine_uris: list[str], options: Any, limit: int = FIRST_REASONS) -> list[str]:

@@ -10,20 +10,19 @@ from __future__ import annotations
 
 import logging
 import os
-from dataclasses import dataclass, field
-from typing import Any, Literal
+from typing import Any
 
-from flows.config import JobConfig
-from indexing.corpus import (Shard, check_columns, file_fingerprint, limit_shards, list_files, plan_shards,
+from pydantic import BaseModel, Field
+
+from reembed.flows.config import JobConfig
+from reembed.indexing.corpus import (Shard, check_columns, file_fingerprint, limit_shards, list_files, plan_shards,
                              shard_fingerprint)
-from indexing.storage import StorageError, filesystem, protocol_of
-from indexing.vector_store import VectorStore
-from workers.model_loader import load_profile, resolve_model_path
+from reembed.indexing.records import Manifest, Mode, RunSummary, ShardMarker
+from reembed.indexing.storage import StorageError, filesystem, protocol_of
+from reembed.indexing.vector_store import VectorStore
+from reembed.workers.model_loader import load_profile, resolve_model_path
 
 logger = logging.getLogger(__name__)
-
-Mode = Literal["new-version", "refresh", "resume", "up-to-date", "trial"]
-
 
 def preflight(job: JobConfig) -> None:
     """Fail fast, before any Prefect or Ray start-up, on what no retry can fix.
@@ -66,27 +65,28 @@ def min_shards(job: JobConfig) -> int:
     return rt.min_shards or 2 * expected_actors(job) * (rt.shards_per_actor or 1)
 
 
-@dataclass
-class RunPlan:
-    """The shards of a run and which of them earlier runs already did."""
+class RunPlan(BaseModel):
+    """The shards of a run and which of them earlier runs already did; made once (by the CLI, or by the
+    flow's first task when the flow is started some other way) and handed to the flow."""
 
     collection: str
     dim: int
     model_fingerprint: str
     shards: list[Shard]
     input_fps: dict[str, str]
-    indexed: dict[str, dict[str, Any]] = field(default_factory=dict)  # marker matches, points upserted
-    written: dict[str, dict[str, Any]] = field(default_factory=dict)  # marker matches, Parquet only
+    indexed: dict[str, ShardMarker] = Field(default_factory=dict)  # marker matches, points upserted
+    written: dict[str, ShardMarker] = Field(default_factory=dict)  # marker matches, Parquet only
     live: str | None = None  # the collection behind the alias now
-    manifest: dict[str, Any] | None = None  # the committed manifest of ``collection``, if any
+    manifest: Manifest | None = None  # the committed manifest of ``collection``, if any
     trial: bool = False
+    limit: int | None = None  # trial runs: the first N input rows
 
     @property
     def todo(self) -> list[Shard]:
         return [s for s in self.shards if s.shard_id not in self.indexed and s.shard_id not in self.written]
 
     def committed_parts(self) -> dict[str, str]:
-        return {p["shard_id"]: p["part_uri"] for p in (self.manifest or {}).get("parts", [])}
+        return {p.shard_id: p.part_uri for p in (self.manifest.parts if self.manifest else [])}
 
     @property
     def mode(self) -> Mode:
@@ -94,7 +94,7 @@ class RunPlan:
             return "trial"
         committed = self.committed_parts()
         done = {**self.indexed, **self.written}
-        uncommitted = [s for s, m in done.items() if committed.get(s) != m.get("part_uri")]
+        uncommitted = [s for s, m in done.items() if committed.get(s) != m.part_uri]
         if (not self.todo and not self.written and not uncommitted and self.live == self.collection
                 and set(committed) == {s.shard_id for s in self.shards}):
             return "up-to-date"
@@ -136,7 +136,7 @@ def plan_run(job: JobConfig, limit: int | None = None, live: str | None = None) 
     model_fp = job.fingerprint(dim)
     store = VectorStore(job.output.uri, collection, job.output.storage_options)
     plan = RunPlan(collection=collection, dim=dim, model_fingerprint=model_fp, shards=shards, input_fps={},
-                   live=live, manifest=store.read_manifest(), trial=trial)
+                   live=live, manifest=store.read_manifest(), trial=trial, limit=limit)
     file_fps: dict[str, str] = {}
     for shard in shards:
         if shard.uri not in file_fps:
@@ -144,37 +144,31 @@ def plan_run(job: JobConfig, limit: int | None = None, live: str | None = None) 
         fp = shard_fingerprint(shard, file_fps[shard.uri], job.corpus)
         plan.input_fps[shard.shard_id] = fp
         marker = store.read_marker(shard.shard_id)
-        if not marker or marker.get("input_fingerprint") != fp or marker.get("model_fingerprint") != model_fp:
+        if not marker or marker.input_fingerprint != fp or marker.model_fingerprint != model_fp:
             continue
-        (plan.indexed if marker.get("stage") == "indexed" else plan.written)[shard.shard_id] = marker
+        (plan.indexed if marker.stage == "indexed" else plan.written)[shard.shard_id] = marker
     return plan
 
 
 def live_collection(job: JobConfig) -> str | None:
-    from indexing.qdrant_index import QdrantIndex
+    from reembed.indexing.qdrant_index import QdrantIndex
 
     with QdrantIndex(job.index) as index:
         return index.alias_target(job.name)
 
 
-def up_to_date_summary(job: JobConfig, plan: RunPlan, points: int, seconds: float) -> dict[str, Any]:
+def up_to_date_summary(job: JobConfig, plan: RunPlan, points: int, seconds: float) -> RunSummary:
     """The summary of a run with nothing to do: this run's numbers only (nothing encoded, its own seconds),
     the version's totals from its manifest."""
-    manifest = plan.manifest or {}
-    input_rows = int(manifest.get("input_rows", 0))
-    quarantined = int(manifest.get("quarantined", 0))
-    return {
-        "alias": job.name, "collection": plan.collection, "status": "up-to-date", "mode": "up-to-date",
-        "model": manifest.get("model"), "dim": plan.dim,
-        "input_rows": input_rows, "indexed": input_rows - quarantined,
-        "encoded": 0, "reused": 0, "deleted": 0, "quarantined": quarantined,
-        "quarantine": None, "duplicates": int(manifest.get("duplicates", 0)),
-        "vector_rows": manifest.get("vector_rows"), "tokens": 0, "truncated_docs": 0, "dropped_tokens": 0,
-        "seconds": round(seconds, 3), "docs_per_s": None, "embed_docs_per_s": None,
-        "shards_total": len(plan.shards), "shards_skipped": len(plan.shards), "shards_embedded": 0,
-        "shards_failed": 0, "failures": [], "actors": 0, "points": points,
-        "output": VectorStore(job.output.uri, plan.collection).root,
-        "index": job.index.url or f"local:{job.index.path}",
-        "message": f"nothing to do: {job.name} is up to date ({len(plan.shards)} shard(s) unchanged, "
-                   f"{points} points in {plan.collection})",
-    }
+    manifest = plan.manifest
+    assert manifest is not None  # up-to-date means committed
+    return RunSummary(
+        alias=job.name, collection=plan.collection, status="up-to-date", mode="up-to-date", model=manifest.model,
+        dim=plan.dim, input_rows=manifest.input_rows, indexed=manifest.input_rows - manifest.quarantined,
+        quarantined=manifest.quarantined, duplicates=manifest.duplicates, vector_rows=manifest.vector_rows,
+        seconds=round(seconds, 3), shards_total=len(plan.shards), shards_done=len(plan.shards),
+        shards_skipped=len(plan.shards), points=points, output=VectorStore(job.output.uri, plan.collection).root,
+        index=job.index.url or f"local:{job.index.path}",
+        message=f"nothing to do: {job.name} is up to date ({len(plan.shards)} shard(s) unchanged, "
+                f"{points} points in {plan.collection})",
+    )

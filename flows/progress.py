@@ -14,7 +14,7 @@ import time
 from collections.abc import Callable
 from typing import Any, Literal
 
-from indexing.corpus import Shard
+from reembed.indexing.corpus import Shard
 
 logger = logging.getLogger(__name__)
 

@@ -9,10 +9,13 @@ from __future__ import annotations
 import logging
 import os
 import queue
+import shutil
+import tempfile
 from pathlib import Path
 from typing import Any
 
-from flows.config import JobConfig
+from reembed.flows.config import JobConfig
+from reembed.indexing.records import ShardResult, ShardTask
 
 logger = logging.getLogger(__name__)
 
@@ -22,11 +25,23 @@ class RayError(RuntimeError):
 
 
 def _code_modules() -> list[str]:
-    import flows
-    import indexing
-    import workers
+    """The ``reembed`` package as one folder for Ray's ``py_modules``, so cluster workers import the same code.
 
-    return [str(Path(m.__file__).parent) for m in (flows, indexing, workers)]
+    Installed from a wheel, ``reembed`` is a real folder; from a checkout (editable install) its three
+    sub-packages live in the repository's top-level folders, so they are copied into a staging folder named
+    ``reembed`` first.
+    """
+    import reembed.flows
+    import reembed.indexing
+    import reembed.workers
+
+    parts = [Path(m.__file__).parent for m in (reembed.flows, reembed.indexing, reembed.workers)]
+    if all(p.parent.name == "reembed" for p in parts) and len({p.parent for p in parts}) == 1:
+        return [str(parts[0].parent)]
+    stage = Path(tempfile.mkdtemp(prefix="reembed-code-")) / "reembed"
+    for part, name in zip(parts, ("flows", "indexing", "workers")):
+        shutil.copytree(part, stage / name, ignore=shutil.ignore_patterns("__pycache__", "*.pyc"))
+    return [str(stage)]
 
 
 def init_ray(job: JobConfig) -> bool:
@@ -71,12 +86,16 @@ def gpu_actor_cpus(nodes: list[dict[str, Any]], gpus_per_actor: float) -> int:
 
 
 class ActorPool:
-    """N embedding actors behind a queue: ``run`` borrows an idle actor, calls it, and gives it back."""
+    """N embedding actors behind a queue: ``process_shard`` borrows an idle actor slot, calls it, gives it back.
+
+    Each actor takes ``runtime.shards_per_actor`` shards at once (default 2 on a GPU, so one shard's reading and
+    writing hides behind another's encoding; 1 on a CPU), so ``slots`` = actors x shards per actor.
+    """
 
     def __init__(self, job: JobConfig, max_actors: int) -> None:
         import ray
 
-        from workers.embed_worker import EmbedWorker
+        from reembed.workers.embed_worker import EmbedWorker
 
         resources = ray.cluster_resources()
         gpus = resources.get("GPU", 0)
@@ -95,8 +114,6 @@ class ActorPool:
         if rt.num_actors and rt.num_actors > capacity:
             logger.warning("runtime.num_actors=%d exceeds what the cluster fits (%d); extra actors wait for room",
                            rt.num_actors, capacity)
-        self.use_gpu = use_gpu
-        self.options = options
         slots = rt.shards_per_actor or (2 if use_gpu else 1)
         actor_cls = ray.remote(EmbedWorker).options(
             scheduling_strategy="SPREAD", max_restarts=2, max_task_retries=0, max_concurrency=slots, **options
@@ -110,7 +127,7 @@ class ActorPool:
             self.shutdown()
             raise RayError(f"embedding actors failed to start: {type(exc).__name__}: {exc}") from None
         self.dim = int(self.infos[0]["dim"])
-        self.model_id = str(self.infos[0]["model"])
+        self.slots = slots * n  # shards in flight at once: the flow sizes its task runner from this one number
         self._idle: queue.Queue = queue.Queue()
         for _ in range(slots):  # an actor is lent out once per slot: that many shards run in it at once
             for actor in self.actors:
@@ -118,12 +135,12 @@ class ActorPool:
         logger.info("started %d embedding actor(s) (%s, %d shard(s) at once each) on %d node(s)", n,
                     "GPU" if use_gpu else "CPU", slots, len({i["node"] for i in self.infos}))
 
-    def process_shard(self, *args: Any) -> dict[str, Any]:
+    def process_shard(self, task: ShardTask, board: Any | None = None) -> ShardResult:
         import ray
 
         actor = self._idle.get()
         try:
-            return ray.get(actor.process_shard.remote(*args))
+            return ray.get(actor.process_shard.remote(task, board))
         except ray.exceptions.RayTaskError as exc:
             # Surface the worker's own exception (e.g. CorpusError), not Ray's wrapper with a remote traceback.
             cause = getattr(exc, "cause", None)

@@ -22,7 +22,7 @@ from typing import Any, Literal
 import pyarrow.parquet as pq
 from pydantic import BaseModel, ConfigDict, Field
 
-from indexing.storage import StorageError, StorageOptions, filesystem, full_uri
+from reembed.indexing.storage import StorageError, StorageOptions, filesystem, full_uri
 
 logger = logging.getLogger(__name__)
 

@@ -7,12 +7,10 @@ goes through the alias, which is what users and downstream services query.
 from __future__ import annotations
 
 import logging
-import uuid
-import warnings
-from collections.abc import Iterator
-from pathlib import Path
 import threading
 import time
+import warnings
+from pathlib import Path
 from typing import Any, Literal
 
 import numpy as np
@@ -20,12 +18,11 @@ from pydantic import BaseModel, ConfigDict, Field, SecretStr
 from qdrant_client import QdrantClient, models
 from tenacity import retry, retry_if_exception, stop_after_attempt, wait_exponential
 
-from indexing.vector_store import VectorStore, arrow_to_vectors
+from reembed.indexing.records import point_id
+
+__all__ = ["IndexError_", "IndexSettings", "QdrantIndex", "point_id"]
 
 logger = logging.getLogger(__name__)
-
-POINT_NAMESPACE = uuid.UUID("6f1c1b0e-8a43-5d2b-9f5e-7e3c2a1d4b60")
-_NOT_PAYLOAD = {"vector"}
 
 
 class IndexSettings(BaseModel):
@@ -37,6 +34,7 @@ class IndexSettings(BaseModel):
     api_key: SecretStr | None = Field(None, description="API key for a Qdrant server")
     path: str = Field("./reembed-data/qdrant", description="local-mode storage folder")
     upsert_batch: int = Field(256, ge=1, description="points per upsert request")
+    upsert_parallel: int = Field(4, ge=1, description="shards upserted at once into a server (local mode: always 1)")
     bulk_load: bool = Field(True, description="defer HNSW indexing while a new collection is filled, then build it once")
     indexing_threshold: int = Field(20000, ge=0, description="Qdrant's indexing_threshold restored after a bulk load")
     on_disk: bool = Field(False, description="keep original vectors on disk (memmap) instead of RAM")
@@ -48,12 +46,6 @@ class IndexSettings(BaseModel):
 
 class IndexError_(RuntimeError):
     """A job-level Qdrant problem (unreachable server, dimension mismatch)."""
-
-
-def point_id(doc_id: str, chunk_index: int | None = None) -> str:
-    """UUIDv5 of the document id (and chunk index when chunking), stable across runs and machines."""
-    key = doc_id if chunk_index is None else f"{doc_id}#{chunk_index}"
-    return str(uuid.uuid5(POINT_NAMESPACE, key))
 
 
 def _transient(exc: BaseException) -> bool:
@@ -158,40 +150,17 @@ class QdrantIndex:
             for field_name in ["doc_id", *(payload_indexes or [])]:
                 self.client.create_payload_index(name, field_name, field_schema=models.PayloadSchemaType.KEYWORD)
 
-    def _batches(self, store: VectorStore, part_uri: str) -> Iterator[list[models.PointStruct]]:
-        table = store.read_part(part_uri)
-        vectors = arrow_to_vectors(table.column("vector"))
-        payload_cols = [c for c in table.column_names if c not in _NOT_PAYLOAD]
-        rows = table.select(payload_cols).to_pylist()
-        size = self.settings.upsert_batch
-        for start in range(0, len(rows), size):
-            yield [
-                models.PointStruct(id=point_id(row["doc_id"], row.get("chunk_index")), vector=vectors[start + i].tolist(),
-                                   payload=row)
-                for i, row in enumerate(rows[start : start + size])
-            ]
+    def upsert(self, collection: str, ids: list[str], vectors: np.ndarray, payloads: list[dict[str, Any]]) -> int:
+        """Write points (ids, [n, dim] vectors, payloads); returns how many. ``upload_points`` batches them by
+        ``index.upsert_batch`` and retries failed batches against a server; it waits, so counts are exact."""
+        points = [models.PointStruct(id=i, vector=v.tolist(), payload=p) for i, v, p in zip(ids, vectors, payloads)]
+        self.client.upload_points(collection, points, batch_size=self.settings.upsert_batch, max_retries=5, wait=True)
+        return len(points)
 
-    @_retry
-    def _upsert(self, collection: str, points: list[models.PointStruct]) -> None:
-        self.client.upsert(collection, points=points, wait=True)
-
-    def upsert_part(self, collection: str, store: VectorStore, part_uri: str) -> int:
-        """Upsert one Parquet part; returns the number of points written."""
-        written = 0
-        for points in self._batches(store, part_uri):
-            self._upsert(collection, points)
-            written += len(points)
-        return written
-
-    def upsert_rows(self, collection: str, store: VectorStore, part_uri: str, rows: list[int]) -> None:
-        """Upsert chosen rows of one part again (the winners of duplicate ids)."""
-        table = store.read_part(part_uri).take(rows)
-        vectors = arrow_to_vectors(table.column("vector"))
-        payloads = table.drop_columns(["vector"]).to_pylist()
-        self._upsert(collection, [
-            models.PointStruct(id=point_id(p["doc_id"], p.get("chunk_index")), vector=v.tolist(), payload=p)
-            for p, v in zip(payloads, vectors)
-        ])
+    @property
+    def serial_writes(self) -> bool:
+        """Local mode applies writes in-process and is not safe for concurrent writers; a server is."""
+        return not self.settings.url
 
     def point_ids(self, collection: str, page: int = 10_000) -> list[str]:
         """Every point id in the collection (ids only: no payloads, no vectors)."""

@@ -17,13 +17,16 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+from collections.abc import Iterator
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from indexing.storage import StorageOptions, filesystem, join, read_json, write_json
+from reembed.indexing.records import NOT_PAYLOAD, Manifest, ShardMarker, point_id
+from reembed.indexing.storage import StorageOptions, filesystem, join, read_json, write_json
 
 logger = logging.getLogger(__name__)
 
@@ -46,6 +49,15 @@ def arrow_to_vectors(column: pa.ChunkedArray | pa.FixedSizeListArray) -> np.ndar
 
 def text_sha256(text: str) -> str:
     return hashlib.sha256(text.encode("utf-8")).hexdigest()
+
+
+@dataclass
+class PointBatch:
+    """Points ready for the index: ids, an [n, dim] float32 array and payloads (every column but the vector)."""
+
+    ids: list[str]
+    vectors: np.ndarray
+    payloads: list[dict[str, Any]]
 
 
 def _part_name(shard_id: str, input_fingerprint: str | None) -> str:
@@ -100,35 +112,50 @@ class VectorStore:
         fs.pipe_file(path, body)
         return uri
 
-    def write_marker(self, shard_id: str, marker: dict[str, Any]) -> None:
-        write_json(self.marker_uri(shard_id), marker, self.options)
+    def write_marker(self, marker: ShardMarker) -> None:
+        write_json(self.marker_uri(marker.shard_id), marker.model_dump(mode="json"), self.options)
 
-    def read_marker(self, shard_id: str) -> dict[str, Any] | None:
-        return read_json(self.marker_uri(shard_id), self.options)
+    def read_marker(self, shard_id: str) -> ShardMarker | None:
+        uri = self.marker_uri(shard_id)
+        return ShardMarker.from_json(read_json(uri, self.options), uri)
 
-    def write_manifest(self, manifest: dict[str, Any]) -> None:
-        write_json(self.manifest_uri, manifest, self.options)
+    def write_manifest(self, manifest: Manifest) -> None:
+        write_json(self.manifest_uri, manifest.model_dump(mode="json", exclude_none=True), self.options)
 
-    def read_manifest(self) -> dict[str, Any] | None:
-        return read_json(self.manifest_uri, self.options)
+    def read_manifest(self) -> Manifest | None:
+        return Manifest.from_json(read_json(self.manifest_uri, self.options), self.manifest_uri)
 
     def read_part(self, uri: str, columns: list[str] | None = None) -> pa.Table:
         fs, path = filesystem(uri, self.options)
         return pq.read_table(path, filesystem=fs, columns=columns)
 
-    def current_parts(self, manifest: dict[str, Any] | None = None) -> list[str]:
-        """Part URIs of the committed vector set, in plan order."""
-        manifest = manifest if manifest is not None else (self.read_manifest() or {})
-        if "parts" in manifest:
-            return [p["part_uri"] for p in manifest["parts"]]
-        return [self.part_uri(s) for s in manifest.get("shards", [])]  # manifests written before parts were listed
+    def point_batches(self, part_uri: str, batch: int, rows: list[int] | None = None) -> Iterator[PointBatch]:
+        """A part's rows (or the chosen ``rows``) as point batches; the index never reads Parquet itself."""
+        table = self.read_part(part_uri)
+        if rows is not None:
+            table = table.take(rows)
+        payload_cols = [c for c in table.column_names if c not in NOT_PAYLOAD]
+        for start in range(0, table.num_rows, batch):
+            chunk = table.slice(start, batch)
+            payloads = chunk.select(payload_cols).to_pylist()
+            yield PointBatch([point_id(p["doc_id"], p.get("chunk_index")) for p in payloads],
+                             arrow_to_vectors(chunk.column("vector")), payloads)
 
-    def remove_unreferenced(self, manifest: dict[str, Any]) -> int:
+    def current_parts(self, manifest: Manifest | None = None) -> list[str]:
+        """Part URIs of the committed vector set, in plan order."""
+        manifest = manifest if manifest is not None else self.read_manifest()
+        if manifest is None:
+            return []
+        if manifest.parts:
+            return [p.part_uri for p in manifest.parts]
+        return [self.part_uri(s) for s in manifest.shards]  # manifests written before parts were listed
+
+    def remove_unreferenced(self, manifest: Manifest) -> int:
         """Delete part and quarantine files the committed manifest does not name (older inputs' parts, and
         parts of runs that were stopped); returns how many files went."""
-        keep = {p["part_uri"] for p in manifest.get("parts", [])}
-        keep |= {p["quarantine_uri"] for p in manifest.get("parts", []) if p.get("quarantine_uri")}
-        keep |= set(manifest.get("extra_quarantine", []))
+        keep = {p.part_uri for p in manifest.parts}
+        keep |= {p.quarantine_uri for p in manifest.parts if p.quarantine_uri}
+        keep |= set(manifest.extra_quarantine)
         fs, _ = filesystem(self.root, self.options)
         removed = 0
         for folder, pattern in (("vectors", "part-*.parquet"), ("quarantine", "part-*.jsonl")):

@@ -42,5 +42,5 @@ if ! "${pip[@]}" -e ".${extras}" >"$log" 2>&1; then
   grep -v "^WARNING: Location" "$log" >&2
   exit 1
 fi
-.venv/bin/python -c "import flows.cli, workers.encoder, indexing.qdrant_index" 
+.venv/bin/python -c "import reembed.flows.cli, reembed.workers.encoder, reembed.indexing.qdrant_index" 
 echo "reembed installed in .venv (torch $(.venv/bin/python -c 'import torch; print(torch.__version__)'))" >&2

@@ -33,7 +33,7 @@ def free_port() -> int:
 
 
 def reembed_cli() -> list[str]:
-    return [sys.executable, "-m", "flows.cli"]
+    return [sys.executable, "-m", "reembed.flows.cli"]
 
 
 def run_cli(*args: str, env: dict[str, str] | None = None, timeout: int = 600) -> subprocess.CompletedProcess:

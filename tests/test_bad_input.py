@@ -11,9 +11,9 @@ import pyarrow.parquet as pq
 import pytest
 
 from conftest import run_cli
-from flows.config import load_job
-from flows.run_flow import run_job
-from indexing.vector_store import VectorStore
+from reembed.flows.config import load_job
+from reembed.flows.run_flow import run_job
+from reembed.indexing.vector_store import VectorStore
 
 pytestmark = pytest.mark.slow
 
@@ -46,7 +46,7 @@ def test_every_bad_row_quarantined_and_counts_add_up(tmp_path, ray_session) -> N
     (tmp_path / "job.yaml").write_text("name: bad\ncorpus: {uri: corpus}\nguards: {max_quarantined_fraction: 1}\n")
     job = load_job(tmp_path / "job.yaml")
     summary = run_job(job)
-    store = VectorStore(job.output.uri, summary["collection"])
+    store = VectorStore(job.output.uri, summary.collection)
     quarantine = [json.loads(line) for p in sorted(Path(store.root, "quarantine").glob("*.jsonl"))
                   for line in p.read_text().splitlines()]
     reasons = {(Path(q["file"]).name, q["row"]): q["reason"] for q in quarantine}
@@ -61,12 +61,12 @@ def test_every_bad_row_quarantined_and_counts_add_up(tmp_path, ray_session) -> N
     assert reasons[("e.jsonl.gz", None)].startswith("unreadable file")
     assert len(quarantine) == 11
     # 10 + 2 + 1 rows in readable files, 2 unreadable files counted once each
-    assert summary["input_rows"] == 15
-    assert summary["indexed"] == 5 and summary["duplicates"] == 1  # a1, a9, b1, c1 + the cross-file a9
-    assert summary["quarantined"] == 10
-    assert summary["input_rows"] == summary["indexed"] + summary["quarantined"]
-    assert summary["points"] == summary["vector_rows"] == 4
-    assert summary["quarantine"] == str(Path(store.root) / "quarantine")
+    assert summary.input_rows == 15
+    assert summary.indexed == 5 and summary.duplicates == 1  # a1, a9, b1, c1 + the cross-file a9
+    assert summary.quarantined == 10
+    assert summary.input_rows == summary.indexed + summary.quarantined
+    assert summary.points == summary.vector_rows == 4
+    assert summary.quarantine == str(Path(store.root) / "quarantine")
 
 
 def test_quarantine_guard_on_a_first_run(tmp_path) -> None:

@@ -7,9 +7,9 @@ import json
 import pytest
 
 from conftest import ROOT, last_json, run_cli, write_jsonl
-from flows.config import load_job
-from workers.encoder import Encoder
-from workers.settings import ModelSettings
+from reembed.flows.config import load_job
+from reembed.workers.encoder import Encoder
+from reembed.workers.settings import ModelSettings
 
 FILLER = " ".join(["The committee reviewed quarterly budgets, staffing plans and office logistics in detail."] * 40)
 TAIL = "Finally, the appendix explains how octopuses open screw-top jars with their arms."

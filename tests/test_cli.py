@@ -18,7 +18,7 @@ def sample_overrides(tmp_path_factory) -> list[str]:
 
 
 def test_help_on_every_command() -> None:
-    from flows.cli import cli
+    from reembed.flows.cli import cli
 
     commands = sorted(cli.commands)
     assert {"run", "plan", "search", "status", "eval", "versions", "rollback", "reindex"} <= set(commands)

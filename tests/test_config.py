@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from flows.config import ConfigError, load_job
+from reembed.flows.config import ConfigError, load_job
 
 JOB = """
 name: demo

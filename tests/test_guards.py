@@ -17,13 +17,14 @@ import pytest
 
 import tiny_models
 from conftest import ROOT, SCIFACT, last_json, run_cli
-from flows.config import load_job
-from flows.planning import live_collection, plan_run
-from flows.run_flow import run_job
-from indexing.qdrant_index import QdrantIndex, point_id
-from indexing.vector_store import VectorStore
-from workers.embed_worker import EmbedWorker
-from workers.encoder import Encoder
+from reembed.flows.config import load_job
+from reembed.flows.planning import live_collection, plan_run
+from reembed.flows.run_flow import run_job
+from reembed.indexing.qdrant_index import QdrantIndex, point_id
+from reembed.indexing.records import ShardTask
+from reembed.indexing.vector_store import VectorStore
+from reembed.workers.embed_worker import EmbedWorker
+from reembed.workers.encoder import Encoder
 
 pytestmark = pytest.mark.slow
 
@@ -69,7 +70,7 @@ def live(tmp_path, ray_session):
     job_path = _job(tmp_path / "g")
     job = load_job(job_path)
     summary = run_job(job)
-    assert summary["points"] == 40 and summary["status"] == "ok"
+    assert summary.points == 40 and summary.status == "ok"
     return job_path, job, _live(job)
 
 
@@ -95,18 +96,18 @@ def test_delete_guard_blocks_then_force_is_recorded(live) -> None:
     assert last_json(res.stdout)["status"] == "blocked"
     _assert_unchanged(before, _live(job))
     manifest_before = VectorStore(job.output.uri, before[0]).read_manifest()
-    assert manifest_before["input_rows"] == 40  # the committed manifest was not touched
+    assert manifest_before.input_rows == 40  # the committed manifest was not touched
 
     res = run_cli("run", str(job_path), "--json", "--force", "corpus halved on purpose")
     assert res.returncode == 0, res.stderr[-3000:]
     summary = last_json(res.stdout)
     assert summary["points"] == 20 and summary["deleted"] == 20
     manifest = VectorStore(job.output.uri, before[0]).read_manifest()
-    assert manifest["forced"] == "corpus halved on purpose"
-    failed = [c for c in manifest["guards"]["checks"] if not c["passed"]]
-    assert [c["name"] for c in failed] == ["max_deleted_fraction"] and failed[0]["value"] == 0.5
+    assert manifest.forced == "corpus halved on purpose"
+    failed = [c for c in manifest.guards.checks if not c.passed]
+    assert [c.name for c in failed] == ["max_deleted_fraction"] and failed[0].value == 0.5
     # the files the old manifest named and the new one does not are gone; the new ones remain
-    parts = {Path(p["part_uri"]).name for p in manifest["parts"]}
+    parts = {Path(p.part_uri).name for p in manifest.parts}
     assert {p.name for p in Path(VectorStore(job.output.uri, before[0]).root, "vectors").glob("*.parquet")} == parts
 
 
@@ -140,9 +141,10 @@ def test_plan_fresh_half_done_refresh_and_changed_model(tmp_path, ray_session) -
 
     plan = plan_run(job, None, None)  # a killed run: one shard's Parquet part and marker written, nothing else
     shard = plan.shards[0]
-    EmbedWorker(job.model).process_shard(shard, job.corpus, job.output.uri, plan.collection,
-                                         job.output.storage_options, plan.model_fingerprint, None, [],
-                                         plan.input_fps[shard.shard_id])
+    EmbedWorker(job.model).process_shard(ShardTask(
+        shard=shard, corpus=job.corpus, output_uri=job.output.uri, collection=plan.collection,
+        storage_options=job.output.storage_options, model_fingerprint=plan.model_fingerprint,
+        input_fingerprint=plan.input_fps[shard.shard_id]))
     half = last_json(run_cli("plan", str(job_path), "--json").stdout)
     assert half["mode"] == "resume" and half["shards_written"] == 1 and half["shards_todo"] == 1
     assert [s["state"] for s in half["shards"]] == ["written", "todo"]

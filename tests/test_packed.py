@@ -12,9 +12,9 @@ import torch
 import torch.nn.functional as F
 
 import tiny_models
-from workers.encoder import Encoder
-from workers.packed import pack
-from workers.settings import ModelSettings
+from reembed.workers.encoder import Encoder
+from reembed.workers.packed import pack
+from reembed.workers.settings import ModelSettings
 
 LONG = "A vector database finds the nearest neighbours of an embedding, quickly, even for very long inputs " * 3
 TEXTS = tiny_models.ENGLISH[:8] + ["short", LONG, "Honeybees dance.", "x"] + tiny_models.ENGLISH[3:9]
@@ -132,7 +132,7 @@ def test_varlen_start_up_check_catches_failing_and_wrong_kernels(tmp_path) -> No
     sequences is reported at start-up, so the encoder uses padded attention instead."""
     from transformers import AutoModel
 
-    from workers.packed import PackedEncoder
+    from reembed.workers.packed import PackedEncoder
 
     model = AutoModel.from_pretrained(str(tiny_models.bert(tmp_path, "mean"))).eval()
     packed = PackedEncoder(model, use_varlen=True)

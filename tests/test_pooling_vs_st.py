@@ -6,8 +6,8 @@ import numpy as np
 import pytest
 
 import tiny_models
-from workers.encoder import Encoder
-from workers.settings import ModelSettings
+from reembed.workers.encoder import Encoder
+from reembed.workers.settings import ModelSettings
 
 TEXTS = [
     "Vaccines train the immune system.",

@@ -15,8 +15,8 @@ import pyarrow.parquet as pq
 import pytest
 
 from conftest import ROOT, last_json, run_cli
-from flows.config import ConfigError, check_env, load_job, override_value
-from indexing.corpus import CorpusError, CorpusSettings, check_columns, limit_shards, plan_shards
+from reembed.flows.config import ConfigError, check_env, load_job, override_value
+from reembed.indexing.corpus import CorpusError, CorpusSettings, check_columns, limit_shards, plan_shards
 
 SAMPLE = ROOT / "examples" / "sample" / "job.yaml"
 

@@ -4,10 +4,10 @@ from __future__ import annotations
 
 import io
 
-from flows.config import GuardSettings
-from flows.guards import GuardBlocked, GuardReport, delete_check, empty_check, enforce, quarantine_check
-from flows.progress import RunProgress
-from indexing.corpus import Shard
+from reembed.flows.config import GuardSettings
+from reembed.flows.guards import GuardBlocked, GuardReport, delete_check, empty_check, enforce, quarantine_check
+from reembed.flows.progress import RunProgress
+from reembed.indexing.corpus import Shard
 
 
 def _shards() -> list[Shard]:
@@ -50,9 +50,9 @@ def test_guard_verdicts_and_force() -> None:
     assert delete_check(settings, 20, 100, "points").passed and not delete_check(settings, 21, 100, "points").passed
     assert delete_check(settings, 0, 0, "points").passed  # nothing live: nothing to lose
     assert not empty_check(settings, 0, 40).passed and empty_check(GuardSettings(allow_empty=True), 0, 40).passed
-    report = GuardReport([quarantine_check(settings, 10, 3), delete_check(settings, 1, 100, "points")])
+    report = GuardReport(checks=[quarantine_check(settings, 10, 3), delete_check(settings, 1, 100, "points")])
     assert not enforce(report, None) and report.forced is None
-    error = str(GuardBlocked(report, "live-1", "/q", ["f row 2: empty text"], {}))
+    error = str(GuardBlocked(report, "live-1", "/q", ["f row 2: empty text"]))
     assert "3 of 10 input rows quarantined (30.0%)" in error and "f row 2: empty text" in error
     assert "the live version live-1 is unchanged" in error and "--force REASON" in error
-    assert enforce(report, "known bad batch") and report.to_dict()["forced"] == "known bad batch"
+    assert enforce(report, "known bad batch") and report.forced == "known bad batch"

@@ -8,12 +8,12 @@ import pyarrow.parquet as pq
 import pytest
 
 from conftest import DATASETS, ROOT, SCIFACT, last_json, run_cli
-from flows.config import load_job
-from flows.evaluate import evaluate_pairs, evaluate_retrieval, read_pairs, read_qrels
-from flows.run_flow import run_job
-from indexing.qdrant_index import QdrantIndex
-from indexing.vector_store import VectorStore
-from workers.encoder import Encoder
+from reembed.flows.config import load_job
+from reembed.flows.evaluate import evaluate_pairs, evaluate_retrieval, read_pairs, read_qrels
+from reembed.flows.run_flow import run_job
+from reembed.indexing.qdrant_index import QdrantIndex
+from reembed.indexing.vector_store import VectorStore
+from reembed.workers.encoder import Encoder
 
 PUBLISHED_SCIFACT_NDCG10 = 64.508
 PUBLISHED_STSB_SPEARMAN = 82.032
@@ -35,7 +35,7 @@ def scifact_full(tmp_path_factory, ray_session):
 @pytest.mark.slow
 def test_scifact_ndcg_matches_published(scifact_full) -> None:
     job, summary = scifact_full
-    assert summary["indexed"] == summary["points"] == 5183
+    assert summary.indexed == summary.points == 5183
     with QdrantIndex(job.index) as index:
         metrics = evaluate_retrieval(job, Encoder(job.model), index, job.name, SCIFACT / "queries.jsonl",
                                      SCIFACT / "qrels" / "test.tsv")
@@ -47,12 +47,12 @@ def test_scifact_ndcg_matches_published(scifact_full) -> None:
 @pytest.mark.slow
 def test_truncation_is_reported_not_silent(scifact_full) -> None:
     job, summary = scifact_full
-    assert summary["truncated_docs"] > 0 and summary["dropped_tokens"] > 0
-    store = VectorStore(job.output.uri, summary["collection"])
+    assert summary.truncated_docs > 0 and summary.dropped_tokens > 0
+    store = VectorStore(job.output.uri, summary.collection)
     meta = [json.loads(pq.read_schema(p).metadata[b"reembed"]) for p in
             (u for u in store.current_parts())]
-    assert sum(m["truncated_docs"] for m in meta) == summary["truncated_docs"]
-    assert sum(m["dropped_tokens"] for m in meta) == summary["dropped_tokens"]
+    assert sum(m["truncated_docs"] for m in meta) == summary.truncated_docs
+    assert sum(m["dropped_tokens"] for m in meta) == summary.dropped_tokens
 
 
 @pytest.mark.slow

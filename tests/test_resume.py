@@ -14,10 +14,10 @@ import numpy as np
 import pytest
 
 from conftest import ROOT, last_json, reembed_cli, run_cli, write_jsonl
-from flows.config import load_job
-from flows.run_flow import run_job
-from indexing.qdrant_index import QdrantIndex, point_id
-from indexing.vector_store import VectorStore, arrow_to_vectors
+from reembed.flows.config import load_job
+from reembed.flows.run_flow import run_job
+from reembed.indexing.qdrant_index import QdrantIndex, point_id
+from reembed.indexing.vector_store import VectorStore, arrow_to_vectors
 
 pytestmark = pytest.mark.slow
 
@@ -54,7 +54,7 @@ def test_incremental_refresh_on_scifact(tmp_path, scifact_docs, ray_session) -> 
     write_jsonl(tmp_path / "inc" / "corpus.jsonl", docs)
     job = load_job(_job(tmp_path / "inc", "inc", "runtime: {shard_rows: 100}\n"))
     first = run_job(job)
-    assert first["encoded"] == 400 and first["points"] == 400
+    assert first.encoded == 400 and first.points == 400
 
     rng = random.Random(3)
     changed = rng.sample(range(len(docs)), 4)
@@ -64,17 +64,17 @@ def test_incremental_refresh_on_scifact(tmp_path, scifact_docs, ray_session) -> 
     docs = [d for d in docs if d["_id"] not in deleted] + [dict(d, _id=f"new-{d['_id']}") for d in scifact_docs[3000:3004]]
     write_jsonl(tmp_path / "inc" / "corpus.jsonl", docs)
     second = run_job(job)
-    assert second["encoded"] == 8, second  # 4 changed + 4 added, nothing else
-    assert second["reused"] == 392 and second["deleted"] == 4
+    assert second.encoded == 8, second  # 4 changed + 4 added, nothing else
+    assert second.reused == 392 and second.deleted == 4
     # a normal 1% change passes every guard untouched: nothing forced, every check passed
-    assert second["guards"]["forced"] is None and all(c["passed"] for c in second["guards"]["checks"])
-    assert {c["name"] for c in second["guards"]["checks"]} == {"max_quarantined_fraction", "max_deleted_fraction",
+    assert second.guards.forced is None and all(c.passed for c in second.guards.checks)
+    assert {c.name for c in second.guards.checks} == {"max_quarantined_fraction", "max_deleted_fraction",
                                                                 "not_empty"}
-    assert second["points"] == second["vector_rows"] == 400
+    assert second.points == second.vector_rows == 400
 
     third = run_job(job)
-    assert third["encoded"] == 0 and third["shards_skipped"] == third["shards_total"]
-    assert third["status"] == "up-to-date" and third["tokens"] == 0
+    assert third.encoded == 0 and third.shards_skipped == third.shards_total
+    assert third.status == "up-to-date" and third.tokens == 0
 
     write_jsonl(tmp_path / "clean" / "corpus.jsonl", docs)
     clean = load_job(_job(tmp_path / "clean", "inc", "runtime: {shard_rows: 100}\n"))

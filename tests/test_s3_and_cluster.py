@@ -17,10 +17,10 @@ import pytest
 import s3fs
 
 from conftest import free_port, last_json, run_cli, write_jsonl
-from flows.config import load_job
-from flows.run_flow import run_job
-from indexing.storage import StorageOptions
-from indexing.vector_store import VectorStore, arrow_to_vectors
+from reembed.flows.config import load_job
+from reembed.flows.run_flow import run_job
+from reembed.indexing.storage import StorageOptions
+from reembed.indexing.vector_store import VectorStore, arrow_to_vectors
 
 pytestmark = pytest.mark.slow
 
@@ -48,7 +48,8 @@ def local_reference(tmp_path_factory, scifact_docs, ray_session):
     )
     job = load_job(folder / "job.yaml")
     summary = run_job(job)
-    return {"docs": docs, "summary": summary, "vectors": _vectors(VectorStore(job.output.uri, summary["collection"])),
+    return {"docs": docs, "summary": summary.model_dump(mode="json"),
+            "vectors": _vectors(VectorStore(job.output.uri, summary.collection)),
             "folder": folder}
 
 
@@ -153,7 +154,7 @@ def test_gpu_actor_cpus_from_the_clusters_nodes(ray_session) -> None:
     """GPU actors take CPUs for their tokenizer threads: the leanest live GPU node's CPUs per actor, minus one.
 
     This cluster has no GPU, so GPU nodes are this node's own ``ray.nodes()`` entry with GPUs added."""
-    from flows.ray_pool import gpu_actor_cpus
+    from reembed.flows.ray_pool import gpu_actor_cpus
 
     nodes = ray_session.nodes()
     assert gpu_actor_cpus(nodes, 1) == 1  # no GPU node: the minimum

@@ -7,11 +7,11 @@ import shutil
 import pytest
 
 from conftest import ROOT, last_json, run_cli
-from flows.config import load_job
-from flows.run_flow import run_job
-from flows.versions import list_versions, reindex, rollback
-from indexing.qdrant_index import QdrantIndex
-from workers.encoder import Encoder
+from reembed.flows.config import load_job
+from reembed.flows.run_flow import run_job
+from reembed.flows.versions import list_versions, reindex, rollback
+from reembed.indexing.qdrant_index import QdrantIndex
+from reembed.workers.encoder import Encoder
 
 pytestmark = pytest.mark.slow
 SAMPLE = ROOT / "examples" / "sample" / "job.yaml"
@@ -29,14 +29,14 @@ def test_versions_rollback_and_reindex(tmp_path, ray_session) -> None:
     cls_job = load_job(SAMPLE, [*sets, "model.pooling=cls"])
     first = run_job(mean_job)
     second = run_job(cls_job)
-    assert first["collection"] != second["collection"]
+    assert first.collection != second.collection
     with QdrantIndex(mean_job.index) as index:
         versions = list_versions(mean_job, index)
-        assert [v["collection"] for v in versions] == [second["collection"], first["collection"]]
-        assert [v["live"] for v in versions] == [True, False]
-        assert all(v["points"] == 40 for v in versions)
-        assert rollback(mean_job, index, None)["collection"] == first["collection"]
-        assert index.alias_target("sample") == first["collection"]
+        assert [v.collection for v in versions] == [second.collection, first.collection]
+        assert [v.live for v in versions] == [True, False]
+        assert all(v.points == 40 for v in versions)
+        assert rollback(mean_job, index, None).collection == first.collection
+        assert index.alias_target("sample") == first.collection
         with pytest.raises(Exception, match="not found"):
             rollback(mean_job, index, "sample-000000000000")
     queries = ["why does bread rise", "what makes the tides", "how do bees talk", "桜"]
@@ -44,8 +44,8 @@ def test_versions_rollback_and_reindex(tmp_path, ray_session) -> None:
 
     shutil.rmtree(tmp_path / "q")  # lose Qdrant entirely: Parquet is the source of truth
     with QdrantIndex(mean_job.index) as index:
-        result = reindex(mean_job, index, first["collection"])
-        assert result["encoded"] == 0 and result["points"] == 40 and result["live"]
+        result = reindex(mean_job, index, first.collection)
+        assert result.encoded == 0 and result.points == 40 and result.live
     assert _top(mean_job, queries) == before
 
 
@@ -65,10 +65,10 @@ def test_versions_cli_json(tmp_path) -> None:
 
 def test_retention_keeps_the_newest_versions(tmp_path, ray_session) -> None:
     sets = [f"output.uri={tmp_path / 'v'}", f"index.path={tmp_path / 'q'}", "index.keep_versions=2"]
-    made = [run_job(load_job(SAMPLE, [*sets, f"model.max_seq_length={n}"]))["collection"] for n in (128, 192, 256)]
+    made = [run_job(load_job(SAMPLE, [*sets, f"model.max_seq_length={n}"])).collection for n in (128, 192, 256)]
     job = load_job(SAMPLE, sets)
     with QdrantIndex(job.index) as index:
-        left = [v["collection"] for v in list_versions(job, index)]
+        left = [v.collection for v in list_versions(job, index)]
         assert left == [made[2], made[1]]
         assert not index.client.collection_exists(made[0])
         assert index.client.get_collection(made[2]).status.value == "green"
@@ -123,5 +123,5 @@ def test_search_loop_sees_no_error_through_a_backfill_and_swap(tmp_path, ray_ses
         thread.join(timeout=60)
     assert not errors, errors[:3]
     assert empty == 0
-    assert new["gate"]["passed"] and new["dim"] == 256
-    assert seen == [old["collection"], new["collection"]]
+    assert new.gate.passed and new.dim == 256
+    assert seen == [old.collection, new.collection]

@@ -1,8 +1,8 @@
 """The batch-inference worker that Ray runs as an actor (and that runs fine without Ray).
 
-Ray Data style: ``__init__`` loads the model once, ``__call__`` maps an Arrow batch with a ``text`` column to
-the same batch plus ``vector``. ``process_shard`` is the whole unit of work the flow hands out: read a shard
-from its URI, embed it, write its Parquet part and quarantine file, and return counts (never vectors).
+Ray Data style: ``__init__`` loads the model once, and each call maps a unit of work to its result.
+``process_shard`` is that unit: read a shard from its URI, embed it, write its Parquet part and quarantine
+file, and return a ``ShardResult`` (counts and URIs, never vectors).
 """
 
 from __future__ import annotations
@@ -16,11 +16,11 @@ from typing import Any
 import numpy as np
 import pyarrow as pa
 
-from indexing.corpus import CorpusSettings, Shard, read_shard
-from indexing.storage import StorageOptions
-from indexing.vector_store import SNIPPET_CHARS, VectorStore, arrow_to_vectors, text_sha256, vectors_to_arrow
-from workers.encoder import Encoder
-from workers.settings import ChunkingSettings, ModelSettings
+from reembed.indexing.corpus import read_shard
+from reembed.indexing.records import ShardMarker, ShardResult, ShardTask, part_schema
+from reembed.indexing.vector_store import SNIPPET_CHARS, VectorStore, arrow_to_vectors, text_sha256, vectors_to_arrow
+from reembed.workers.encoder import Encoder
+from reembed.workers.settings import ModelSettings
 
 logger = logging.getLogger(__name__)
 
@@ -33,38 +33,21 @@ class EmbedWorker:
         self.model_id = self.encoder.profile.model_id
         self.dim = self.encoder.dim
 
-    def __call__(self, batch: pa.Table) -> pa.Table:
-        texts = batch.column("text").to_pylist()
-        vectors, _ = self.encoder.encode(texts)
-        return batch.append_column("vector", vectors_to_arrow(vectors))
-
     def ready(self) -> dict[str, Any]:
         """Cheap call the flow uses to wait until the model is loaded, and to learn where the actor lives."""
         return {"dim": self.dim, "model": self.model_id, "node": _node_id(), "pid": os.getpid()}
 
-    def process_shard(
-        self,
-        shard: Shard,
-        corpus: CorpusSettings,
-        output_uri: str,
-        collection: str,
-        output_options: StorageOptions,
-        model_fingerprint: str,
-        chunking: ChunkingSettings | None = None,
-        reuse_uris: list[str] | None = None,
-        input_fingerprint: str | None = None,
-        progress: Any | None = None,
-        progress_seconds: float = 5.0,
-    ) -> dict[str, Any]:
+    def process_shard(self, task: ShardTask, progress: Any | None = None) -> ShardResult:
         """Read, embed and write one shard. ``progress`` (a Ray actor handle with ``update``) hears how many
-        of the shard's input rows are done, at most every ``progress_seconds`` and once at the end."""
+        of the shard's input rows are done, at most every ``task.progress_seconds`` and once at the end."""
         start = time.perf_counter()
-        report = _Reporter(progress, shard.shard_id, progress_seconds)
-        rows = read_shard(shard, corpus)
+        shard, chunking = task.shard, task.chunking
+        report = _Reporter(progress, shard.shard_id, task.progress_seconds)
+        rows = read_shard(shard, task.corpus)
         read_s = time.perf_counter() - start
-        store = VectorStore(output_uri, collection, output_options)
+        store = VectorStore(task.output_uri, task.collection, task.storage_options)
         doc_sha = [text_sha256(t) for t in rows.texts]
-        reused = _previous_vectors(store, reuse_uris or [], rows.ids, doc_sha, chunking is not None)
+        reused = _previous_vectors(store, task.reuse_uris, rows.ids, doc_sha, chunking is not None)
         todo = [d for d in range(len(rows.ids)) if d not in reused]
         if chunking is None:
             todo_spans = [[(0, len(rows.texts[d]))] for d in todo]
@@ -90,28 +73,31 @@ class EmbedWorker:
                 vecs.append(vec)
         vectors = np.asarray(vecs, dtype=np.float32).reshape(len(vecs), self.dim)
         texts = [rows.texts[d][a:b] for d, (a, b) in zip(owner, spans)]
-        columns: dict[str, Any] = {
-            "doc_id": pa.array([rows.ids[d] for d in owner], type=pa.string()),
-            "vector": vectors_to_arrow(vectors),
-            "text_sha256": pa.array([doc_sha[d] for d in owner], type=pa.string()),
-            "model": pa.array([self.model_id] * len(owner), type=pa.string()),
-            "text": pa.array([t[:SNIPPET_CHARS] for t in texts], type=pa.string()),
-            "source_row": pa.array([rows.rows[d] for d in owner], type=pa.int64()),
+        values: dict[str, Any] = {
+            "doc_id": [rows.ids[d] for d in owner],
+            "text_sha256": [doc_sha[d] for d in owner],
+            "model": [self.model_id] * len(owner),
+            "text": [t[:SNIPPET_CHARS] for t in texts],
+            "source_row": [rows.rows[d] for d in owner],
+            "chunk_index": chunk_index,
+            "char_start": [a for a, _ in spans],
+            "char_end": [b for _, b in spans],
         }
-        if chunking is not None:
-            columns["chunk_index"] = pa.array(chunk_index, type=pa.int32())
-            columns["char_start"] = pa.array([a for a, _ in spans], type=pa.int64())
-            columns["char_end"] = pa.array([b for _, b in spans], type=pa.int64())
-        for name, values in rows.payload.items():
-            columns[name] = pa.array([values[d] for d in owner])
+        schema = part_schema(self.dim, chunking is not None)
+        columns: dict[str, Any] = {
+            f.name: vectors_to_arrow(vectors) if f.name == "vector" else pa.array(values[f.name], type=f.type)
+            for f in schema
+        }
+        for name, payload in rows.payload.items():
+            columns[name] = pa.array([payload[d] for d in owner])
         table = pa.table(columns)
         truncated = sorted({rows.ids[pieces[i][0]] for i in stats.truncated_rows})
         metadata = {
             "shard_id": shard.shard_id,
             "source": shard.uri,
             "model": self.model_id,
-            "model_fingerprint": model_fingerprint,
-            "input_fingerprint": input_fingerprint,
+            "model_fingerprint": task.model_fingerprint,
+            "input_fingerprint": task.input_fingerprint,
             "dim": self.dim,
             "rows": len(rows.ids),
             "vector_rows": len(owner),
@@ -119,27 +105,26 @@ class EmbedWorker:
             "truncated_docs": len(truncated),
             "dropped_tokens": stats.dropped_tokens,
         }
-        part = store.write_part(shard.shard_id, table, metadata, input_fingerprint)
-        quarantine = store.write_quarantine(shard.shard_id, rows.rejected, input_fingerprint)
-        seconds = time.perf_counter() - start
-        result = {
+        part = store.write_part(shard.shard_id, table, metadata, task.input_fingerprint)
+        quarantine = store.write_quarantine(shard.shard_id, rows.rejected, task.input_fingerprint)
+        result = ShardResult(
             **metadata,
-            "part_uri": part,
-            "quarantine_uri": quarantine,
-            "input_rows": rows.input_rows,
-            "encoded": len(todo),
-            "reused": len(reused),
-            "quarantined": len(rows.rejected),
-            "padded_tokens": stats.padded_tokens,
-            "truncated_ids": truncated[:100],
-            "read_s": read_s,
-            "encode_s": stats.seconds,
-            "seconds": seconds,
-            "node": _node_id(),
-            "host": socket.gethostname(),
-            "pid": os.getpid(),
-        }
-        store.write_marker(shard.shard_id, {**result, "stage": "written"})
+            part_uri=part,
+            quarantine_uri=quarantine,
+            input_rows=rows.input_rows,
+            encoded=len(todo),
+            reused=len(reused),
+            quarantined=len(rows.rejected),
+            padded_tokens=stats.padded_tokens,
+            truncated_ids=truncated[:100],
+            read_s=read_s,
+            encode_s=stats.seconds,
+            seconds=time.perf_counter() - start,
+            node=_node_id(),
+            host=socket.gethostname(),
+            pid=os.getpid(),
+        )
+        store.write_marker(ShardMarker(**result.model_dump(), stage="written"))
         report(rows.input_rows, final=True)
         return result
 

@@ -22,10 +22,10 @@ from typing import Any
 import numpy as np
 import torch
 
-from workers.model_loader import ModelProfile, load_profile
-from workers.packed import PackedBatch, PackedEncoder, pack, unsupported_reason, varlen_kernel
-from workers.pooling import pool
-from workers.settings import ModelSettings
+from reembed.workers.model_loader import ModelProfile, load_profile
+from reembed.workers.packed import PackedBatch, PackedEncoder, pack, unsupported_reason, varlen_kernel
+from reembed.workers.pooling import pool
+from reembed.workers.settings import ModelSettings
 
 logger = logging.getLogger(__name__)
 
@@ -45,10 +45,6 @@ class EncodeStats:
     batches: int = 0
     seconds: float = 0.0
     truncated_rows: list[int] = field(default_factory=list)
-
-    def add(self, other: "EncodeStats") -> None:
-        for name in ("docs", "tokens", "padded_tokens", "truncated_docs", "dropped_tokens", "batches", "seconds"):
-            setattr(self, name, getattr(self, name) + getattr(other, name))
 
 
 def pick_device(requested: str) -> torch.device:

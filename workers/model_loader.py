@@ -11,7 +11,7 @@ import logging
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from workers.settings import ModelSettings
+from reembed.workers.settings import ModelSettings
 
 logger = logging.getLogger(__name__)
 

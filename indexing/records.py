@@ -1,0 +1,299 @@
+"""Every record that crosses a boundary, defined once: Prefect task arguments and results, Ray calls, shard
+markers and run manifests on storage, and what the CLI prints with ``--json``.
+
+A key typo in a dict is a runtime ``None`` three modules away; a field typo here fails where it is made.
+Records read back from storage are validated on the way in (``from_json``) and ignore keys they do not know,
+so a manifest written by a newer reembed still reads. The module sits at the bottom of the import graph
+(pydantic, pyarrow and the settings models only), so the workers, the index and the flows all import it.
+"""
+
+from __future__ import annotations
+
+import logging
+import uuid
+from typing import Any, Literal, TypeVar
+
+import pyarrow as pa
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from reembed.indexing.corpus import CorpusSettings, Shard
+from reembed.indexing.storage import StorageOptions
+from reembed.workers.settings import ChunkingSettings
+
+logger = logging.getLogger(__name__)
+
+# The Parquet part: these columns come first, the job's payload columns follow with their own types.
+BASE_COLUMNS = ("doc_id", "vector", "text_sha256", "model", "text", "source_row")
+CHUNK_COLUMNS = ("chunk_index", "char_start", "char_end")
+RESERVED_COLUMNS = frozenset(BASE_COLUMNS + CHUNK_COLUMNS)
+NOT_PAYLOAD = frozenset({"vector"})  # every other column is copied into the Qdrant payload
+
+
+POINT_NAMESPACE = uuid.UUID("6f1c1b0e-8a43-5d2b-9f5e-7e3c2a1d4b60")
+
+
+def point_id(doc_id: str, chunk_index: int | None = None) -> str:
+    """UUIDv5 of the document id (and chunk index when chunking), stable across runs and machines: re-running
+    an upsert overwrites a point instead of adding a duplicate."""
+    key = doc_id if chunk_index is None else f"{doc_id}#{chunk_index}"
+    return str(uuid.uuid5(POINT_NAMESPACE, key))
+
+
+def part_schema(dim: int, chunked: bool) -> pa.Schema:
+    """The fixed columns of a Parquet vector part; vectors are ``fixed_size_list<float32>[dim]``."""
+    fields = [
+        pa.field("doc_id", pa.string()),
+        pa.field("vector", pa.list_(pa.float32(), dim)),
+        pa.field("text_sha256", pa.string()),
+        pa.field("model", pa.string()),
+        pa.field("text", pa.string()),
+        pa.field("source_row", pa.int64()),
+    ]
+    if chunked:
+        fields += [pa.field("chunk_index", pa.int32()), pa.field("char_start", pa.int64()),
+                   pa.field("char_end", pa.int64())]
+    return pa.schema(fields)
+
+
+class Record(BaseModel):
+    """Base of every record: strict when built in code, tolerant of unknown keys when read from storage."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    @classmethod
+    def from_json(cls: type[R], raw: str | bytes | dict[str, Any] | None, where: str = "") -> R | None:
+        """Parse a stored record; None (with a warning naming ``where``) when it is missing or unreadable, so a
+        damaged marker means "redo this shard", never a crash."""
+        if raw is None:
+            return None
+        try:
+            if isinstance(raw, dict):
+                return cls.model_validate(raw)
+            return cls.model_validate_json(raw)
+        except ValidationError as exc:
+            logger.warning("ignoring unreadable %s %s: %s", cls.__name__, where, exc.errors()[0].get("msg"))
+            return None
+
+
+R = TypeVar("R", bound=Record)
+
+
+class Stored(Record):
+    """Records that live on storage: unknown keys (from a newer reembed) are ignored, not an error."""
+
+    model_config = ConfigDict(extra="ignore")
+
+
+class ShardTask(Record):
+    """One shard's work as the flow hands it to an embedding actor: where to read, where to write, what to reuse."""
+
+    shard: Shard
+    corpus: CorpusSettings
+    output_uri: str
+    collection: str
+    storage_options: StorageOptions = Field(default_factory=StorageOptions)
+    model_fingerprint: str
+    input_fingerprint: str
+    chunking: ChunkingSettings | None = None
+    reuse_uris: list[str] = Field(default_factory=list)
+    progress_seconds: float = 1.0
+
+
+class ShardResult(Stored):
+    """What an actor reports for one shard: its Parquet part, its quarantine file and counts, never vectors."""
+
+    shard_id: str
+    source: str
+    model: str
+    model_fingerprint: str
+    input_fingerprint: str | None = None
+    dim: int
+    rows: int  # documents embedded (input rows minus quarantined)
+    vector_rows: int  # rows in the part: one per document, or one per chunk
+    input_rows: int
+    quarantined: int
+    encoded: int = 0
+    reused: int = 0
+    tokens: int = 0
+    padded_tokens: int = 0
+    truncated_docs: int = 0
+    dropped_tokens: int = 0
+    truncated_ids: list[str] = Field(default_factory=list)
+    part_uri: str
+    quarantine_uri: str | None = None
+    read_s: float = 0.0
+    encode_s: float = 0.0
+    seconds: float = 0.0
+    node: str | None = None
+    host: str | None = None
+    pid: int | None = None
+
+
+class ShardMarker(ShardResult):
+    """A shard's commit marker: ``written`` after its Parquet part, ``indexed`` after its points too."""
+
+    stage: Literal["written", "indexed"]
+    points: int | None = None
+
+
+class ManifestPart(Stored):
+    shard_id: str
+    part_uri: str
+    source: str
+    quarantine_uri: str | None = None
+
+
+class GuardCheck(Stored):
+    """One guard's verdict, with the numbers behind it (kept in the manifest either way)."""
+
+    name: str
+    value: float
+    limit: float
+    detail: str
+    passed: bool
+
+
+class GuardReport(Stored):
+    checks: list[GuardCheck] = Field(default_factory=list)
+    forced: str | None = None
+
+    @property
+    def failed(self) -> list[GuardCheck]:
+        return [c for c in self.checks if not c.passed]
+
+
+class GateResult(Stored):
+    """The quality gate's comparison of the new version with the live one."""
+
+    metric: str
+    new: str
+    live: str
+    new_score: float
+    live_score: float | None
+    tolerance: float
+    passed: bool
+
+
+class Manifest(Stored):
+    """A version's commit record (``current.json``), written last: which parts form its vector set."""
+
+    collection: str
+    alias: str
+    model: str | None = None
+    dim: int
+    model_settings: dict[str, Any] | None = None  # the job's `model:` section, to re-create the live model
+    fingerprint: str | None = None
+    shards: list[str] = Field(default_factory=list)
+    parts: list[ManifestPart] = Field(default_factory=list)  # empty in manifests written before parts were listed
+    extra_quarantine: list[str] = Field(default_factory=list)
+    vector_rows: int
+    input_rows: int = 0
+    chunked: bool = False
+    quarantined: int = 0
+    duplicates: int = 0
+    guards: GuardReport | None = None
+    gate: GateResult | None = None
+    score: float | None = None
+    forced: str | None = None
+    trial: bool = False
+    finished_at: str | None = None
+
+
+class ShardFailure(Record):
+    shard: str
+    error: str
+
+
+Status = Literal["ok", "trial", "up-to-date", "blocked", "failed"]
+Mode = Literal["new-version", "refresh", "resume", "up-to-date", "trial"]
+
+
+class RunSummary(Record):
+    """The outcome of ``reembed run``: version totals (every shard) and this run's work (the shards it embedded)."""
+
+    alias: str
+    collection: str
+    mode: Mode
+    status: Status
+    model: str | None
+    dim: int
+    input_rows: int
+    indexed: int
+    encoded: int = 0
+    reused: int = 0
+    deleted: int = 0
+    quarantined: int = 0
+    quarantine: str | None = None
+    duplicates: int = 0
+    vector_rows: int | None = None
+    tokens: int = 0
+    truncated_docs: int = 0
+    dropped_tokens: int = 0
+    seconds: float
+    startup_s: float | None = None
+    docs_per_s: float | None = None
+    embed_docs_per_s: float | None = None  # read -> encode -> Parquet only: bench/e2e.py's figure
+    shards_total: int
+    shards_done: int = 0
+    shards_skipped: int = 0
+    shards_embedded: int = 0
+    shards_failed: int = 0
+    failures: list[ShardFailure] = Field(default_factory=list)
+    actors: int = 0
+    actors_used: int = 0
+    shards_by_node: dict[str, int] = Field(default_factory=dict)
+    points: int | None = None
+    output: str
+    index: str
+    index_status: str | None = None
+    guards: GuardReport | None = None
+    gate: GateResult | None = None
+    retired_versions: list[str] = Field(default_factory=list)
+    message: str | None = None
+
+
+class VersionInfo(Record):
+    """One version of a job (a collection and its Parquet vector set), as ``reembed versions`` lists it."""
+
+    collection: str
+    model: str | None
+    dim: int | None
+    live: bool
+    points: int | None
+    vector_rows: int | None
+    score: float | None
+    finished_at: str | None
+    in_index: bool
+
+
+class RollbackResult(Record):
+    alias: str
+    collection: str
+    previous: str | None
+
+
+class ReindexResult(Record):
+    collection: str
+    points: int
+    upserted: int
+    encoded: int = 0
+    live: bool
+    source: str
+
+
+class StatusInfo(Record):
+    """What ``reembed status`` shows: the live collection and its manifest's totals."""
+
+    alias: str
+    collection: str | None
+    points: int
+    vector_rows: int
+    dim: int | None
+    model: str | None
+    shards: int
+    input_rows: int | None
+    quarantined: int | None
+    finished_at: str | None
+    output: str | None
+    index: str
+    in_sync: bool
