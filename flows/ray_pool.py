@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from reembed.flows.config import JobConfig
-from reembed.indexing.records import ShardResult, ShardTask
+from reembed.indexing.records import ActorInfo, ShardResult, ShardTask
 
 logger = logging.getLogger(__name__)
 
@@ -122,18 +122,18 @@ class ActorPool:
         threads = max(1, int(options["num_cpus"]))
         self.actors = [actor_cls.remote(job.model, threads) for _ in range(n)]
         try:
-            self.infos = ray.get([a.ready.remote() for a in self.actors], timeout=rt.ray_init_timeout)
+            self.infos: list[ActorInfo] = ray.get([a.ready.remote() for a in self.actors], timeout=rt.ray_init_timeout)
         except Exception as exc:
             self.shutdown()
             raise RayError(f"embedding actors failed to start: {type(exc).__name__}: {exc}") from None
-        self.dim = int(self.infos[0]["dim"])
+        self.dim = self.infos[0].dim
         self.slots = slots * n  # shards in flight at once: the flow sizes its task runner from this one number
         self._idle: queue.Queue = queue.Queue()
         for _ in range(slots):  # an actor is lent out once per slot: that many shards run in it at once
             for actor in self.actors:
                 self._idle.put(actor)
         logger.info("started %d embedding actor(s) (%s, %d shard(s) at once each) on %d node(s)", n,
-                    "GPU" if use_gpu else "CPU", slots, len({i["node"] for i in self.infos}))
+                    "GPU" if use_gpu else "CPU", slots, len({i.node for i in self.infos}))
 
     def process_shard(self, task: ShardTask, board: Any | None = None) -> ShardResult:
         import ray

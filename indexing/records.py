@@ -14,7 +14,7 @@ import uuid
 from typing import Any, Literal, TypeVar
 
 import pyarrow as pa
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, model_validator
 
 from reembed.indexing.corpus import CorpusSettings, Shard
 from reembed.indexing.storage import StorageOptions
@@ -60,6 +60,14 @@ class Record(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
 
+    @model_validator(mode="before")
+    @classmethod
+    def _drop_unknown_when_stored(cls, data: Any, info: ValidationInfo) -> Any:
+        """Keys a newer reembed wrote are dropped on the way in from storage (the context reaches nested records)."""
+        if info.context and info.context.get("stored") and isinstance(data, dict):
+            return {k: v for k, v in data.items() if k in cls.model_fields}
+        return data
+
     @classmethod
     def from_json(cls: type[R], raw: str | bytes | dict[str, Any] | None, where: str = "") -> R | None:
         """Parse a stored record; None (with a warning naming ``where``) when it is missing or unreadable, so a
@@ -68,20 +76,14 @@ class Record(BaseModel):
             return None
         try:
             if isinstance(raw, dict):
-                return cls.model_validate(raw)
-            return cls.model_validate_json(raw)
+                return cls.model_validate(raw, context={"stored": True})
+            return cls.model_validate_json(raw, context={"stored": True})
         except ValidationError as exc:
             logger.warning("ignoring unreadable %s %s: %s", cls.__name__, where, exc.errors()[0].get("msg"))
             return None
 
 
 R = TypeVar("R", bound=Record)
-
-
-class Stored(Record):
-    """Records that live on storage: unknown keys (from a newer reembed) are ignored, not an error."""
-
-    model_config = ConfigDict(extra="ignore")
 
 
 class ShardTask(Record):
@@ -99,7 +101,16 @@ class ShardTask(Record):
     progress_seconds: float = 1.0
 
 
-class ShardResult(Stored):
+class ActorInfo(Record):
+    """What an embedding actor reports once its model is loaded: the vector size and where it runs."""
+
+    dim: int
+    model: str
+    node: str | None
+    pid: int
+
+
+class ShardResult(Record):
     """What an actor reports for one shard: its Parquet part, its quarantine file and counts, never vectors."""
 
     shard_id: str
@@ -136,14 +147,14 @@ class ShardMarker(ShardResult):
     points: int | None = None
 
 
-class ManifestPart(Stored):
+class ManifestPart(Record):
     shard_id: str
     part_uri: str
     source: str
     quarantine_uri: str | None = None
 
 
-class GuardCheck(Stored):
+class GuardCheck(Record):
     """One guard's verdict, with the numbers behind it (kept in the manifest either way)."""
 
     name: str
@@ -153,7 +164,7 @@ class GuardCheck(Stored):
     passed: bool
 
 
-class GuardReport(Stored):
+class GuardReport(Record):
     checks: list[GuardCheck] = Field(default_factory=list)
     forced: str | None = None
 
@@ -162,7 +173,7 @@ class GuardReport(Stored):
         return [c for c in self.checks if not c.passed]
 
 
-class GateResult(Stored):
+class GateResult(Record):
     """The quality gate's comparison of the new version with the live one."""
 
     metric: str
@@ -174,7 +185,7 @@ class GateResult(Stored):
     passed: bool
 
 
-class Manifest(Stored):
+class Manifest(Record):
     """A version's commit record (``current.json``), written last: which parts form its vector set."""
 
     collection: str

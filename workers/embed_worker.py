@@ -17,7 +17,7 @@ import numpy as np
 import pyarrow as pa
 
 from reembed.indexing.corpus import read_shard
-from reembed.indexing.records import ShardMarker, ShardResult, ShardTask, part_schema
+from reembed.indexing.records import ActorInfo, ShardMarker, ShardResult, ShardTask, part_schema
 from reembed.indexing.vector_store import SNIPPET_CHARS, VectorStore, arrow_to_vectors, text_sha256, vectors_to_arrow
 from reembed.workers.encoder import Encoder
 from reembed.workers.settings import ModelSettings
@@ -33,9 +33,9 @@ class EmbedWorker:
         self.model_id = self.encoder.profile.model_id
         self.dim = self.encoder.dim
 
-    def ready(self) -> dict[str, Any]:
+    def ready(self) -> ActorInfo:
         """Cheap call the flow uses to wait until the model is loaded, and to learn where the actor lives."""
-        return {"dim": self.dim, "model": self.model_id, "node": _node_id(), "pid": os.getpid()}
+        return ActorInfo(dim=self.dim, model=self.model_id, node=_node_id(), pid=os.getpid())
 
     def process_shard(self, task: ShardTask, progress: Any | None = None) -> ShardResult:
         """Read, embed and write one shard. ``progress`` (a Ray actor handle with ``update``) hears how many

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import csv
-import json
 from pathlib import Path
 
 import pytest
@@ -16,7 +15,6 @@ from reembed.flows.run_flow import run_job
 from reembed.flows.versions import list_versions
 from reembed.indexing.qdrant_index import QdrantIndex
 
-pytestmark = pytest.mark.slow
 
 
 def _random_model(folder: Path) -> Path:

@@ -8,14 +8,12 @@ from pathlib import Path
 
 import pyarrow as pa
 import pyarrow.parquet as pq
-import pytest
 
 from conftest import run_cli
 from reembed.flows.config import load_job
 from reembed.flows.run_flow import run_job
 from reembed.indexing.vector_store import VectorStore
 
-pytestmark = pytest.mark.slow
 
 
 def _corpus(folder: Path) -> None:

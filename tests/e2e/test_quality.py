@@ -9,7 +9,7 @@ import pytest
 
 from conftest import DATASETS, ROOT, SCIFACT, last_json, run_cli
 from reembed.flows.config import load_job
-from reembed.flows.evaluate import evaluate_pairs, evaluate_retrieval, read_pairs, read_qrels
+from reembed.flows.evaluate import evaluate_pairs, evaluate_retrieval
 from reembed.flows.run_flow import run_job
 from reembed.indexing.qdrant_index import QdrantIndex
 from reembed.indexing.vector_store import VectorStore
@@ -32,7 +32,6 @@ def scifact_full(tmp_path_factory, ray_session):
     return job, run_job(job)
 
 
-@pytest.mark.slow
 def test_scifact_ndcg_matches_published(scifact_full) -> None:
     job, summary = scifact_full
     assert summary.indexed == summary.points == 5183
@@ -44,7 +43,6 @@ def test_scifact_ndcg_matches_published(scifact_full) -> None:
     assert 0 < metrics["mrr@10"] <= 1 and metrics["recall@100"] >= metrics["ndcg@10"]
 
 
-@pytest.mark.slow
 def test_truncation_is_reported_not_silent(scifact_full) -> None:
     job, summary = scifact_full
     assert summary.truncated_docs > 0 and summary.dropped_tokens > 0
@@ -55,7 +53,6 @@ def test_truncation_is_reported_not_silent(scifact_full) -> None:
     assert sum(m["dropped_tokens"] for m in meta) == summary.dropped_tokens
 
 
-@pytest.mark.slow
 def test_stsb_spearman_matches_published() -> None:
     path = DATASETS / "stsbenchmark" / "sts-test.csv"
     if not path.exists():
@@ -65,23 +62,10 @@ def test_stsb_spearman_matches_published() -> None:
     assert abs(metrics["spearman"] * 100 - PUBLISHED_STSB_SPEARMAN) <= 0.3, metrics
 
 
-def test_pair_and_qrels_readers(tmp_path) -> None:
-    sick = tmp_path / "sick.txt"
-    sick.write_text("pair_ID\tsentence_A\tsentence_B\trelatedness_score\tentailment_judgment\n1\ta b\ta c\t4.5\tX\n")
-    assert read_pairs(sick) == (["a b"], ["a c"], pytest.approx([4.5]))
-    jsonl = tmp_path / "p.jsonl"
-    jsonl.write_text(json.dumps({"sentence1": "猫", "sentence2": "犬", "label": 1.2}, ensure_ascii=False) + "\n")
-    assert read_pairs(jsonl)[0] == ["猫"]
-    stsb = tmp_path / "sts.csv"
-    stsb.write_text('main\tf\t2012\t1\t3.0\the said "hi\tshe said\textra\n')
-    assert read_pairs(stsb)[0] == ['he said "hi']
-    qrels = tmp_path / "q.tsv"
-    qrels.write_bytes(b"query-id\tcorpus-id\tscore\r\n1\td1\t1\r\n1\td2\t1\r\n")
-    assert read_qrels(qrels) == {"1": {"d1": 1, "d2": 1}}
-
-
-@pytest.mark.slow
 def test_eval_cli_json_on_sample(tmp_path) -> None:
+    sick = DATASETS / "sickr" / "SICK.txt"
+    if not sick.exists():
+        pytest.skip(f"SICK-R not found at {sick}")
     job = ROOT / "examples" / "sample" / "job.yaml"
     sets = ["--set", f"output.uri={tmp_path / 'v'}", "--set", f"index.path={tmp_path / 'q'}"]
     assert run_cli("run", str(job), *sets).returncode == 0
@@ -95,7 +79,7 @@ def test_eval_cli_json_on_sample(tmp_path) -> None:
     metrics = last_json(res.stdout)
     assert set(metrics) >= {"ndcg@10", "recall@100", "mrr@10"}
     assert metrics["mrr@10"] == 1.0 and metrics["ndcg@10"] == 1.0
-    res = run_cli("eval", str(job), *sets, "--pairs", str(DATASETS / "sickr" / "SICK.txt"), "--json")
-    if (DATASETS / "sickr" / "SICK.txt").exists():
-        pairs = last_json(res.stdout)
-        assert pairs["pairs"] == 9927 and 0.7 < pairs["spearman"] < 0.9
+    res = run_cli("eval", str(job), *sets, "--pairs", str(sick), "--json")
+    assert res.returncode == 0, res.stderr[-2000:]
+    pairs = last_json(res.stdout)
+    assert pairs["pairs"] == 9927 and 0.7 < pairs["spearman"] < 0.9

@@ -2,31 +2,13 @@
 
 from __future__ import annotations
 
-import json
-
-import pytest
-
-from conftest import ROOT, last_json, run_cli, write_jsonl
+from conftest import last_json, run_cli, write_jsonl
 from reembed.flows.config import load_job
-from reembed.workers.encoder import Encoder
-from reembed.workers.settings import ModelSettings
 
 FILLER = " ".join(["The committee reviewed quarterly budgets, staffing plans and office logistics in detail."] * 40)
 TAIL = "Finally, the appendix explains how octopuses open screw-top jars with their arms."
 
 
-def test_chunk_spans_cover_the_text_with_overlap() -> None:
-    enc = Encoder(ModelSettings())
-    text = FILLER + " " + TAIL
-    (spans,) = enc.chunk_spans([text], max_tokens=64, overlap=16)
-    assert len(spans) > 5 and spans[0][0] == 0 and spans[-1][1] == len(text)
-    assert all(b[0] < a[1] for a, b in zip(spans, spans[1:]))  # consecutive windows overlap
-    assert enc.chunk_spans(["short text"], 64, 16) == [[(0, 10)]]
-    with pytest.raises(ValueError, match="overlap"):
-        enc.chunk_spans([text], 16, 16)
-
-
-@pytest.mark.slow
 def test_long_document_truncated_then_chunked(tmp_path) -> None:
     docs = [{"id": "long", "text": FILLER + " " + TAIL}] + [
         {"id": f"d{i}", "text": t} for i, t in enumerate(

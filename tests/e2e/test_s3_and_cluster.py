@@ -22,7 +22,6 @@ from reembed.flows.run_flow import run_job
 from reembed.indexing.storage import StorageOptions
 from reembed.indexing.vector_store import VectorStore, arrow_to_vectors
 
-pytestmark = pytest.mark.slow
 
 N_DOCS = 200
 

@@ -20,13 +20,12 @@ from conftest import ROOT, SCIFACT, last_json, run_cli
 from reembed.flows.config import load_job
 from reembed.flows.planning import live_collection, plan_run
 from reembed.flows.run_flow import run_job
-from reembed.indexing.qdrant_index import QdrantIndex, point_id
+from reembed.indexing.qdrant_index import QdrantIndex
 from reembed.indexing.records import ShardTask
 from reembed.indexing.vector_store import VectorStore
 from reembed.workers.embed_worker import EmbedWorker
 from reembed.workers.encoder import Encoder
 
-pytestmark = pytest.mark.slow
 
 SAMPLE_CORPUS = ROOT / "examples" / "sample" / "corpus.jsonl"
 
@@ -149,7 +148,14 @@ def test_plan_fresh_half_done_refresh_and_changed_model(tmp_path, ray_session) -
     assert half["mode"] == "resume" and half["shards_written"] == 1 and half["shards_todo"] == 1
     assert [s["state"] for s in half["shards"]] == ["written", "todo"]
 
-    run_job(job)
+    state = run_job(job, return_state=True)  # the resumed run: the half-done shard is upserted, the other embedded
+    assert state.is_completed() and state.result().shards_embedded == 1
+    steps = _task_runs(state.state_details.flow_run_id)
+    # every step of the data path is a task run of this flow run in Prefect's API (what its UI shows)
+    for step in ("plan-shards", "embed-", "upsert-", "vector-set", "check-guards", "reconcile", "check-invariant",
+                 "write-manifest", "quality-gate", "move-alias", "retention", "publish"):
+        assert any(name.startswith(step) for name in steps), (step, steps)
+    assert set(steps.values()) == {"COMPLETED"}, steps
     assert plan_run(job, None, live_collection(job)).mode == "up-to-date"
     docs = _docs(job_path.parent)
     docs[30]["text"] += " (revised)"
@@ -161,6 +167,16 @@ def test_plan_fresh_half_done_refresh_and_changed_model(tmp_path, ray_session) -
     changed = last_json(run_cli("plan", str(job_path), "--set", "model.pooling=cls", "--json").stdout)
     assert changed["mode"] == "new-version" and changed["backfill"] is True
     assert changed["live_collection"] == refresh["collection"] != changed["collection"]
+
+
+def _task_runs(flow_run_id) -> dict[str, str]:
+    """Task run name -> state type of one flow run, read back from the Prefect API."""
+    from prefect import get_client
+    from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId
+
+    with get_client(sync_client=True) as client:
+        runs = client.read_task_runs(flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[flow_run_id])))
+    return {r.name: r.state_type.value for r in runs}
 
 
 def test_noop_rerun_says_so_and_trial_never_goes_live(live) -> None:

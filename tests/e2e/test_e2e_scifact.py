@@ -15,7 +15,6 @@ from reembed.indexing.qdrant_index import QdrantIndex, point_id
 from reembed.indexing.vector_store import VectorStore, arrow_to_vectors
 from reembed.workers.encoder import Encoder
 
-pytestmark = pytest.mark.slow
 
 N_DOCS = 1000
 

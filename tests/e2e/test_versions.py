@@ -7,13 +7,12 @@ import shutil
 import pytest
 
 from conftest import ROOT, last_json, run_cli
-from reembed.flows.config import load_job
+from reembed.flows.config import ConfigError, load_job
 from reembed.flows.run_flow import run_job
 from reembed.flows.versions import list_versions, reindex, rollback
 from reembed.indexing.qdrant_index import QdrantIndex
 from reembed.workers.encoder import Encoder
 
-pytestmark = pytest.mark.slow
 SAMPLE = ROOT / "examples" / "sample" / "job.yaml"
 
 
@@ -37,7 +36,7 @@ def test_versions_rollback_and_reindex(tmp_path, ray_session) -> None:
         assert all(v.points == 40 for v in versions)
         assert rollback(mean_job, index, None).collection == first.collection
         assert index.alias_target("sample") == first.collection
-        with pytest.raises(Exception, match="not found"):
+        with pytest.raises(ConfigError, match="version 'sample-000000000000' not found"):
             rollback(mean_job, index, "sample-000000000000")
     queries = ["why does bread rise", "what makes the tides", "how do bees talk", "桜"]
     before = _top(mean_job, queries)

@@ -16,10 +16,9 @@ import pytest
 from conftest import ROOT, last_json, reembed_cli, run_cli, write_jsonl
 from reembed.flows.config import load_job
 from reembed.flows.run_flow import run_job
-from reembed.indexing.qdrant_index import QdrantIndex, point_id
+from reembed.indexing.qdrant_index import QdrantIndex
 from reembed.indexing.vector_store import VectorStore, arrow_to_vectors
 
-pytestmark = pytest.mark.slow
 
 
 def _vectors(job) -> dict[str, np.ndarray]:
@@ -212,14 +211,23 @@ def test_sigkill_then_resume_on_s3(tmp_path, kill_reference, s3_server) -> None:
         "runtime: {shard_rows: 25}\n"
     )
     proc = _start(job_path)
-    deadline = time.time() + 25
-    while time.time() < deadline and proc.poll() is None:
+    deadline = time.time() + 300
+    while time.time() < deadline and proc.poll() is None:  # kill once the first shard's marker is on S3
+        fs.invalidate_cache()
+        if fs.glob("reembed/killed-out/*/shards/*.json"):
+            break
         time.sleep(0.2)
+    finished_before_kill = proc.poll() is not None
     _kill_group(proc)
+    assert not finished_before_kill, "the run ended before the kill: the trial tested nothing"
+    fs.invalidate_cache()
+    killed = fs.glob("reembed/killed-out/*/shards/*.json")
+    assert killed, "no shard finished before the kill: the resume would test nothing"
     res = run_cli("run", str(job_path), "--json")
     assert res.returncode == 0, res.stderr[-3000:]
     summary = last_json(res.stdout)
     assert summary["points"] == summary["vector_rows"] == len(docs)
+    assert summary["mode"] == "resume" and summary["shards_embedded"] < summary["shards_total"], (summary, killed)
     job = load_job(job_path)
     assert _points(job) == ref_points
     _assert_same(_vectors(job), ref_vectors)

@@ -1,0 +1,145 @@
+"""The commit steps and the decisions around them, called directly: no Ray, no Prefect server.
+
+Real Parquet parts on disk and a real Qdrant (local mode); the flow's task functions run through ``.fn``.
+"""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pyarrow as pa
+import pytest
+from prefect.states import Failed
+from pydantic import ValidationError
+
+from reembed.flows.config import ConfigError, load_job
+from reembed.flows.errors import retry_unless_job_level
+from reembed.flows.planning import RunPlan
+from reembed.flows.run_flow import (InvariantBroken, Reconciled, RunSession, invariant_task, reconcile_task,
+                                    vector_set_task)
+from reembed.flows.versions import rollback_target
+from reembed.indexing.corpus import CorpusError, Shard
+from reembed.indexing.qdrant_index import IndexError_
+from reembed.indexing.records import Manifest, ManifestPart, ShardMarker, VersionInfo, part_schema, point_id
+from reembed.indexing.upload import upsert_part
+from reembed.indexing.vector_store import VectorStore, text_sha256, vectors_to_arrow
+
+DIM = 4
+
+
+def _job(tmp_path):
+    (tmp_path / "job.yaml").write_text(
+        "name: unit\ncorpus: {uri: corpus.jsonl}\noutput: {uri: vectors}\nindex: {path: qdrant, bulk_load: false}\n")
+    return load_job(tmp_path / "job.yaml")
+
+
+def _marker(store: VectorStore, shard_id: str, ids: list[str], seed: int, source: str) -> ShardMarker:
+    """A shard's Parquet part with random unit vectors, and its indexed marker."""
+    vectors = np.random.default_rng(seed).normal(size=(len(ids), DIM)).astype(np.float32)
+    vectors /= np.linalg.norm(vectors, axis=1, keepdims=True)
+    schema = part_schema(DIM, chunked=False)
+    table = pa.table({"doc_id": ids, "vector": vectors_to_arrow(vectors), "text_sha256": [text_sha256(i) for i in ids],
+                      "model": ["m"] * len(ids), "text": ids, "source_row": list(range(1, len(ids) + 1))}, schema=schema)
+    uri = store.write_part(shard_id, table, {}, f"fp-{shard_id}")
+    return ShardMarker(shard_id=shard_id, source=source, model="m", model_fingerprint="mf", dim=DIM, rows=len(ids),
+                       vector_rows=len(ids), input_rows=len(ids), quarantined=0, part_uri=uri, stage="indexed",
+                       points=len(ids))
+
+
+def _plan(**kw) -> RunPlan:
+    shards = [Shard("a", "a.jsonl", "jsonl"), Shard("b", "b.jsonl", "jsonl")]
+    return RunPlan(collection="unit-000000000001", dim=DIM, model_fingerprint="mf", shards=shards,
+                   input_fps={"a": "fp-a", "b": "fp-b"}, **kw)
+
+
+def test_reconcile_keeps_the_first_shard_deletes_stale_and_checks_the_invariant(tmp_path) -> None:
+    job = _job(tmp_path)
+    plan = _plan()
+    with RunSession(job, plan) as run:
+        a = _marker(run.store, "a", ["d1", "d2", "d3"], 1, "a.jsonl")
+        b = _marker(run.store, "b", ["d3", "d4"], 2, "b.jsonl")  # d3 again, with another vector
+        run.index.ensure_collection(plan.collection, DIM)
+        upsert_part(run.index, run.store, plan.collection, a.part_uri)
+        upsert_part(run.index, run.store, plan.collection, b.part_uri)  # b finished last: its d3 overwrote a's
+        run.index.upsert(plan.collection, [point_id("gone")], np.ones((1, DIM), np.float32), [{"doc_id": "gone"}])
+
+        vector_set = vector_set_task.fn(run, [a, b])
+        assert vector_set.stale == [point_id("gone")]
+        assert vector_set.duplicate_ids == {point_id("d3")} and len(vector_set.points) == 4
+        assert vector_set.duplicates == [{"file": "b.jsonl", "row": 1, "doc_id": "d3",
+                                          "reason": "duplicate id 'd3' (kept the one in a.jsonl row 3)"}]
+        reconciled = reconcile_task.fn(run, vector_set)
+        assert reconciled.deleted == 1 and reconciled.points == 4 and reconciled.index_status == "green"
+        (d3,) = run.index.client.retrieve(plan.collection, [point_id("d3")], with_vectors=True)
+        first = run.store.read_part(a.part_uri).column("vector").to_pylist()[2]
+        assert np.allclose(d3.vector, first)  # the first shard in plan order wins, whoever finished last
+        quarantined = [json.loads(line) for line in open(reconciled.extra_quarantine, encoding="utf-8")]
+        assert [q["doc_id"] for q in quarantined] == ["d3"]
+
+        invariant_task.fn([a, b], vector_set, reconciled)  # 5 rows = 5 indexed + 0 quarantined; 4 points
+        with pytest.raises(InvariantBroken, match="points=3 vector_rows=4"):
+            invariant_task.fn([a, b], vector_set, Reconciled(deleted=1, points=3, index_status="green",
+                                                             extra_quarantine=None))
+        short = a.model_copy(update={"input_rows": 4})  # a row neither indexed nor quarantined
+        with pytest.raises(InvariantBroken, match="input_rows=6 indexed=5 quarantined=0"):
+            invariant_task.fn([short, b], vector_set, reconciled)
+
+
+def test_classify_runs_against_markers_and_the_manifest(tmp_path) -> None:
+    store = VectorStore(str(tmp_path), "unit-000000000001")
+    a = _marker(store, "a", ["d1"], 1, "a.jsonl")
+    b = _marker(store, "b", ["d2"], 2, "b.jsonl")
+    manifest = Manifest(collection="unit-000000000001", alias="unit", dim=DIM, vector_rows=2,
+                        parts=[ManifestPart(shard_id=m.shard_id, part_uri=m.part_uri, source=m.source) for m in (a, b)])
+    assert _plan().mode == "new-version"
+    assert _plan(live="unit-000000000000").mode == "new-version"  # a backfill beside the live version
+    assert _plan(indexed={"a": a}).mode == "resume"  # a shard done that no manifest names yet
+    assert _plan(written={"a": a.model_copy(update={"stage": "written"})}).mode == "resume"
+    done = {"a": a, "b": b}
+    assert _plan(indexed=done, manifest=manifest, live="unit-000000000001").mode == "up-to-date"
+    assert _plan(indexed=done, manifest=manifest, live="unit-000000000000").mode == "new-version"
+    assert _plan(indexed={"a": a}, manifest=manifest, live="unit-000000000001").mode == "refresh"  # b changed
+    assert _plan(indexed=done, manifest=manifest, live="unit-000000000001", trial=True).mode == "trial"
+    moved = b.model_copy(update={"part_uri": store.part_uri("b", "fp-new")})  # b re-embedded, not yet committed
+    assert _plan(indexed={"a": a, "b": moved}, manifest=manifest, live="unit-000000000001").mode == "resume"
+
+
+def _version(name: str, finished: str, live: bool = False, in_index: bool = True) -> VersionInfo:
+    return VersionInfo(collection=name, model="m", dim=DIM, live=live, points=1, vector_rows=1, score=None,
+                       finished_at=finished, in_index=in_index)
+
+
+def test_rollback_picks_the_newest_older_version_still_in_qdrant(tmp_path) -> None:
+    job = _job(tmp_path)
+    versions = [_version("unit-4", "2026-04"), _version("unit-3", "2026-03", live=True),
+                _version("unit-2", "2026-02", in_index=False), _version("unit-1", "2026-01")]
+    assert rollback_target(job, versions, None).collection == "unit-1"  # unit-2 is only in Parquet
+    assert rollback_target(job, versions, "unit-4").collection == "unit-4"  # a named newer one is fine
+    with pytest.raises(IndexError_, match="reembed reindex JOB unit-2"):
+        rollback_target(job, versions, "unit-2")
+    with pytest.raises(ConfigError, match="not found"):
+        rollback_target(job, versions, "unit-9")
+    with pytest.raises(ConfigError, match="no earlier version"):
+        rollback_target(job, versions[:2], None)
+
+
+def test_job_level_errors_are_not_retried() -> None:
+    assert not retry_unless_job_level(None, None, Failed(data=CorpusError("column 'id' not found")))
+    assert not retry_unless_job_level(None, None, Failed(data=ConfigError("bad key")))
+    assert not retry_unless_job_level(None, None, Failed(data=IndexError_("dimension mismatch")))
+    assert retry_unless_job_level(None, None, Failed(data=ConnectionError("reset by peer")))
+    assert retry_unless_job_level(None, None, Failed(data=TimeoutError()))
+
+
+def test_stored_records_read_back_tolerantly(tmp_path) -> None:
+    store = VectorStore(str(tmp_path), "unit-000000000001")
+    marker = _marker(store, "a", ["d1"], 1, "a.jsonl")
+    store.write_marker(marker)
+    assert store.read_marker("a") == marker
+    raw = json.loads(open(store.marker_uri("a")).read())
+    assert ShardMarker.from_json({**raw, "written_by": "a newer reembed"}) == marker  # unknown keys: ignored
+    assert ShardMarker.from_json({**raw, "stage": "half-done"}) is None  # damaged: redo the shard, do not crash
+    assert ShardMarker.from_json(None) is None
+    with pytest.raises(ValidationError, match="typo_field"):  # built in code, a wrong key fails where it is made
+        ShardMarker(**raw, typo_field=1)
