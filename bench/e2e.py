@@ -83,11 +83,11 @@ def bench_worker(worker: EmbedWorker, corpus: CorpusSettings, out: Path, shard_r
 
 
 def bench_upsert(parts: list[str], store_uri: str, dim: int, qdrant_path: Path) -> dict:
-    from reembed.indexing.qdrant_index import IndexSettings, QdrantIndex
+    from reembed.indexing.index import IndexSettings, open_index
     from reembed.indexing.upload import upsert_part
 
     store = VectorStore(store_uri, "bench")
-    with QdrantIndex(IndexSettings(path=str(qdrant_path))) as index:
+    with open_index(IndexSettings(path=str(qdrant_path))) as index:
         index.ensure_collection("bench", dim)
         start = time.perf_counter()
         points = sum(upsert_part(index, store, "bench", uri) for uri in parts)

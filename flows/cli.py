@@ -137,9 +137,9 @@ def run(job: str, overrides: tuple[str, ...], verbose: bool, as_json: bool, forc
         preflight(cfg)
         plan = plan_run(cfg, limit, live_collection(cfg))
         if plan.mode == "up-to-date":
-            from reembed.indexing.qdrant_index import QdrantIndex
+            from reembed.indexing.index import open_index
 
-            with QdrantIndex(cfg.index) as index:
+            with open_index(cfg.index) as index:
                 points = index.count(plan.collection)
             summary = up_to_date_summary(cfg, plan, points, time.perf_counter() - started)
             err.print(f"{summary.message} [{summary.seconds:.1f} s]", highlight=False)
@@ -243,12 +243,12 @@ def search(job: str, query: str, overrides: tuple[str, ...], verbose: bool, k: i
     _setup_logging(verbose)
     try:
         from reembed.flows.config import load_job
-        from reembed.indexing.qdrant_index import QdrantIndex
+        from reembed.indexing.index import open_index
         from reembed.workers.encoder import Encoder
 
         cfg = load_job(job, list(overrides))
-        with QdrantIndex(cfg.index) as index:
-            if version is not None and not index.client.collection_exists(version):
+        with open_index(cfg.index) as index:
+            if version is not None and not index.exists(version):
                 raise FileNotFoundError(f"version {version!r} does not exist in {index.where}; "
                                         f"`reembed versions {job}` lists them")
             if version is None and index.alias_target(cfg.name) is None:
@@ -282,12 +282,12 @@ def status(job: str, overrides: tuple[str, ...], verbose: bool, as_json: bool) -
     _setup_logging(verbose)
     try:
         from reembed.flows.config import load_job
-        from reembed.indexing.qdrant_index import QdrantIndex
+        from reembed.indexing.index import open_index
         from reembed.indexing.records import StatusInfo
         from reembed.indexing.vector_store import VectorStore
 
         cfg = load_job(job, list(overrides))
-        with QdrantIndex(cfg.index) as index:
+        with open_index(cfg.index) as index:
             collection = index.alias_target(cfg.name)
             points = index.count(collection) if collection else 0
         manifest = VectorStore(cfg.output.uri, collection, cfg.output.storage_options).read_manifest() if collection else None
@@ -300,7 +300,7 @@ def status(job: str, overrides: tuple[str, ...], verbose: bool, as_json: bool) -
         input_rows=manifest and manifest.input_rows, quarantined=manifest and manifest.quarantined,
         finished_at=manifest and manifest.finished_at,
         output=VectorStore(cfg.output.uri, collection).root if collection else None,
-        index=cfg.index.url or f"local:{cfg.index.path}",
+        index=cfg.index.where,
         in_sync=collection is not None and manifest is not None and points == manifest.vector_rows,
     )
     if not collection:
@@ -344,7 +344,7 @@ def evaluate(job: str, overrides: tuple[str, ...], verbose: bool, queries: str |
     try:
         from reembed.flows.config import load_job
         from reembed.flows.evaluate import evaluate_pairs, evaluate_retrieval
-        from reembed.indexing.qdrant_index import QdrantIndex
+        from reembed.indexing.index import open_index
         from reembed.workers.encoder import Encoder
 
         cfg = load_job(job, list(overrides))
@@ -352,7 +352,7 @@ def evaluate(job: str, overrides: tuple[str, ...], verbose: bool, queries: str |
         if pairs:
             metrics = evaluate_pairs(encoder, pairs, pairs_format)  # type: ignore[arg-type]
         else:
-            with QdrantIndex(cfg.index) as index:
+            with open_index(cfg.index) as index:
                 if index.alias_target(cfg.name) is None:
                     raise FileNotFoundError(f"alias {cfg.name!r} does not exist in {index.where}; run `reembed run {job}` first")
                 metrics = evaluate_retrieval(cfg, encoder, index, cfg.name, queries, qrels, depth)  # type: ignore[arg-type]
@@ -377,10 +377,10 @@ def versions(job: str, overrides: tuple[str, ...], verbose: bool, as_json: bool)
     try:
         from reembed.flows.config import load_job
         from reembed.flows.versions import list_versions
-        from reembed.indexing.qdrant_index import QdrantIndex
+        from reembed.indexing.index import open_index
 
         cfg = load_job(job, list(overrides))
-        with QdrantIndex(cfg.index) as index:
+        with open_index(cfg.index) as index:
             rows = list_versions(cfg, index)
         if not rows:
             raise NothingYet(f"no committed version of {cfg.name!r} under {cfg.output.uri}; "
@@ -410,10 +410,10 @@ def rollback(job: str, version: str | None, overrides: tuple[str, ...], verbose:
     try:
         from reembed.flows.config import load_job
         from reembed.flows.versions import rollback as do_rollback
-        from reembed.indexing.qdrant_index import QdrantIndex
+        from reembed.indexing.index import open_index
 
         cfg = load_job(job, list(overrides))
-        with QdrantIndex(cfg.index) as index:
+        with open_index(cfg.index) as index:
             result = do_rollback(cfg, index, version)
     except _user_errors() as exc:
         _fail(exc, verbose)
@@ -441,10 +441,10 @@ def reindex(job: str, version: str | None, overrides: tuple[str, ...], verbose: 
     try:
         from reembed.flows.config import load_job
         from reembed.flows.versions import reindex as do_reindex
-        from reembed.indexing.qdrant_index import QdrantIndex
+        from reembed.indexing.index import open_index
 
         cfg = load_job(job, list(overrides))
-        with QdrantIndex(cfg.index) as index:
+        with open_index(cfg.index) as index:
             result = do_reindex(cfg, index, version, activate)
     except _user_errors() as exc:
         _fail(exc, verbose)

@@ -20,7 +20,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict, YamlConfigSettingsSource
 
 from reembed.indexing.corpus import CorpusSettings
-from reembed.indexing.qdrant_index import IndexSettings
+from reembed.indexing.index import IndexSettings
 from reembed.indexing.records import RESERVED_COLUMNS
 from reembed.indexing.storage import StorageOptions
 from reembed.workers.settings import ChunkingSettings, ModelSettings

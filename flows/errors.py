@@ -7,7 +7,7 @@ from typing import Any
 
 from reembed.flows.config import ConfigError
 from reembed.indexing.corpus import CorpusError
-from reembed.indexing.qdrant_index import IndexError_
+from reembed.indexing.index import IndexError_
 from reembed.indexing.storage import StorageError
 from reembed.workers.model_loader import ModelNotFoundError
 

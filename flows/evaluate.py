@@ -18,7 +18,7 @@ import numpy as np
 from scipy.stats import pearsonr, spearmanr
 
 from reembed.flows.config import ConfigError, JobConfig
-from reembed.indexing.qdrant_index import QdrantIndex
+from reembed.indexing.index import VectorIndex
 from reembed.workers.encoder import Encoder
 
 logger = logging.getLogger(__name__)
@@ -111,7 +111,7 @@ def evaluate_pairs(encoder: Encoder, path: str | Path, fmt: PairsFormat = "auto"
     }
 
 
-def search_run(index: QdrantIndex, alias: str, vectors: np.ndarray, ids: list[str], depth: int,
+def search_run(index: VectorIndex, alias: str, vectors: np.ndarray, ids: list[str], depth: int,
                chunked: bool = False) -> dict[str, dict[str, float]]:
     """Top-``depth`` documents per query, chunks collapsed to their best score."""
     run: dict[str, dict[str, float]] = {}
@@ -124,7 +124,7 @@ def search_run(index: QdrantIndex, alias: str, vectors: np.ndarray, ids: list[st
     return run
 
 
-def evaluate_retrieval(job: JobConfig, encoder: Encoder, index: QdrantIndex, alias: str, queries_path: str | Path,
+def evaluate_retrieval(job: JobConfig, encoder: Encoder, index: VectorIndex, alias: str, queries_path: str | Path,
                        qrels_path: str | Path, depth: int = 1000, chunked: bool | None = None) -> dict[str, Any]:
     import pytrec_eval
 

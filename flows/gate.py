@@ -14,7 +14,7 @@ from reembed.indexing.records import GateResult, Manifest, RunSummary
 from reembed.workers.settings import ModelSettings
 
 if TYPE_CHECKING:
-    from reembed.indexing.qdrant_index import QdrantIndex
+    from reembed.indexing.index import VectorIndex
 
 logger = logging.getLogger(__name__)
 
@@ -32,7 +32,7 @@ class GateFailed(RuntimeError):
         )
 
 
-def _score(job: JobConfig, model: ModelSettings, index: "QdrantIndex", collection: str, chunked: bool) -> float:
+def _score(job: JobConfig, model: ModelSettings, index: "VectorIndex", collection: str, chunked: bool) -> float:
     # torch, transformers and scipy load here, only for jobs with a gate: a run without one starts seconds sooner
     from reembed.flows.evaluate import evaluate_pairs, evaluate_retrieval
     from reembed.workers.encoder import Encoder
@@ -50,7 +50,7 @@ def _score(job: JobConfig, model: ModelSettings, index: "QdrantIndex", collectio
     return float(metrics[metric])
 
 
-def check_gate(job: JobConfig, index: "QdrantIndex", new: str, live: str, live_manifest: Manifest | None) -> GateResult:
+def check_gate(job: JobConfig, index: "VectorIndex", new: str, live: str, live_manifest: Manifest | None) -> GateResult:
     """Scores of the new and live versions and whether the new one may go live."""
     gate = job.gate
     assert gate is not None

@@ -151,9 +151,9 @@ def plan_run(job: JobConfig, limit: int | None = None, live: str | None = None) 
 
 
 def live_collection(job: JobConfig) -> str | None:
-    from reembed.indexing.qdrant_index import QdrantIndex
+    from reembed.indexing.index import open_index
 
-    with QdrantIndex(job.index) as index:
+    with open_index(job.index) as index:
         return index.alias_target(job.name)
 
 
@@ -168,7 +168,7 @@ def up_to_date_summary(job: JobConfig, plan: RunPlan, points: int, seconds: floa
         quarantined=manifest.quarantined, duplicates=manifest.duplicates, vector_rows=manifest.vector_rows,
         seconds=round(seconds, 3), shards_total=len(plan.shards), shards_done=len(plan.shards),
         shards_skipped=len(plan.shards), points=points, output=VectorStore(job.output.uri, plan.collection).root,
-        index=job.index.url or f"local:{job.index.path}",
+        index=job.index.where,
         message=f"nothing to do: {job.name} is up to date ({len(plan.shards)} shard(s) unchanged, "
                 f"{points} points in {plan.collection})",
     )

@@ -35,7 +35,7 @@ from reembed.flows.planning import RunPlan, live_collection, plan_run, up_to_dat
 from reembed.flows.progress import ProgressMode, RunProgress, start_board
 from reembed.flows.ray_pool import ActorPool, init_ray
 from reembed.flows.versions import apply_retention
-from reembed.indexing.qdrant_index import IndexError_, QdrantIndex
+from reembed.indexing.index import IndexError_, VectorIndex, open_index
 from reembed.indexing.records import (GateResult, GuardReport, Manifest, ManifestPart, RunSummary, ShardFailure,
                                       ShardMarker, ShardResult, ShardTask, Status, point_id)
 from reembed.indexing.upload import upsert_part
@@ -115,7 +115,7 @@ class RunSession:
         self.job = job
         self.plan = plan
         self.store = VectorStore(job.output.uri, plan.collection, job.output.storage_options)
-        self.index = QdrantIndex(job.index)
+        self.index = open_index(job.index)
         self.pool: ActorPool | None = None
         self.owns_ray = False
         # Refreshing the live collection itself: hold every write to it until the quarantine guard has passed.
@@ -476,7 +476,7 @@ def summarize(run: RunSession, embedded: Embedded, results: Iterable[ShardResult
         actors=len(run.pool.actors) if run.pool else 0, actors_used=len({(r.node, r.pid) for r in fresh}),
         shards_by_node=dict(Counter(r.node or "local" for r in fresh)),
         points=reconciled.points if reconciled else points, output=run.store.root,
-        index=job.index.url or f"local:{job.index.path}", index_status=reconciled.index_status if reconciled else None,
+        index=job.index.where, index_status=reconciled.index_status if reconciled else None,
         guards=guards, gate=gate, retired_versions=retired or [], message=message,
     )
 
@@ -539,13 +539,6 @@ def _reuse_sources(store: VectorStore, previous: Manifest | None) -> dict[str, l
     return by_source
 
 
-def _live_doc_ids(index: QdrantIndex, collection: str) -> set[str]:
-    docs: set[str] = set()
-    offset = None
-    while True:
-        points, offset = index.client.scroll(collection, limit=10_000, offset=offset, with_payload=["doc_id"],
-                                             with_vectors=False)
-        docs.update(str((p.payload or {}).get("doc_id")) for p in points)
-        if offset is None:
-            return docs
+def _live_doc_ids(index: VectorIndex, collection: str) -> set[str]:
+    return {str(p.payload.get("doc_id")) for p in index.scroll(collection, ["doc_id"])}
 

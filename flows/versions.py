@@ -10,7 +10,7 @@ import logging
 import re
 
 from reembed.flows.config import ConfigError, JobConfig
-from reembed.indexing.qdrant_index import IndexError_, QdrantIndex
+from reembed.indexing.index import IndexError_, VectorIndex
 from reembed.indexing.records import Manifest, ReindexResult, RollbackResult, VersionInfo
 from reembed.indexing.upload import upsert_part
 from reembed.indexing.storage import filesystem, full_uri, join, read_json
@@ -19,7 +19,7 @@ from reembed.indexing.vector_store import VectorStore
 logger = logging.getLogger(__name__)
 
 
-def list_versions(job: JobConfig, index: QdrantIndex) -> list[VersionInfo]:
+def list_versions(job: JobConfig, index: VectorIndex) -> list[VersionInfo]:
     """Every version with a committed vector set, newest first, with its point count and whether it is live."""
     fs, root = filesystem(job.output.uri, job.output.storage_options)
     pattern = re.compile(rf"^{re.escape(job.name)}-[0-9a-f]{{12}}$")
@@ -33,7 +33,7 @@ def list_versions(job: JobConfig, index: QdrantIndex) -> list[VersionInfo]:
         manifest = Manifest.from_json(read_json(uri, job.output.storage_options), uri)
         if manifest is None:
             continue
-        exists = index.client.collection_exists(collection)
+        exists = index.exists(collection)
         versions.append(VersionInfo(
             collection=collection, model=manifest.model, dim=manifest.dim, live=collection == live,
             points=index.count(collection) if exists else None, vector_rows=manifest.vector_rows,
@@ -43,14 +43,14 @@ def list_versions(job: JobConfig, index: QdrantIndex) -> list[VersionInfo]:
     return versions
 
 
-def apply_retention(job: JobConfig, index: QdrantIndex, keep: int) -> list[str]:
+def apply_retention(job: JobConfig, index: VectorIndex, keep: int) -> list[str]:
     """Delete collections and vector sets of versions beyond the newest ``keep``; never the live one."""
     retired = []
     for version in list_versions(job, index)[keep:]:
         if version.live:
             continue
         if version.in_index:
-            index.client.delete_collection(version.collection)
+            index.drop(version.collection)
         fs, root = filesystem(VectorStore(job.output.uri, version.collection).root, job.output.storage_options)
         fs.rm(root, recursive=True)
         retired.append(version.collection)
@@ -76,7 +76,7 @@ def rollback_target(job: JobConfig, versions: list[VersionInfo], version: str | 
     return target
 
 
-def rollback(job: JobConfig, index: QdrantIndex, version: str | None) -> RollbackResult:
+def rollback(job: JobConfig, index: VectorIndex, version: str | None) -> RollbackResult:
     """Point the alias at ``version``, or at the newest version older than the live one."""
     versions = list_versions(job, index)
     live = next((v.collection for v in versions if v.live), None)
@@ -86,7 +86,7 @@ def rollback(job: JobConfig, index: QdrantIndex, version: str | None) -> Rollbac
     return RollbackResult(alias=job.name, collection=target.collection, previous=live)
 
 
-def reindex(job: JobConfig, index: QdrantIndex, version: str | None, activate: bool | None = None) -> ReindexResult:
+def reindex(job: JobConfig, index: VectorIndex, version: str | None, activate: bool | None = None) -> ReindexResult:
     """Rebuild a collection from its Parquet vector set; encodes nothing.
 
     ``version`` defaults to the live version, else the newest committed one. The collection is recreated, every
@@ -104,8 +104,8 @@ def reindex(job: JobConfig, index: QdrantIndex, version: str | None, activate: b
     store = VectorStore(job.output.uri, version, job.output.storage_options)
     manifest = store.read_manifest()
     assert manifest is not None  # list_versions found it
-    if index.client.collection_exists(version):
-        index.client.delete_collection(version)
+    if index.exists(version):
+        index.drop(version)
     index.ensure_collection(version, manifest.dim, job.corpus.payload)
     written = sum(upsert_part(index, store, version, part) for part in store.current_parts(manifest))
     points = index.count(version)

@@ -11,41 +11,19 @@ import threading
 import time
 import warnings
 from pathlib import Path
-from typing import Any, Literal
+from collections.abc import Iterator
+from typing import Any
 
 import numpy as np
-from pydantic import BaseModel, ConfigDict, Field, SecretStr
 from qdrant_client import QdrantClient, models
 from tenacity import retry, retry_if_exception, stop_after_attempt, wait_exponential
 
+from reembed.indexing.index import IndexError_, IndexSettings, Point
 from reembed.indexing.records import point_id
 
 __all__ = ["IndexError_", "IndexSettings", "QdrantIndex", "point_id"]
 
 logger = logging.getLogger(__name__)
-
-
-class IndexSettings(BaseModel):
-    """The `index:` section of a job file."""
-
-    model_config = ConfigDict(extra="forbid")
-
-    url: str | None = Field(None, description="null = Qdrant local mode at `path`; else http(s)://host:6333")
-    api_key: SecretStr | None = Field(None, description="API key for a Qdrant server")
-    path: str = Field("./reembed-data/qdrant", description="local-mode storage folder")
-    upsert_batch: int = Field(256, ge=1, description="points per upsert request")
-    upsert_parallel: int = Field(4, ge=1, description="shards upserted at once into a server (local mode: always 1)")
-    bulk_load: bool = Field(True, description="defer HNSW indexing while a new collection is filled, then build it once")
-    indexing_threshold: int = Field(20000, ge=0, description="Qdrant's indexing_threshold restored after a bulk load")
-    on_disk: bool = Field(False, description="keep original vectors on disk (memmap) instead of RAM")
-    quantization: Literal["none", "scalar"] = Field("none", description="scalar = int8 scalar quantization kept in RAM")
-    keep_versions: int = Field(3, ge=1, description="retention: newest versions kept; older collections and vector sets are deleted")
-    green_timeout: int = Field(600, ge=1, description="seconds to wait for the collection to turn green after a bulk load")
-    timeout: int = Field(60, ge=1, description="seconds per request to a server")
-
-
-class IndexError_(RuntimeError):
-    """A job-level Qdrant problem (unreachable server, dimension mismatch)."""
 
 
 def _transient(exc: BaseException) -> bool:
@@ -98,7 +76,8 @@ def _release_local(path: str) -> None:
 
 
 class QdrantIndex:
-    """Thin, typed wrapper over the calls reembed makes; identical for local mode and a server."""
+    """The ``VectorIndex`` on qdrant-client: a Qdrant server (``index.url``), or qdrant-client's local mode (a
+    Python stand-in for the server API, kept for tests and tiny corpora)."""
 
     def __init__(self, settings: IndexSettings) -> None:
         self.settings = settings
@@ -110,7 +89,7 @@ class QdrantIndex:
 
     @property
     def where(self) -> str:
-        return self.settings.url or f"local:{self.settings.path}"
+        return self.settings.where
 
     def close(self) -> None:
         if self.settings.url:
@@ -162,16 +141,9 @@ class QdrantIndex:
         """Local mode applies writes in-process and is not safe for concurrent writers; a server is."""
         return not self.settings.url
 
-    def point_ids(self, collection: str, page: int = 10_000) -> list[str]:
+    def point_ids(self, collection: str) -> list[str]:
         """Every point id in the collection (ids only: no payloads, no vectors)."""
-        ids: list[str] = []
-        offset = None
-        while True:
-            points, offset = self.client.scroll(collection, limit=page, offset=offset, with_payload=False,
-                                                with_vectors=False)
-            ids.extend(str(p.id) for p in points)
-            if offset is None:
-                return ids
+        return [p.id for p in self.scroll(collection)]
 
     @_retry
     def delete_points(self, collection: str, ids: list[str], batch: int = 1000) -> None:
@@ -197,6 +169,33 @@ class QdrantIndex:
 
     def count(self, name: str) -> int:
         return self.client.count(name, exact=True).count
+
+    def exists(self, name: str) -> bool:
+        return self.client.collection_exists(name)
+
+    def drop(self, name: str) -> None:
+        self.client.delete_collection(name)
+
+    def dim(self, name: str) -> int | None:
+        vectors = self.client.get_collection(name).config.params.vectors
+        return vectors.size if isinstance(vectors, models.VectorParams) else None
+
+    def scroll(self, name: str, fields: list[str] | None = None, with_vectors: bool = False,
+               page: int = 10_000) -> Iterator[Point]:
+        """Every point of ``name`` (a collection or an alias), with the chosen payload fields."""
+        offset = None
+        while True:
+            points, offset = self.client.scroll(name, limit=page, offset=offset, with_payload=fields or False,
+                                                with_vectors=with_vectors)
+            for p in points:
+                yield Point(str(p.id), np.asarray(p.vector, dtype=np.float32) if with_vectors else None,
+                            p.payload or {})
+            if offset is None:
+                return
+
+    def retrieve(self, name: str, ids: list[str]) -> list[Point]:
+        return [Point(str(p.id), np.asarray(p.vector, dtype=np.float32), p.payload or {})
+                for p in self.client.retrieve(name, ids, with_vectors=True, with_payload=True)]
 
     def alias_target(self, alias: str) -> str | None:
         for a in self.client.get_aliases().aliases:

@@ -6,13 +6,13 @@ batches and never talks to Qdrant. A run's upsert step and ``reembed reindex`` b
 
 from __future__ import annotations
 
-from reembed.indexing.qdrant_index import QdrantIndex
+from reembed.indexing.index import VectorIndex
 from reembed.indexing.vector_store import VectorStore
 
 READ_BATCHES = 8  # upsert batches read from Parquet at once: fewer, larger Arrow-to-Python conversions
 
 
-def upsert_part(index: QdrantIndex, store: VectorStore, collection: str, part_uri: str,
+def upsert_part(index: VectorIndex, store: VectorStore, collection: str, part_uri: str,
                 rows: list[int] | None = None) -> int:
     """Upsert one Parquet part (or its chosen ``rows``) into ``collection``; returns the points written."""
     return sum(index.upsert(collection, b.ids, b.vectors, b.payloads)

@@ -45,3 +45,25 @@ def test_e2e_bench_smoke() -> None:
     assert result["encode_only_docs_per_s"] > 0 and result["worker_docs_per_s"] > 0
     assert result["worker_encode_s"] > 0 and result["upsert_points_per_s"] > 0
     assert result["flow"]["encoded"] == 16 and result["flow"]["embed_docs_per_s"] > 0
+
+
+INDEX_KEYS = {"points", "upserts_per_s", "build_s", "search_p50_ms", "search_p95_ms", "recall_at_10", "rss_mb",
+              "disk_mb"}
+
+
+def test_index_bench_smoke(tmp_path) -> None:
+    """Both engines through bench/index.py on cached stand-in embeddings (so no SciFact encoding here)."""
+    import numpy as np
+
+    rng = np.random.default_rng(0)
+    for name, n in (("scifact-docs.npy", 400), ("scifact-queries.npy", 30)):
+        v = rng.normal(size=(n, 384)).astype(np.float32)
+        np.save(tmp_path / name, v / np.linalg.norm(v, axis=1, keepdims=True))
+    result = _run("bench/index.py", "--points", "1200", "--cache", str(tmp_path), "--json")
+    assert set(result) == {"edge", "local", "edge_vs_local_upserts"}
+    for engine in ("edge", "local"):
+        r = result[engine]
+        assert INDEX_KEYS <= set(r) and r["points"] == 1200 and r["upserts_per_s"] > 0, engine
+        assert r["recall_at_10"] >= 0.95 and 0 < r["search_p50_ms"] <= r["search_p95_ms"], (engine, r)
+    assert result["edge_vs_local_upserts"] == pytest.approx(
+        result["edge"]["upserts_per_s"] / result["local"]["upserts_per_s"], rel=0.01)

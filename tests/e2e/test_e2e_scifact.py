@@ -11,7 +11,8 @@ import pytest
 from conftest import write_jsonl
 from reembed.flows.config import load_job
 from reembed.flows.run_flow import run_job
-from reembed.indexing.qdrant_index import QdrantIndex, point_id
+from reembed.indexing.index import open_index
+from reembed.indexing.records import point_id
 from reembed.indexing.vector_store import VectorStore, arrow_to_vectors
 from reembed.workers.encoder import Encoder
 
@@ -42,10 +43,10 @@ def test_counts_add_up_one_point_per_document(scifact_run) -> None:
     store = VectorStore(job.output.uri, summary.collection)
     table = store.read_all()
     assert table.num_rows == N_DOCS
-    with QdrantIndex(job.index) as index:
+    with open_index(job.index) as index:
         assert index.alias_target(job.name) == summary.collection
         assert index.count(job.name) == N_DOCS
-        points, _ = index.client.scroll(job.name, limit=N_DOCS + 10, with_payload=["doc_id"])
+        points = list(index.scroll(job.name, ["doc_id"]))
     seen = [p.payload["doc_id"] for p in points]
     assert sorted(seen) == sorted(d["_id"] for d in docs)
     assert all(str(p.id) == point_id(p.payload["doc_id"]) for p in points)
@@ -79,7 +80,7 @@ def test_title_search_finds_its_document(scifact_run) -> None:
     sample = random.Random(7).sample(docs, 200)
     encoder = Encoder(job.model)
     vectors, _ = encoder.encode([d["title"] for d in sample], kind="query")
-    with QdrantIndex(job.index) as index:
+    with open_index(job.index) as index:
         hits = [index.search(job.name, v, 1)[0]["doc_id"] for v in vectors]
     rate = np.mean([h == d["_id"] for h, d in zip(hits, sample)])
     assert rate >= 0.95, f"title -> own document first for only {rate:.1%}"
@@ -91,15 +92,15 @@ def test_reindex_from_parquet_reproduces_search(scifact_run, tmp_path) -> None:
 
     from conftest import SCIFACT
     from reembed.flows.versions import reindex
-    from reembed.indexing.qdrant_index import IndexSettings
+    from reembed.indexing.index import IndexSettings
 
     job, summary, _ = scifact_run
     queries = [json.loads(line)["text"] for line in (SCIFACT / "queries.jsonl").open(encoding="utf-8")][:50]
     vectors, _ = Encoder(job.model).encode(queries, kind="query")
-    with QdrantIndex(job.index) as index:
+    with open_index(job.index) as index:
         before = [[h["doc_id"] for h in index.search(job.name, v, 10)] for v in vectors]
     rebuilt = job.model_copy(update={"index": IndexSettings(path=str(tmp_path / "fresh-qdrant"))})
-    with QdrantIndex(rebuilt.index) as index:
+    with open_index(rebuilt.index) as index:
         result = reindex(rebuilt, index, None)
         assert result.encoded == 0 and result.points == N_DOCS and result.collection == summary.collection
         after = [[h["doc_id"] for h in index.search(job.name, v, 10)] for v in vectors]

@@ -13,7 +13,7 @@ from reembed.flows.config import load_job
 from reembed.flows.gate import GateFailed
 from reembed.flows.run_flow import run_job
 from reembed.flows.versions import list_versions
-from reembed.indexing.qdrant_index import QdrantIndex
+from reembed.indexing.index import open_index
 
 
 
@@ -53,24 +53,25 @@ def gated_job(tmp_path, scifact_docs):
     return tmp_path / "job.yaml"
 
 
-def test_gate_blocks_a_worse_model_and_force_overrides(gated_job, ray_session) -> None:
-    good = run_job(load_job(gated_job))
+@pytest.mark.parametrize("engine", ["edge", "local"])
+def test_gate_blocks_a_worse_model_and_force_overrides(gated_job, ray_session, engine) -> None:
+    good = run_job(load_job(gated_job, [f"index.engine={engine}"]))
     assert good.gate is None  # nothing live yet: nothing to compare with
     bad_model = _random_model(gated_job.parent)
-    bad_job = load_job(gated_job, [f"model.name={bad_model}"])
+    bad_job = load_job(gated_job, [f"model.name={bad_model}", f"index.engine={engine}"])
     with pytest.raises(GateFailed) as blocked:
         run_job(bad_job)
     gate = blocked.value.result
     assert gate.live == good.collection and gate.new_score < gate.live_score - 0.02
     assert f"{gate.new_score:.4f}" in str(blocked.value) and f"{gate.live_score:.4f}" in str(blocked.value)
-    with QdrantIndex(bad_job.index) as index:
+    with open_index(bad_job.index) as index:
         assert index.alias_target("gated") == good.collection  # still live
         versions = {v.collection: v for v in list_versions(bad_job, index)}
     assert len(versions) == 2 and versions[gate.new].dim == 256 and versions[gate.new].points == 300
     assert versions[gate.new].score == pytest.approx(gate.new_score)
 
     forced = run_job(bad_job, force_reason="testing the override")
-    with QdrantIndex(bad_job.index) as index:
+    with open_index(bad_job.index) as index:
         assert index.alias_target("gated") == forced.collection == gate.new
 
 
@@ -79,5 +80,5 @@ def test_gate_lets_an_equal_model_through(gated_job, ray_session) -> None:
     near = run_job(load_job(gated_job, ["model.max_seq_length=255"]))
     assert near.collection != good.collection
     assert near.gate.passed and abs(near.gate.new_score - near.gate.live_score) < 0.02
-    with QdrantIndex(load_job(gated_job).index) as index:
+    with open_index(load_job(gated_job).index) as index:
         assert index.alias_target("gated") == near.collection

@@ -20,7 +20,7 @@ from conftest import ROOT, SCIFACT, last_json, run_cli
 from reembed.flows.config import load_job
 from reembed.flows.planning import live_collection, plan_run
 from reembed.flows.run_flow import run_job
-from reembed.indexing.qdrant_index import QdrantIndex
+from reembed.indexing.index import open_index
 from reembed.indexing.records import ShardTask
 from reembed.indexing.vector_store import VectorStore
 from reembed.workers.embed_worker import EmbedWorker
@@ -51,9 +51,9 @@ def _write(folder: Path, docs: list[dict]) -> None:
 def _live(job) -> tuple[str | None, int, dict[str, np.ndarray], list[str]]:
     """Alias target, point count, every point's vector by doc id, and the top hits of a fixed query."""
     query, _ = Encoder(job.model).encode(["why does bread rise"], kind="query")
-    with QdrantIndex(job.index) as index:
+    with open_index(job.index) as index:
         target = index.alias_target(job.name)
-        points, _ = index.client.scroll(job.name, limit=10_000, with_payload=["doc_id"], with_vectors=True)
+        points = list(index.scroll(job.name, ["doc_id"], with_vectors=True))
         hits = [h["doc_id"] for h in index.search(job.name, query[0], 5)]
         return target, index.count(job.name), {p.payload["doc_id"]: np.asarray(p.vector) for p in points}, hits
 

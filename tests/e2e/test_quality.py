@@ -11,7 +11,7 @@ from conftest import DATASETS, ROOT, SCIFACT, last_json, run_cli
 from reembed.flows.config import load_job
 from reembed.flows.evaluate import evaluate_pairs, evaluate_retrieval
 from reembed.flows.run_flow import run_job
-from reembed.indexing.qdrant_index import QdrantIndex
+from reembed.indexing.index import open_index
 from reembed.indexing.vector_store import VectorStore
 from reembed.workers.encoder import Encoder
 
@@ -35,7 +35,7 @@ def scifact_full(tmp_path_factory, ray_session):
 def test_scifact_ndcg_matches_published(scifact_full) -> None:
     job, summary = scifact_full
     assert summary.indexed == summary.points == 5183
-    with QdrantIndex(job.index) as index:
+    with open_index(job.index) as index:
         metrics = evaluate_retrieval(job, Encoder(job.model), index, job.name, SCIFACT / "queries.jsonl",
                                      SCIFACT / "qrels" / "test.tsv")
     assert metrics["queries"] == 300

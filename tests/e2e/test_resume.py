@@ -16,22 +16,21 @@ import pytest
 from conftest import ROOT, last_json, reembed_cli, run_cli, write_jsonl
 from reembed.flows.config import load_job
 from reembed.flows.run_flow import run_job
-from reembed.indexing.qdrant_index import QdrantIndex
+from reembed.indexing.index import open_index
 from reembed.indexing.vector_store import VectorStore, arrow_to_vectors
 
 
 
 def _vectors(job) -> dict[str, np.ndarray]:
-    with QdrantIndex(job.index) as index:
+    with open_index(job.index) as index:
         collection = index.alias_target(job.name)
     table = VectorStore(job.output.uri, collection, job.output.storage_options).read_all(["doc_id", "vector"])
     return dict(zip(table.column("doc_id").to_pylist(), arrow_to_vectors(table.column("vector"))))
 
 
 def _points(job) -> dict[str, str]:
-    with QdrantIndex(job.index) as index:
-        points, _ = index.client.scroll(job.name, limit=100_000, with_payload=["doc_id"])
-    return {str(p.id): p.payload["doc_id"] for p in points}
+    with open_index(job.index) as index:
+        return {p.id: p.payload["doc_id"] for p in index.scroll(job.name, ["doc_id"])}
 
 
 def _assert_same(a: dict[str, np.ndarray], b: dict[str, np.ndarray]) -> None:
@@ -142,12 +141,12 @@ def kill_reference(tmp_path_factory, scifact_docs, ray_session):
     return docs, _vectors(job), _points(job)
 
 
-@pytest.mark.parametrize("after_markers", [None, 1, 5])
-def test_sigkill_of_the_flow_then_resume(tmp_path, kill_reference, after_markers) -> None:
-    """Kill during start-up, after the first shard commits, and after five of eight."""
+@pytest.mark.parametrize(("after_markers", "engine"), [(None, "edge"), (1, "edge"), (5, "local")])
+def test_sigkill_of_the_flow_then_resume(tmp_path, kill_reference, after_markers, engine) -> None:
+    """Kill during start-up, after the first shard commits (Edge mid-upsert), and after five of eight (local mode)."""
     docs, ref_vectors, ref_points = kill_reference
     write_jsonl(tmp_path / "corpus.jsonl", docs)
-    job_path = _job(tmp_path, "killed")
+    job_path = _job(tmp_path, "killed", f"index: {{engine: {engine}}}\n")
     job = load_job(job_path)
     proc = _start(job_path)
     deadline = time.time() + (random.Random(0).uniform(2, 6) if after_markers is None else 300)

@@ -10,7 +10,7 @@ from conftest import ROOT, last_json, run_cli
 from reembed.flows.config import ConfigError, load_job
 from reembed.flows.run_flow import run_job
 from reembed.flows.versions import list_versions, reindex, rollback
-from reembed.indexing.qdrant_index import QdrantIndex
+from reembed.indexing.index import open_index
 from reembed.workers.encoder import Encoder
 
 SAMPLE = ROOT / "examples" / "sample" / "job.yaml"
@@ -18,18 +18,19 @@ SAMPLE = ROOT / "examples" / "sample" / "job.yaml"
 
 def _top(job, queries: list[str], k: int = 10) -> list[list[str]]:
     vectors, _ = Encoder(job.model).encode(queries, kind="query")
-    with QdrantIndex(job.index) as index:
+    with open_index(job.index) as index:
         return [[h["doc_id"] for h in index.search(job.name, v, k)] for v in vectors]
 
 
-def test_versions_rollback_and_reindex(tmp_path, ray_session) -> None:
-    sets = [f"output.uri={tmp_path / 'v'}", f"index.path={tmp_path / 'q'}"]
+@pytest.mark.parametrize("engine", ["edge", "local"])
+def test_versions_rollback_and_reindex(tmp_path, ray_session, engine) -> None:
+    sets = [f"output.uri={tmp_path / 'v'}", f"index.path={tmp_path / 'q'}", f"index.engine={engine}"]
     mean_job = load_job(SAMPLE, sets)
     cls_job = load_job(SAMPLE, [*sets, "model.pooling=cls"])
     first = run_job(mean_job)
     second = run_job(cls_job)
     assert first.collection != second.collection
-    with QdrantIndex(mean_job.index) as index:
+    with open_index(mean_job.index) as index:
         versions = list_versions(mean_job, index)
         assert [v.collection for v in versions] == [second.collection, first.collection]
         assert [v.live for v in versions] == [True, False]
@@ -42,7 +43,7 @@ def test_versions_rollback_and_reindex(tmp_path, ray_session) -> None:
     before = _top(mean_job, queries)
 
     shutil.rmtree(tmp_path / "q")  # lose Qdrant entirely: Parquet is the source of truth
-    with QdrantIndex(mean_job.index) as index:
+    with open_index(mean_job.index) as index:
         result = reindex(mean_job, index, first.collection)
         assert result.encoded == 0 and result.points == 40 and result.live
     assert _top(mean_job, queries) == before
@@ -66,11 +67,11 @@ def test_retention_keeps_the_newest_versions(tmp_path, ray_session) -> None:
     sets = [f"output.uri={tmp_path / 'v'}", f"index.path={tmp_path / 'q'}", "index.keep_versions=2"]
     made = [run_job(load_job(SAMPLE, [*sets, f"model.max_seq_length={n}"])).collection for n in (128, 192, 256)]
     job = load_job(SAMPLE, sets)
-    with QdrantIndex(job.index) as index:
+    with open_index(job.index) as index:
         left = [v.collection for v in list_versions(job, index)]
         assert left == [made[2], made[1]]
-        assert not index.client.collection_exists(made[0])
-        assert index.client.get_collection(made[2]).status.value == "green"
+        assert not index.exists(made[0]) and index.exists(made[1]) and index.exists(made[2])
+        assert index.count(made[2]) == 40
     assert not (tmp_path / "v" / made[0]).exists()
     assert (tmp_path / "v" / made[1] / "current.json").exists()
 
@@ -101,11 +102,11 @@ def test_search_loop_sees_no_error_through_a_backfill_and_swap(tmp_path, ray_ses
 
     def reader() -> None:
         nonlocal empty
-        with QdrantIndex(old_job.index) as index:
+        with open_index(old_job.index) as index:
             while not stop.is_set():
                 try:
                     target = index.alias_target("sample")
-                    dim = index.client.get_collection(target).config.params.vectors.size
+                    dim = index.dim(target)
                     hits = index.search(target, np.asarray(vectors[dim]), 5)
                     empty += not hits
                     if not seen or seen[-1] != target:

@@ -20,7 +20,7 @@ from reembed.flows.run_flow import (InvariantBroken, Reconciled, RunSession, inv
                                     vector_set_task)
 from reembed.flows.versions import rollback_target
 from reembed.indexing.corpus import CorpusError, Shard
-from reembed.indexing.qdrant_index import IndexError_
+from reembed.indexing.index import IndexError_
 from reembed.indexing.records import Manifest, ManifestPart, ShardMarker, VersionInfo, part_schema, point_id
 from reembed.indexing.upload import upsert_part
 from reembed.indexing.vector_store import VectorStore, text_sha256, vectors_to_arrow
@@ -28,9 +28,9 @@ from reembed.indexing.vector_store import VectorStore, text_sha256, vectors_to_a
 DIM = 4
 
 
-def _job(tmp_path):
+def _job(tmp_path, engine: str = "edge"):
     (tmp_path / "job.yaml").write_text(
-        "name: unit\ncorpus: {uri: corpus.jsonl}\noutput: {uri: vectors}\nindex: {path: qdrant, bulk_load: false}\n")
+        f"name: unit\ncorpus: {{uri: corpus.jsonl}}\noutput: {{uri: vectors}}\nindex: {{path: qdrant, engine: {engine}}}\n")
     return load_job(tmp_path / "job.yaml")
 
 
@@ -53,8 +53,9 @@ def _plan(**kw) -> RunPlan:
                    input_fps={"a": "fp-a", "b": "fp-b"}, **kw)
 
 
-def test_reconcile_keeps_the_first_shard_deletes_stale_and_checks_the_invariant(tmp_path) -> None:
-    job = _job(tmp_path)
+@pytest.mark.parametrize("engine", ["edge", "local"])
+def test_reconcile_keeps_the_first_shard_deletes_stale_and_checks_the_invariant(tmp_path, engine) -> None:
+    job = _job(tmp_path, engine)
     plan = _plan()
     with RunSession(job, plan) as run:
         a = _marker(run.store, "a", ["d1", "d2", "d3"], 1, "a.jsonl")
@@ -71,7 +72,7 @@ def test_reconcile_keeps_the_first_shard_deletes_stale_and_checks_the_invariant(
                                           "reason": "duplicate id 'd3' (kept the one in a.jsonl row 3)"}]
         reconciled = reconcile_task.fn(run, vector_set)
         assert reconciled.deleted == 1 and reconciled.points == 4 and reconciled.index_status == "green"
-        (d3,) = run.index.client.retrieve(plan.collection, [point_id("d3")], with_vectors=True)
+        (d3,) = run.index.retrieve(plan.collection, [point_id("d3")])
         first = run.store.read_part(a.part_uri).column("vector").to_pylist()[2]
         assert np.allclose(d3.vector, first)  # the first shard in plan order wins, whoever finished last
         quarantined = [json.loads(line) for line in open(reconciled.extra_quarantine, encoding="utf-8")]

@@ -1,0 +1,85 @@
+"""One contract, both embedded engines: Qdrant Edge and qdrant-client's local mode answer every call the same way."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+from reembed.indexing.index import IndexError_, IndexSettings, open_index
+from reembed.indexing.records import point_id
+
+DIM = 8
+
+
+def _data(n: int, seed: int = 0) -> tuple[list[str], np.ndarray, list[dict]]:
+    vectors = np.random.default_rng(seed).normal(size=(n, DIM)).astype(np.float32)
+    vectors /= np.linalg.norm(vectors, axis=1, keepdims=True)
+    docs = [f"d{i // 2}" for i in range(n)]  # two chunks per document
+    ids = [point_id(d, i % 2) for i, d in enumerate(docs)]
+    return ids, vectors, [{"doc_id": d, "chunk_index": i % 2, "text": f"text {i}"} for i, d in enumerate(docs)]
+
+
+@pytest.mark.parametrize("engine", ["edge", "local"])
+def test_engine_contract(tmp_path, engine) -> None:
+    settings = IndexSettings(engine=engine, path=str(tmp_path / "index"), upsert_batch=7)
+    ids, vectors, payloads = _data(40)
+    with open_index(settings) as index:
+        assert index.where == f"{engine}:{tmp_path / 'index'}"
+        assert not index.exists("v1") and index.alias_target("docs") is None
+        index.ensure_collection("v1", DIM, ["text"])
+        index.ensure_collection("v1", DIM)  # idempotent
+        with pytest.raises(IndexError_, match="holds 8-dim vectors but the model makes 4-dim"):
+            index.ensure_collection("v1", 4)
+        assert index.exists("v1") and index.dim("v1") == DIM
+        assert index.upsert("v1", ids, vectors, payloads) == 40
+        index.upsert("v1", ids[:5], vectors[:5], payloads[:5])  # re-upserting the same ids adds nothing
+        assert index.count("v1") == 40 and sorted(index.point_ids("v1")) == sorted(ids)
+        (p,) = index.retrieve("v1", [ids[3]])
+        assert p.id == ids[3] and p.payload["doc_id"] == "d1" and np.allclose(p.vector, vectors[3], atol=1e-6)
+        assert {q.payload["doc_id"] for q in index.scroll("v1", ["doc_id"])} == {f"d{i}" for i in range(20)}
+        assert all(set(q.payload) == {"doc_id"} and q.vector is None for q in index.scroll("v1", ["doc_id"]))
+
+        assert index.finish_bulk_load("v1") == "green"
+        hits = index.search("v1", vectors[10], 5)
+        assert hits[0]["id"] == ids[10] and hits[0]["score"] == pytest.approx(1.0, abs=1e-5)
+        assert [h["score"] for h in hits] == sorted((h["score"] for h in hits), reverse=True)
+        docs = index.search("v1", vectors[10], 5, collapse=True)
+        assert len(docs) == 5 and len({h["doc_id"] for h in docs}) == 5 and docs[0]["doc_id"] == "d5"
+
+        index.point_alias("docs", "v1")
+        assert index.alias_target("docs") == "v1" and index.search("docs", vectors[0], 1)[0]["id"] == ids[0]
+        index.ensure_collection("v2", DIM)
+        index.upsert("v2", ids[:4], vectors[:4], payloads[:4])
+        index.point_alias("docs", "v2")  # the move: readers see v1, then v2, never nothing
+        assert index.alias_target("docs") == "v2" and index.count("docs") == 4
+
+        index.delete_points("v1", ids[:10])
+        assert index.count("v1") == 30 and ids[0] not in index.point_ids("v1")
+
+    with open_index(settings) as index:  # everything above is on disk
+        assert index.count("v1") == 30 and index.alias_target("docs") == "v2" and index.count("v2") == 4
+        index.drop("v1")
+        assert not index.exists("v1") and index.alias_target("docs") == "v2"
+
+
+def test_edge_shard_in_use_elsewhere_is_a_clear_error(tmp_path) -> None:
+    settings = IndexSettings(engine="edge", path=str(tmp_path / "index"))
+    with open_index(settings) as index:
+        index.ensure_collection("v1", DIM)  # this process now holds the shard's WAL
+        code = (f"from reembed.indexing.index import IndexSettings, open_index\n"
+                f"open_index(IndexSettings(engine='edge', path={str(tmp_path / 'index')!r})).count('v1')\n")
+        other = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert other.returncode != 0
+    assert "is in use by another process" in other.stderr and "WouldBlock" in other.stderr
+
+
+def test_engine_settings_are_checked() -> None:
+    assert IndexSettings().resolved_engine == "edge"
+    assert IndexSettings(url="http://127.0.0.1:6333").resolved_engine == "server"
+    with pytest.raises(ValueError, match="needs index.url"):
+        IndexSettings(engine="server")
+    with pytest.raises(ValueError, match="takes index.path, not index.url"):
+        IndexSettings(engine="edge", url="http://127.0.0.1:6333")
