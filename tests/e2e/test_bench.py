@@ -34,8 +34,11 @@ def test_encode_bench_smoke() -> None:
         assert ENCODE_KEYS <= set(r), name
         assert r["docs"] == 8 and r["gpu_busy_pct"] is None
         assert r["docs_per_s"] > 0 and r["tokens_per_s"] > r["docs_per_s"]
-        assert 0 < r["mfu"] < 1.5 and 0 <= r["padding_pct"] < 100
-        assert r["ratio_st_b128"] == pytest.approx(r["docs_per_s"] / r["st_b128_docs_per_s"], rel=0.01)
+        # MFU divides by a matmul peak measured once at start; a busy moment then inflates it, so only an
+        # order-of-magnitude error (a unit slip) is caught here
+        assert 0 < r["mfu"] < 20 and 0 <= r["padding_pct"] < 100
+        # both sides are rounded (ratio to 3 decimals): compare within that rounding
+        assert r["ratio_st_b128"] == pytest.approx(r["docs_per_s"] / r["st_b128_docs_per_s"], rel=0.01, abs=2e-3)
         assert r["max_cos_diff"] < 1e-4, name  # float32 on CPU: the same vectors as sentence-transformers
 
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import re
 import shutil
+import time
 from datetime import datetime
 from pathlib import Path
 
@@ -150,11 +151,17 @@ def test_plan_fresh_half_done_refresh_and_changed_model(tmp_path, ray_session) -
 
     state = run_job(job, return_state=True)  # the resumed run: the half-done shard is upserted, the other embedded
     assert state.is_completed() and state.result().shards_embedded == 1
-    steps = _task_runs(state.state_details.flow_run_id)
     # every step of the data path is a task run of this flow run in Prefect's API (what its UI shows)
-    for step in ("plan-shards", "embed-", "upsert-", "vector-set", "check-guards", "reconcile", "check-invariant",
-                 "write-manifest", "quality-gate", "move-alias", "retention", "publish"):
-        assert any(name.startswith(step) for name in steps), (step, steps)
+    expected = ("plan-shards", "embed-", "upsert-", "vector-set", "check-guards", "reconcile", "check-invariant",
+                "write-manifest", "quality-gate", "move-alias", "retention", "publish")
+    deadline = time.monotonic() + 60  # task run states reach the API through Prefect's event stream, a bit later
+    while True:
+        steps = _task_runs(state.state_details.flow_run_id)
+        missing = [s for s in expected if not any(name.startswith(s) for name in steps)]
+        if (not missing and set(steps.values()) == {"COMPLETED"}) or time.monotonic() > deadline:
+            break
+        time.sleep(1)
+    assert not missing, (missing, steps)
     assert set(steps.values()) == {"COMPLETED"}, steps
     assert plan_run(job, None, live_collection(job)).mode == "up-to-date"
     docs = _docs(job_path.parent)
