@@ -105,7 +105,7 @@ def main() -> None:
         if args.workdir is None:
             shutil.rmtree(work, ignore_errors=True)
     print(f"{args.docs} docs: full {result['full_s']} s, no-op {result['noop_s']} s ({result['noop_vs_full']:.2%}), "
-          f"0.1% changed {result['changed_s']} s ({result['changed_vs_full']:.2%}), start-up {result['startup_s']} s, "
+          f"{args.changed:.1%} changed {result['changed_s']} s ({result['changed_vs_full']:.2%}), start-up {result['startup_s']} s, "
           f"driver peak RSS {result['peak_rss_mb']} MB", file=sys.stderr)
     if args.json:
         print(json.dumps(result))

@@ -71,17 +71,17 @@ def run_job(job: JobConfig, force_reason: str | None = None, limit: int | None =
     """
     clock = Clock()
     plan = plan or plan_task(job, limit)
-    _log().info("planned %d shard(s) from %s into %s (%s): %d already indexed, %d written but not "
-                          "indexed, %d to embed", len(plan.shards), job.corpus.uri, plan.collection, plan.mode,
-                          len(plan.indexed), len(plan.written), len(plan.todo))
+    _log().info("planned %d shard(s) from %s into %s (%s): %d already indexed, %d written but not indexed, "
+                "%d to embed", len(plan.shards), job.corpus.uri, plan.collection, plan.mode, len(plan.indexed),
+                len(plan.written), len(plan.todo))
     with RunSession(job, plan) as run:
         if plan.mode == "up-to-date":
             return up_to_date_summary(job, plan, run.index.count(plan.collection), clock.seconds())
         with Upserts(run) as upserts:
             embedded = embed_shards(run, upserts, progress, clock)  # each shard's points follow it unless held
-            results = upsert_shards(run, upserts, embedded, force_reason, clock)
+            results, quarantine = upsert_shards(run, upserts, embedded, force_reason, clock)
         vector_set = vector_set_task(run, results)
-        guards = guard_task(run, embedded, results, vector_set, force_reason, clock)
+        guards = guard_task(run, embedded, results, vector_set, quarantine, force_reason, clock)
         reconciled = reconcile_task(run, vector_set)
         invariant_task(results, vector_set, reconciled)
         manifest = manifest_task(run, results, vector_set, reconciled, guards)
@@ -120,7 +120,8 @@ class RunSession:
         self.owns_ray = False
         # Refreshing the live collection itself: hold every write to it until the quarantine guard has passed.
         self.hold = plan.live == plan.collection
-        self.live_points = 0
+        # Counted before this run writes anything, so the delete guard compares with what users search now.
+        self.live_points = self.index.count(plan.live) if plan.live else 0
 
     def start_actors(self) -> ActorPool:
         self.owns_ray = init_ray(self.job)
@@ -275,12 +276,12 @@ def embed_shards(run: RunSession, upserts: Upserts, progress: ProgressMode, cloc
 
 
 def upsert_shards(run: RunSession, upserts: Upserts, embedded: Embedded, force_reason: str | None,
-                  clock: Clock) -> list[ShardMarker]:
-    """Wait for every shard's points and return every shard's indexed marker in plan order. A live refresh
-    first passes the quarantine guard, and a failed one writes nothing to the live collection."""
+                  clock: Clock) -> tuple[list[ShardMarker], GuardReport]:
+    """Wait for every shard's points; return every shard's indexed marker in plan order, and the quarantine
+    guard's verdict. A live refresh first passes that guard, and a failed one writes nothing to the live
+    collection."""
     plan = run.plan
     known = [*plan.indexed.values(), *plan.written.values(), *embedded.fresh]
-    run.live_points = run.index.count(plan.live) if plan.live else 0
     report = GuardReport(checks=[quarantine_check(run.job.guards, sum(r.input_rows for r in known),
                                                   sum(r.quarantined for r in known))])
     if run.hold and embedded.failures:  # nothing of a failed refresh reaches the live collection; a re-run resumes
@@ -298,7 +299,7 @@ def upsert_shards(run: RunSession, upserts: Upserts, embedded: Embedded, force_r
     embedded.failures.extend(failures)
     if embedded.failures:
         raise RunFailed(summarize(run, embedded, markers, clock, "failed", points=run.index.count(plan.collection)))
-    return markers
+    return markers, report
 
 
 # --- commit: each step a named task ---------------------------------------------------------------------------
@@ -315,11 +316,11 @@ def vector_set_task(run: RunSession, results: list[ShardMarker]) -> VectorSet:
 
 @task(name="check-guards", cache_policy=NO_CACHE)
 def guard_task(run: RunSession, embedded: Embedded, results: list[ShardMarker], vector_set: VectorSet,
-               force_reason: str | None, clock: Clock) -> GuardReport:
-    """Stop before any delete or alias move when the new version would remove most of what is live."""
+               quarantine: GuardReport, force_reason: str | None, clock: Clock) -> GuardReport:
+    """Stop before any delete or alias move when the new version would remove most of what is live; the report
+    carries on from the quarantine guard's, so the manifest records every check."""
     job, plan = run.job, run.plan
-    report = GuardReport(checks=[quarantine_check(job.guards, sum(r.input_rows for r in results),
-                                                  sum(r.quarantined for r in results))])
+    report = GuardReport(checks=list(quarantine.checks), forced=quarantine.forced)
     if not plan.trial:
         if plan.live == plan.collection:
             report.checks.append(delete_check(job.guards, len(vector_set.stale), run.live_points, "points"))
@@ -362,9 +363,9 @@ def invariant_task(results: list[ShardMarker], vector_set: VectorSet, reconciled
         raise InvariantBroken(
             f"counts do not add up: input_rows={input_rows} indexed={indexed} quarantined={quarantined} "
             f"duplicates={len(vector_set.duplicates)} points={reconciled.points} vector_rows={len(vector_set.points)}")
-    _log().info("invariant holds: %d input rows = %d indexed + %d quarantined + %d duplicates; "
-                          "%d points = %d vector rows", input_rows, indexed - len(vector_set.duplicates), quarantined,
-                          len(vector_set.duplicates), reconciled.points, len(vector_set.points))
+    _log().info("invariant holds: %d input rows = %d indexed + %d quarantined + %d duplicates; %d points = %d "
+                "vector rows", input_rows, indexed - len(vector_set.duplicates), quarantined,
+                len(vector_set.duplicates), reconciled.points, len(vector_set.points))
 
 
 @task(name="write-manifest", retries=2, retry_delay_seconds=[2, 10], **_RETRY)

@@ -10,8 +10,8 @@ import logging
 import threading
 import time
 import warnings
-from pathlib import Path
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -139,7 +139,7 @@ class QdrantIndex:
     @property
     def serial_writes(self) -> bool:
         """Local mode applies writes in-process and is not safe for concurrent writers; a server is."""
-        return not self.settings.url
+        return self.settings.resolved_engine == "local"
 
     def point_ids(self, collection: str) -> list[str]:
         """Every point id in the collection (ids only: no payloads, no vectors)."""
