@@ -60,6 +60,7 @@ def run(job: Path, work: Path, label: str) -> dict:
     work_s = summary["seconds"] - flow_startup if summary["status"] != "up-to-date" else summary["seconds"]
     result = {"wall_s": round(wall, 2), "work_s": round(work_s, 2), "startup_s": round(wall - work_s, 2),
               "status": summary["status"], "encoded": summary["encoded"], "reused": summary["reused"],
+              "upserted": summary.get("upserted", 0),
               "deleted": summary["deleted"], "points": summary["points"],
               "driver_rss_mb": round(int(rss_file.read_text()) / 1024, 1)}
     print(f"{label}: {result}", file=sys.stderr)
@@ -92,6 +93,7 @@ def main() -> None:
         write_corpus(corpus, args.docs, changed)
         refresh = run(job, work, "changed")
         assert refresh["encoded"] == len(changed) and refresh["points"] == args.docs, refresh
+        assert refresh["upserted"] == len(changed), refresh  # edited in place: only the changed points are written
         result = {
             "docs": args.docs, "changed_docs": len(changed), "engine": args.engine,
             "full_s": full["work_s"], "noop_s": noop["work_s"], "changed_s": refresh["work_s"],

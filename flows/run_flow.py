@@ -34,10 +34,12 @@ from reembed.flows.guards import (GuardBlocked, delete_check, empty_check, enfor
 from reembed.flows.planning import RunPlan, live_collection, plan_run, up_to_date_summary
 from reembed.flows.progress import ProgressMode, RunProgress, start_board
 from reembed.flows.ray_pool import ActorPool, init_ray
+from reembed.flows.vector_set import (VectorSet, build_vector_set, full_diff, present, replaced_stale,
+                                      rewrite_docs)
 from reembed.flows.versions import apply_retention
 from reembed.indexing.index import IndexError_, VectorIndex, open_index
 from reembed.indexing.records import (GateResult, GuardReport, Manifest, ManifestPart, RunSummary, ShardFailure,
-                                      ShardMarker, ShardResult, ShardTask, Status, point_id)
+                                      ShardMarker, ShardResult, ShardTask, Status)
 from reembed.indexing.upload import upsert_part
 from reembed.indexing.vector_store import VectorStore
 
@@ -122,6 +124,32 @@ class RunSession:
         self.hold = plan.live == plan.collection
         # Counted before this run writes anything, so the delete guard compares with what users search now.
         self.live_points = self.index.count(plan.live) if plan.live else 0
+        # An earlier run wrote to the collection and never committed: its contents are not known from Parquet.
+        self.dirty = self.store.writing() is not None
+        self.clean_since = self._clean_since()
+        self.upserted = 0
+        self._marked = False
+
+    def _clean_since(self) -> str | None:
+        """The committed manifest's ``finished_at`` when the collection holds exactly that version, so a shard
+        re-embedded against it needs only its changed rows upserted; None when that is not known."""
+        manifest, collection = self.plan.manifest, self.plan.collection
+        if manifest is None or manifest.finished_at is None or self.dirty or not self.index.exists(collection):
+            return None
+        points = self.index.count(collection)
+        if points != manifest.vector_rows:
+            _log().warning("%s holds %d points but its manifest says %d: every re-embedded row is upserted and "
+                           "the collection compared in full", collection, points, manifest.vector_rows)
+            return None
+        return manifest.finished_at
+
+    def mark_writing(self) -> None:
+        """Before the first write to the collection: until the manifest is written, a later run must not
+        assume the collection equals it."""
+        if not self._marked:
+            self.store.mark_writing({"collection": self.plan.collection,
+                                     "started_at": datetime.now(timezone.utc).isoformat()})
+            self._marked = True
 
     def start_actors(self) -> ActorPool:
         self.owns_ray = init_ray(self.job)
@@ -152,17 +180,6 @@ class Embedded:
 
 
 @dataclass
-class VectorSet:
-    """The points the new vector set defines: one per (doc, chunk), the first shard in plan order winning."""
-
-    points: dict[str, tuple[str, int]]  # point id -> (part, row)
-    doc_ids: set[str]
-    duplicate_ids: set[str]
-    duplicates: list[dict[str, Any]]  # quarantine rows (file, row, doc_id, reason) for losing duplicates
-    stale: list[str] = field(default_factory=list)  # points in the collection that are not in the set
-
-
-@dataclass
 class Reconciled:
     deleted: int
     points: int
@@ -187,7 +204,10 @@ def embed_task(pool: ActorPool, task: ShardTask, board: Any) -> ShardResult:
 @task(name="upsert-shard", retries=3, retry_delay_seconds=[1, 5, 15], task_run_name="upsert-{result.shard_id}",
       **_RETRY)
 def upsert_task(run: RunSession, result: ShardResult) -> ShardMarker:
-    points = upsert_part(run.index, run.store, run.plan.collection, result.part_uri)
+    rows = None
+    if result.changed_rows is not None and run.clean_since and result.changed_since == run.clean_since:
+        rows = [i for start, end in result.changed_rows for i in range(start, end)]  # the rest is indexed as is
+    points = upsert_part(run.index, run.store, run.plan.collection, result.part_uri, rows) if rows != [] else 0
     # The shard's commit marker: written after its Parquet part and its points, so a re-run can skip it.
     marker = ShardMarker(**result.model_dump(exclude={"stage", "points"}), stage="indexed", points=points)
     run.store.write_marker(marker)
@@ -211,10 +231,13 @@ class Upserts:
         if self.run.hold:
             self.held.append(result)
         else:
+            self.run.mark_writing()
             self.started.append((result, self.runner.submit(upsert_task, {"run": self.run, "result": result})))
 
     def release(self) -> None:
         held, self.held = self.held, []
+        if held:
+            self.run.mark_writing()
         self.started += [(r, self.runner.submit(upsert_task, {"run": self.run, "result": r})) for r in held]
 
     def wait(self) -> tuple[list[ShardMarker], list[ShardFailure]]:
@@ -245,10 +268,12 @@ def embed_shards(run: RunSession, upserts: Upserts, progress: ProgressMode, cloc
     pool = run.start_actors()
     board = start_board()
     reuse = _reuse_sources(run.store, plan.manifest)
+    reuse_since = plan.manifest.finished_at if plan.manifest else None
     tasks = {s.shard_id: ShardTask(
         shard=s, corpus=job.corpus, output_uri=job.output.uri, collection=plan.collection,
         storage_options=job.output.storage_options, model_fingerprint=plan.model_fingerprint,
         input_fingerprint=plan.input_fps[s.shard_id], chunking=job.chunking, reuse_uris=reuse.get(s.uri, []),
+        reuse_since=reuse_since,
         progress_seconds=min(1.0, job.runtime.progress_seconds)) for s in plan.todo}
     clock.encode_started = time.perf_counter()
     with ThreadPoolTaskRunner(max_workers=pool.slots) as runner, \
@@ -293,6 +318,7 @@ def upsert_shards(run: RunSession, upserts: Upserts, embedded: Embedded, force_r
                            summarize(run, embedded, known, clock, "blocked"))
     upserts.release()
     markers, failures = upserts.wait()
+    run.upserted += sum(m.points or 0 for m in markers)
     markers += plan.indexed.values()
     order = {s.shard_id: i for i, s in enumerate(plan.shards)}
     markers.sort(key=lambda m: order[m.shard_id])
@@ -308,9 +334,18 @@ def upsert_shards(run: RunSession, upserts: Upserts, embedded: Embedded, force_r
 @task(name="vector-set", retries=2, retry_delay_seconds=[2, 10], **_RETRY)
 def vector_set_task(run: RunSession, results: list[ShardMarker]) -> VectorSet:
     """The new vector set from the parts' id columns (never vectors or text), cross-shard duplicates resolved,
-    and the collection's points that are not in it."""
-    vector_set = expected_points(run.store, results, run.job.chunking is not None)
-    vector_set.stale = [pid for pid in run.index.point_ids(run.plan.collection) if pid not in vector_set.points]
+    and the collection's points that are not in it: found from the replaced parts alone while the collection
+    is known to hold the committed version, by reading all its ids otherwise (``reembed.flows.vector_set``)."""
+    plan, index = run.plan, run.index
+    vector_set = build_vector_set(run.store, results, run.job.chunking is not None)
+    if run.clean_since or (plan.manifest is None and not run.dirty):
+        if run.clean_since and plan.manifest is not None:
+            vector_set.stale = replaced_stale(run.store, vector_set, plan.manifest)
+            rewrite_docs(vector_set, run.store.duplicate_doc_ids(plan.manifest))
+        if index.count(plan.collection) - present(index, plan.collection, vector_set.stale) == vector_set.size:
+            return vector_set
+        _log().warning("%s does not hold what its Parquet parts say: comparing all its ids", plan.collection)
+    full_diff(index, plan.collection, vector_set)
     return vector_set
 
 
@@ -326,9 +361,9 @@ def guard_task(run: RunSession, embedded: Embedded, results: list[ShardMarker], 
             report.checks.append(delete_check(job.guards, len(vector_set.stale), run.live_points, "points"))
         elif plan.live is not None:  # a new version: the alias move drops live documents it lacks
             live_docs = _live_doc_ids(run.index, plan.live)
-            report.checks.append(delete_check(job.guards, len(live_docs - vector_set.doc_ids), len(live_docs),
+            report.checks.append(delete_check(job.guards, vector_set.missing_docs(live_docs), len(live_docs),
                                               "documents"))
-    report.checks.append(empty_check(job.guards, len(vector_set.points), run.live_points))
+    report.checks.append(empty_check(job.guards, vector_set.size, run.live_points))
     if not enforce(report, force_reason):
         raise GuardBlocked(report, plan.live, None, [], summarize(run, embedded, results, clock, "blocked"))
     return report
@@ -337,15 +372,13 @@ def guard_task(run: RunSession, embedded: Embedded, results: list[ShardMarker], 
 @task(name="reconcile", retries=2, retry_delay_seconds=[2, 10], **_RETRY)
 def reconcile_task(run: RunSession, vector_set: VectorSet) -> Reconciled:
     """Make the collection equal the vector set: re-upsert duplicate winners (so the outcome does not depend on
-    which shard finished last), delete stale points (vanished documents, leftovers of a run that died), then
-    rebuild the index once. Every step is idempotent, so a retry is safe."""
+    which shard finished last) and points found missing, delete stale points (vanished documents, leftovers of
+    a run that died), then rebuild the index once. Every step is idempotent, so a retry is safe."""
     collection = run.plan.collection
-    by_part: dict[str, list[int]] = {}
-    for pid in vector_set.duplicate_ids:
-        part, row = vector_set.points[pid]
-        by_part.setdefault(part, []).append(row)
-    for part, rows in by_part.items():
-        upsert_part(run.index, run.store, collection, part, rows)
+    if vector_set.rewrite or vector_set.stale:
+        run.mark_writing()
+    for part, rows in vector_set.rewrite.items():
+        run.upserted += upsert_part(run.index, run.store, collection, part, sorted(set(rows)))
     run.index.delete_points(collection, vector_set.stale)
     extra = run.store.write_quarantine("cross-shard-duplicates", vector_set.duplicates)
     status = run.index.finish_bulk_load(collection)
@@ -359,13 +392,13 @@ def invariant_task(results: list[ShardMarker], vector_set: VectorSet, reconciled
     input_rows = sum(r.input_rows for r in results)
     indexed = sum(r.rows for r in results)  # cross-shard duplicates sit inside `indexed`
     quarantined = sum(r.quarantined for r in results)
-    if input_rows != indexed + quarantined or reconciled.points != len(vector_set.points):
+    if input_rows != indexed + quarantined or reconciled.points != vector_set.size:
         raise InvariantBroken(
             f"counts do not add up: input_rows={input_rows} indexed={indexed} quarantined={quarantined} "
-            f"duplicates={len(vector_set.duplicates)} points={reconciled.points} vector_rows={len(vector_set.points)}")
+            f"duplicates={len(vector_set.duplicates)} points={reconciled.points} vector_rows={vector_set.size}")
     _log().info("invariant holds: %d input rows = %d indexed + %d quarantined + %d duplicates; %d points = %d "
                 "vector rows", input_rows, indexed - len(vector_set.duplicates), quarantined,
-                len(vector_set.duplicates), reconciled.points, len(vector_set.points))
+                len(vector_set.duplicates), reconciled.points, vector_set.size)
 
 
 @task(name="write-manifest", retries=2, retry_delay_seconds=[2, 10], **_RETRY)
@@ -380,11 +413,12 @@ def manifest_task(run: RunSession, results: list[ShardMarker], vector_set: Vecto
         shards=[r.shard_id for r in results],
         parts=[ManifestPart(shard_id=r.shard_id, part_uri=r.part_uri, source=r.source,
                             quarantine_uri=r.quarantine_uri) for r in results],
-        extra_quarantine=[extra] if extra else [], vector_rows=len(vector_set.points),
+        extra_quarantine=[extra] if extra else [], vector_rows=vector_set.size,
         input_rows=sum(r.input_rows for r in results), chunked=job.chunking is not None,
         quarantined=sum(r.quarantined for r in results), duplicates=len(vector_set.duplicates), guards=guards,
         forced=guards.forced, trial=plan.trial, finished_at=datetime.now(timezone.utc).isoformat())
     run.store.write_manifest(manifest)
+    run.store.clear_writing()  # the collection equals the manifest again
     removed = run.store.remove_unreferenced(manifest)
     if removed:
         _log().info("removed %d part/quarantine file(s) no longer in the vector set", removed)
@@ -463,10 +497,10 @@ def summarize(run: RunSession, embedded: Embedded, results: Iterable[ShardResult
         alias=job.name, collection=plan.collection, mode=plan.mode, status=status,
         model=results[0].model if results else job.model.name, dim=plan.dim,
         input_rows=sum(r.input_rows for r in results), indexed=sum(r.rows for r in results), encoded=encoded,
-        reused=sum(r.reused for r in fresh), deleted=reconciled.deleted if reconciled else 0,
+        reused=sum(r.reused for r in fresh), upserted=run.upserted, deleted=reconciled.deleted if reconciled else 0,
         quarantined=quarantined, quarantine=run.store.quarantine_dir if quarantined else None,
         duplicates=len(vector_set.duplicates) if vector_set else 0,
-        vector_rows=len(vector_set.points) if vector_set else sum(r.vector_rows for r in results),
+        vector_rows=vector_set.size if vector_set else sum(r.vector_rows for r in results),
         tokens=sum(r.tokens for r in fresh), truncated_docs=sum(r.truncated_docs for r in fresh),
         dropped_tokens=sum(r.dropped_tokens for r in fresh),
         seconds=round(now - clock.started, 3), startup_s=round(clock.encode_started - clock.started, 3),
@@ -488,36 +522,6 @@ def _log() -> logging.Logger | logging.LoggerAdapter[logging.Logger]:
         return get_run_logger()
     except MissingContextError:
         return logger
-
-
-def expected_points(store: VectorStore, results: list[ShardMarker], chunked: bool) -> VectorSet:
-    """Read only the id columns of each part and resolve cross-shard duplicates: the first shard in plan order
-    keeps the id, later rows are reported as duplicates. ``chunked`` comes from the job: every part of one
-    version is written with the same chunking settings."""
-    points: dict[str, tuple[str, int]] = {}
-    first_seen: dict[str, tuple[str, int]] = {}
-    duplicates: list[dict[str, Any]] = []
-    duplicate_ids: set[str] = set()
-    doc_ids: set[str] = set()
-    for result in results:
-        columns = ["doc_id", "source_row"] + (["chunk_index"] if chunked else [])
-        table = store.read_part(result.part_uri, columns)
-        ids = table.column("doc_id").to_pylist()
-        chunks = table.column("chunk_index").to_pylist() if chunked else [None] * len(ids)
-        source_rows = table.column("source_row").to_pylist()
-        for row, (doc_id, chunk) in enumerate(zip(ids, chunks)):
-            pid = point_id(doc_id, chunk)
-            doc_ids.add(doc_id)
-            if pid in points:
-                duplicate_ids.add(pid)
-                if chunk in (None, 0):  # count documents, not their chunks
-                    src, src_row = first_seen[pid]
-                    duplicates.append({"file": result.source, "row": source_rows[row], "doc_id": doc_id,
-                                       "reason": f"duplicate id {doc_id!r} (kept the one in {src} row {src_row})"})
-                continue
-            points[pid] = (result.part_uri, row)
-            first_seen[pid] = (result.source, source_rows[row])
-    return VectorSet(points, doc_ids, duplicate_ids, duplicates)
 
 
 def _reuse_sources(store: VectorStore, previous: Manifest | None) -> dict[str, list[str]]:

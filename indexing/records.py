@@ -98,6 +98,7 @@ class ShardTask(Record):
     input_fingerprint: str
     chunking: ChunkingSettings | None = None
     reuse_uris: list[str] = Field(default_factory=list)
+    reuse_since: str | None = None  # ``finished_at`` of the manifest that named ``reuse_uris``
     progress_seconds: float = 1.0
 
 
@@ -132,6 +133,10 @@ class ShardResult(Record):
     truncated_ids: list[str] = Field(default_factory=list)
     part_uri: str
     quarantine_uri: str | None = None
+    # Rows of the part, as [start, end) ranges, that differ from the committed version finished at
+    # ``changed_since`` (new text, new payload or a new row); None when the shard was not compared with one.
+    changed_rows: list[tuple[int, int]] | None = None
+    changed_since: str | None = None
     read_s: float = 0.0
     encode_s: float = 0.0
     seconds: float = 0.0
@@ -232,6 +237,7 @@ class RunSummary(Record):
     indexed: int
     encoded: int = 0
     reused: int = 0
+    upserted: int = 0  # points this run wrote to the index (a refresh writes only the rows that changed)
     deleted: int = 0
     quarantined: int = 0
     quarantine: str | None = None

@@ -6,6 +6,7 @@ Layout under ``output.uri``::
     <collection>/quarantine/part-<shard>-<input>.jsonl    rejected rows: file, row, doc_id, reason
     <collection>/shards/<shard>.json                      per-shard marker, written after its Parquet file
     <collection>/current.json                             the run manifest: which parts form the current vector set, written last
+    <collection>/writing.json                             present while a run writes to the collection's index and has not committed
 
 Part and quarantine files are named by the shard's input fingerprint as well as its id, so a run never
 overwrites a file the committed manifest points at: a run that fails or is stopped by a guard leaves the live
@@ -125,9 +126,43 @@ class VectorStore:
     def read_manifest(self) -> Manifest | None:
         return Manifest.from_json(read_json(self.manifest_uri, self.options), self.manifest_uri)
 
+    @property
+    def writing_uri(self) -> str:
+        return join(self.root, "writing.json")
+
+    def mark_writing(self, info: dict[str, Any]) -> None:
+        """Say, before the first write to the collection's index, that it may no longer equal the manifest."""
+        write_json(self.writing_uri, info, self.options)
+
+    def writing(self) -> dict[str, Any] | None:
+        """What an earlier run that wrote to the index and never committed left behind, if any."""
+        return read_json(self.writing_uri, self.options)
+
+    def clear_writing(self) -> None:
+        fs, path = filesystem(self.writing_uri, self.options)
+        if fs.exists(path):
+            fs.rm(path)
+
+    def duplicate_doc_ids(self, manifest: Manifest) -> set[str]:
+        """Documents the committed version reported as cross-shard duplicates."""
+        ids: set[str] = set()
+        for uri in manifest.extra_quarantine:
+            fs, path = filesystem(uri, self.options)
+            try:
+                with fs.open(path, "rb") as fh:
+                    ids.update(str(json.loads(line)["doc_id"]) for line in fh if line.strip())
+            except FileNotFoundError:
+                continue
+        return ids
+
     def read_part(self, uri: str, columns: list[str] | None = None) -> pa.Table:
         fs, path = filesystem(uri, self.options)
         return pq.read_table(path, filesystem=fs, columns=columns)
+
+    def part_columns(self, uri: str) -> list[str]:
+        """A part's column names, from its footer alone."""
+        fs, path = filesystem(uri, self.options)
+        return pq.read_schema(path, filesystem=fs).names
 
     def point_batches(self, part_uri: str, batch: int, rows: list[int] | None = None) -> Iterator[PointBatch]:
         """A part's rows (or the chosen ``rows``) as point batches; the index never reads Parquet itself."""

@@ -13,8 +13,11 @@ import socket
 import time
 from typing import Any
 
+from typing import NamedTuple
+
 import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 
 from reembed.indexing.corpus import read_shard
 from reembed.indexing.records import ActorInfo, ShardMarker, ShardResult, ShardTask, part_schema
@@ -23,6 +26,19 @@ from reembed.workers.encoder import Encoder
 from reembed.workers.settings import ModelSettings
 
 logger = logging.getLogger(__name__)
+
+
+class Reused(NamedTuple):
+    """One chunk (or the whole document) of an unchanged document, as a committed part holds it."""
+
+    chunk: int
+    span: tuple[int, int | None]
+    vector: Any
+    compared: tuple[Any, ...]  # the old row's COMPARED columns then its payload columns
+
+
+COMPARED = ("source_row",)  # besides payload columns: what can change in a point whose text did not
+_ABSENT = object()  # a compared column the old part lacks: equal to nothing, so the point is upserted
 
 
 class EmbedWorker:
@@ -47,7 +63,8 @@ class EmbedWorker:
         read_s = time.perf_counter() - start
         store = VectorStore(task.output_uri, task.collection, task.storage_options)
         doc_sha = [text_sha256(t) for t in rows.texts]
-        reused = _previous_vectors(store, task.reuse_uris, rows.ids, doc_sha, chunking is not None)
+        compare = [*COMPARED, *rows.payload]
+        reused = _previous_vectors(store, task.reuse_uris, rows.ids, doc_sha, chunking is not None, compare)
         todo = [d for d in range(len(rows.ids)) if d not in reused]
         if chunking is None:
             todo_spans = [[(0, len(rows.texts[d]))] for d in todo]
@@ -64,13 +81,18 @@ class EmbedWorker:
         for (d, n, span), vec in zip(pieces, fresh):
             encoded.setdefault(d, []).append((n, span, vec))
         # One output row per document, or per chunk; `owner[i]` is the document behind output row i.
-        owner, chunk_index, spans, vecs = [], [], [], []
+        owner, chunk_index, spans, vecs, olds = [], [], [], [], []
         for d in range(len(rows.ids)):
-            for n, span, vec in reused.get(d) or encoded.get(d, []):
+            if d in reused:
+                entries = [(r.chunk, r.span, r.vector, r.compared) for r in reused[d]]
+            else:
+                entries = [(n, span, vec, None) for n, span, vec in encoded.get(d, [])]
+            for n, span, vec, old in entries:
                 owner.append(d)
                 chunk_index.append(n)
                 spans.append(span)
                 vecs.append(vec)
+                olds.append(old)
         vectors = np.asarray(vecs, dtype=np.float32).reshape(len(vecs), self.dim)
         texts = [rows.texts[d][a:b] for d, (a, b) in zip(owner, spans)]
         values: dict[str, Any] = {
@@ -91,6 +113,11 @@ class EmbedWorker:
         for name, payload in rows.payload.items():
             columns[name] = pa.array([payload[d] for d in owner])
         table = pa.table(columns)
+        changed_rows = None
+        if task.reuse_since is not None:  # which points differ from the committed version's: only they need upserting
+            now = list(zip(*(table.column(c).to_pylist() for c in compare))) if compare else [()] * len(owner)
+            changed_rows = _changed_ranges(np.array([old is None or old != new for old, new in zip(olds, now)],
+                                                    dtype=bool))
         truncated = sorted({rows.ids[pieces[i][0]] for i in stats.truncated_rows})
         metadata = {
             "shard_id": shard.shard_id,
@@ -111,6 +138,8 @@ class EmbedWorker:
             **metadata,
             part_uri=part,
             quarantine_uri=quarantine,
+            changed_rows=changed_rows,
+            changed_since=task.reuse_since if changed_rows is not None else None,
             input_rows=rows.input_rows,
             encoded=len(todo),
             reused=len(reused),
@@ -150,34 +179,59 @@ class _Reporter:
             self.board.update.remote(self.shard_id, int(done), final)
 
 
-def _previous_vectors(store: VectorStore, uris: list[str], ids: list[str], shas: list[str],
-                      chunked: bool) -> dict[int, list[tuple[int, tuple[int, int], Any]]]:
-    """Vectors of documents whose text is unchanged since a committed part: (chunk, span, vector) per document."""
+def _previous_vectors(store: VectorStore, uris: list[str], ids: list[str], shas: list[str], chunked: bool,
+                      compare: list[str]) -> dict[int, list[Reused]]:
+    """Vectors of documents whose text is unchanged since a committed part, per document: one ``Reused`` per
+    chunk, carrying the old row's ``compare`` columns so the caller can tell an unchanged point from one whose
+    payload moved on.
+
+    Each old part of the source is read twice, narrowly: its ``doc_id`` column first (column projection), and
+    the vectors and compared columns only of the rows this shard holds, so a shard reads about its own share of
+    the old vectors however many parts its file had.
+    """
     if not uris:
         return {}
     want = {doc_id: i for i, doc_id in enumerate(ids)}
-    found: dict[int, list[tuple[int, tuple[int, int], Any]]] = {}
-    columns = ["doc_id", "text_sha256", "vector"] + (["chunk_index", "char_start", "char_end"] if chunked else [])
+    wanted = pa.array(ids, type=pa.string())
+    found: dict[int, list[Reused]] = {}
+    columns = ["text_sha256", "vector", *compare] + (["chunk_index", "char_start", "char_end"] if chunked else [])
     for uri in uris:
         try:
-            table = store.read_part(uri, columns)
-        except (FileNotFoundError, OSError, KeyError, ValueError) as exc:
+            doc_ids = store.read_part(uri, ["doc_id"]).column("doc_id")
+            rows = np.flatnonzero(pc.is_in(doc_ids, value_set=wanted).to_numpy(zero_copy_only=False))
+            if not len(rows):
+                continue
+            present = set(store.part_columns(uri))
+            table = store.read_part(uri, [c for c in columns if c in present]).take(rows)
+        except (FileNotFoundError, OSError, KeyError, ValueError, pa.ArrowInvalid) as exc:
             logger.warning("cannot reuse vectors from %s: %s", uri, exc)
             continue
         vectors = arrow_to_vectors(table.column("vector"))
         data = table.drop_columns(["vector"]).to_pydict()
-        for row, doc_id in enumerate(data["doc_id"]):
-            d = want.get(doc_id)
-            if d is None or data["text_sha256"][row] != shas[d]:
+        old_ids = doc_ids.take(pa.array(rows)).to_pylist()
+        old_shas = data["text_sha256"]
+        olds = list(zip(*(data.get(c) or [_ABSENT] * len(old_ids) for c in compare)))
+        for i, doc_id in enumerate(old_ids):
+            d = want[doc_id]
+            if old_shas[i] != shas[d]:
                 continue
-            n = data["chunk_index"][row] if chunked else 0
-            span = (data["char_start"][row], data["char_end"][row]) if chunked else (0, None)
-            found.setdefault(d, []).append((n, span, vectors[row]))
-    for d, entries in found.items():
-        entries.sort(key=lambda e: e[0])
-        if not chunked:  # a document seen in two old parts (moved between shards) keeps one vector
-            found[d] = [(0, (0, None), entries[0][2])]
+            if not chunked:  # a document seen in two old parts (moved between shards) keeps one vector
+                if d not in found:
+                    found[d] = [Reused(0, (0, None), vectors[i], olds[i])]
+                continue
+            span = (data["char_start"][i], data["char_end"][i])
+            found.setdefault(d, []).append(Reused(data["chunk_index"][i], span, vectors[i], olds[i]))
+    if chunked:
+        for entries in found.values():
+            entries.sort(key=lambda e: e.chunk)
     return found
+
+
+def _changed_ranges(changed: np.ndarray) -> list[tuple[int, int]]:
+    """[start, end) runs of True in a boolean array: compact for a few scattered changes and for all-changed."""
+    padded = np.concatenate([[False], changed, [False]]).astype(np.int8)
+    edges = np.flatnonzero(np.diff(padded))
+    return [(int(a), int(b)) for a, b in zip(edges[::2], edges[1::2])]
 
 
 def _node_id() -> str | None:

@@ -74,11 +74,29 @@ def test_incremental_refresh_on_scifact(tmp_path, scifact_docs, ray_session) -> 
     assert third.encoded == 0 and third.shards_skipped == third.shards_total
     assert third.status == "up-to-date" and third.tokens == 0
 
+    for i in (5, 150, 390):  # edited in place: no row moves, so only these three points are written
+        docs[i]["text"] += " (edited)"
+    write_jsonl(tmp_path / "inc" / "corpus.jsonl", docs)
+    fourth = run_job(job)
+    assert fourth.encoded == 3 and fourth.upserted == 3 and fourth.deleted == 0, fourth
+    assert fourth.points == fourth.vector_rows == 400
+
     write_jsonl(tmp_path / "clean" / "corpus.jsonl", docs)
     clean = load_job(_job(tmp_path / "clean", "inc", "runtime: {shard_rows: 100}\n"))
     run_job(clean)
     _assert_same(_vectors(job), _vectors(clean))
     assert _points(job) == _points(clean)
+    refreshed, rebuilt = _indexed(job), _indexed(clean)  # the refreshed index equals a clean build
+    assert {k: p for k, (p, _) in refreshed.items()} == {k: p for k, (p, _) in rebuilt.items()}
+    _assert_same({k: v for k, (_, v) in refreshed.items()}, {k: v for k, (_, v) in rebuilt.items()})
+
+
+def _indexed(job) -> dict[str, tuple[str, np.ndarray]]:
+    """Every point's payload and vector, read back from the index."""
+    with open_index(job.index) as index:
+        return {p.id: (json.dumps(p.payload, sort_keys=True), np.asarray(p.vector, dtype=np.float32))
+                for p in index.scroll(job.name, ["doc_id", "text_sha256", "model", "text", "source_row", "title"],
+                                      with_vectors=True)}
 
 
 def _descendants(pid: int) -> list[int]:

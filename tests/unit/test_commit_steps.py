@@ -66,8 +66,9 @@ def test_reconcile_keeps_the_first_shard_deletes_stale_and_checks_the_invariant(
         run.index.upsert(plan.collection, [point_id("gone")], np.ones((1, DIM), np.float32), [{"doc_id": "gone"}])
 
         vector_set = vector_set_task.fn(run, [a, b])
-        assert vector_set.stale == [point_id("gone")]
-        assert vector_set.duplicate_ids == {point_id("d3")} and len(vector_set.points) == 4
+        # No manifest and no earlier writes, but the count is one too many: the ids are compared in full.
+        assert vector_set.stale == [point_id("gone")] and vector_set.full_scan
+        assert vector_set.rewrite == {a.part_uri: [2]} and vector_set.size == 4  # a's d3 is re-upserted
         assert vector_set.duplicates == [{"file": "b.jsonl", "row": 1, "doc_id": "d3",
                                           "reason": "duplicate id 'd3' (kept the one in a.jsonl row 3)"}]
         reconciled = reconcile_task.fn(run, vector_set)
@@ -85,6 +86,47 @@ def test_reconcile_keeps_the_first_shard_deletes_stale_and_checks_the_invariant(
         short = a.model_copy(update={"input_rows": 4})  # a row neither indexed nor quarantined
         with pytest.raises(InvariantBroken, match="input_rows=6 indexed=5 quarantined=0"):
             invariant_task.fn([short, b], vector_set, reconciled)
+
+
+@pytest.mark.parametrize("engine", ["edge", "local"])
+def test_refresh_finds_stale_points_from_the_replaced_parts_and_falls_back_to_a_full_compare(tmp_path,
+                                                                                              engine) -> None:
+    """A refresh of a committed collection reads only the parts it replaced to find deletes; a collection an
+    earlier run left half-written (or one whose count does not add up) is compared id by id and healed."""
+    job = _job(tmp_path, engine)
+    with RunSession(job, _plan()) as run:  # commit a version: a = d1..d3, b = d4 d5
+        a = _marker(run.store, "a", ["d1", "d2", "d3"], 1, "a.jsonl")
+        b = _marker(run.store, "b", ["d4", "d5"], 2, "b.jsonl")
+        run.index.ensure_collection(run.plan.collection, DIM)
+        for m in (a, b):
+            upsert_part(run.index, run.store, run.plan.collection, m.part_uri)
+        manifest = Manifest(collection=run.plan.collection, alias="unit", dim=DIM, vector_rows=5, finished_at="t1",
+                            parts=[ManifestPart(shard_id=m.shard_id, part_uri=m.part_uri, source=m.source)
+                                   for m in (a, b)])
+        run.store.write_manifest(manifest)
+        b2 = _marker(run.store, "b2", ["d4", "d6"], 3, "b.jsonl")  # b's file changed: d5 went, d6 came
+    refresh = _plan(manifest=manifest, live="unit-000000000001", indexed={"a": a})
+
+    with RunSession(job, refresh) as run:
+        assert run.clean_since == "t1"
+        upsert_part(run.index, run.store, run.plan.collection, b2.part_uri)  # this run's upsert
+        vector_set = vector_set_task.fn(run, [a, b2])
+        assert vector_set.stale == [point_id("d5")] and not vector_set.full_scan and vector_set.size == 5
+        run.index.upsert(run.plan.collection, [point_id("ghost")], np.ones((1, DIM), np.float32), [{"doc_id": "x"}])
+        vector_set = vector_set_task.fn(run, [a, b2])  # one point more than the parts explain
+        assert sorted(vector_set.stale) == sorted([point_id("d5"), point_id("ghost")]) and vector_set.full_scan
+
+    with RunSession(job, refresh) as run:  # a run that wrote to the collection and died: nothing is assumed
+        run.mark_writing()
+        run.index.delete_points(run.plan.collection, [point_id("d1")])
+    with RunSession(job, refresh) as run:
+        assert run.dirty and run.clean_since is None
+        vector_set = vector_set_task.fn(run, [a, b2])
+        assert vector_set.full_scan and vector_set.rewrite == {a.part_uri: [0]}  # d1 is missing: re-upserted
+        reconciled = reconcile_task.fn(run, vector_set)
+        assert reconciled.points == 5 and reconciled.deleted == 2
+        assert {p.payload["doc_id"] for p in run.index.scroll(run.plan.collection, ["doc_id"])} == \
+            {"d1", "d2", "d3", "d4", "d6"}
 
 
 def test_classify_runs_against_markers_and_the_manifest(tmp_path) -> None:
