@@ -63,13 +63,15 @@ def tile(base: np.ndarray, n: int, noise: float = 0.05, seed: int = 0) -> np.nda
     return out.astype(np.float32)
 
 
-def run_engine(engine: str, vectors_path: Path, queries_path: Path, folder: Path, batch: int) -> dict:
-    """One engine, in this process: upsert, build, search; figures as a dict."""
+def run_engine(engine: str, vectors_path: Path, queries_path: Path, folder: Path, batch: int,
+               max_queries: int | None = None) -> dict:
+    """One engine, in this process: upsert, build, search (the first ``max_queries`` queries, or all); figures
+    as a dict."""
     from reembed.indexing.index import IndexSettings, open_index
     from reembed.indexing.records import point_id
 
     vectors = np.load(vectors_path)
-    queries = np.load(queries_path)
+    queries = np.load(queries_path)[:max_queries]
     ids = [point_id(f"doc-{i}") for i in range(len(vectors))]
     payloads = [{"doc_id": f"doc-{i}"} for i in range(len(vectors))]
     settings = IndexSettings(engine=engine, path=str(folder), upsert_batch=batch)
@@ -115,14 +117,18 @@ def main() -> None:
     parser.add_argument("--scifact", type=Path, default=SCIFACT, help="SciFact folder (corpus.jsonl, queries.jsonl)")
     parser.add_argument("--cache", type=Path, default=ROOT / "reembed-data" / "bench-cache",
                         help="where the SciFact embeddings are cached between runs")
+    parser.add_argument("--local-queries", type=int, default=300,
+                        help="queries local mode answers (it searches by brute force: ~0.5 s each at 100k points); "
+                             "edge answers every query")
     parser.add_argument("--json", action="store_true", help="end with one JSON object on the last line")
+    parser.add_argument("--max-queries", type=int, default=None, help=argparse.SUPPRESS)
     parser.add_argument("--worker", nargs=3, metavar=("ENGINE", "VECTORS", "QUERIES"), help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.worker:
         engine, vectors, queries = args.worker
         folder = Path(tempfile.mkdtemp(prefix=f"bench-index-{engine}-"))
         try:
-            print(json.dumps(run_engine(engine, Path(vectors), Path(queries), folder, args.batch)))
+            print(json.dumps(run_engine(engine, Path(vectors), Path(queries), folder, args.batch, args.max_queries)))
         finally:
             shutil.rmtree(folder, ignore_errors=True)
         return
@@ -134,7 +140,8 @@ def main() -> None:
         np.save(work / "queries.npy", queries)
         results: dict = {}
         for engine in args.engines.split(","):
-            proc = subprocess.run([sys.executable, __file__, "--batch", str(args.batch), "--worker", engine,
+            limit = ["--max-queries", str(args.local_queries)] if engine == "local" else []
+            proc = subprocess.run([sys.executable, __file__, "--batch", str(args.batch), *limit, "--worker", engine,
                                    str(work / "vectors.npy"), str(work / "queries.npy")],
                                   capture_output=True, text=True)
             if proc.returncode != 0:

@@ -136,6 +136,7 @@ def run(job: str, overrides: tuple[str, ...], verbose: bool, as_json: bool, forc
         cfg = load_job(job, list(overrides))
         preflight(cfg)
         plan = plan_run(cfg, limit, live_collection(cfg))
+        plan_s = time.perf_counter() - started
         if plan.mode == "up-to-date":
             from reembed.indexing.index import open_index
 
@@ -152,7 +153,7 @@ def run(job: str, overrides: tuple[str, ...], verbose: bool, as_json: bool, forc
         if not verbose:
             quiet_prefect_tracebacks()
         mode = "log" if as_json and progress == "auto" else progress
-        summary = run_job(cfg, force_reason, limit, mode, plan)
+        summary = run_job(cfg, force_reason, limit, mode, plan).model_copy(update={"plan_s": round(plan_s, 3)})
     except _user_errors() as exc:
         _fail(exc, verbose, as_json)
         return

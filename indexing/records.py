@@ -247,7 +247,8 @@ class RunSummary(Record):
     truncated_docs: int = 0
     dropped_tokens: int = 0
     seconds: float
-    startup_s: float | None = None
+    startup_s: float | None = None  # flow start to the first encode: Prefect, Ray, actors loading the model
+    plan_s: float | None = None  # `reembed run`: job loading, preflight and planning, before the flow starts
     docs_per_s: float | None = None
     embed_docs_per_s: float | None = None  # read -> encode -> Parquet only: bench/e2e.py's figure
     shards_total: int

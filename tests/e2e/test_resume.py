@@ -248,3 +248,42 @@ def test_sigkill_then_resume_on_s3(tmp_path, kill_reference, s3_server) -> None:
     job = load_job(job_path)
     assert _points(job) == ref_points
     _assert_same(_vectors(job), ref_vectors)
+
+
+def test_sigkill_during_a_refresh_upsert_then_rerun_heals_the_collection(tmp_path, kill_reference) -> None:
+    """A refresh killed after its first shard's points reached the live collection leaves ``writing.json``;
+    the re-run trusts nothing about the collection, compares its ids in full, and ends equal to a clean build."""
+    docs = [dict(d) for d in kill_reference[0]]
+    write_jsonl(tmp_path / "live" / "corpus.jsonl", docs)
+    job_path = _job(tmp_path / "live", "refreshed")
+    job = load_job(job_path)
+    first = run_cli("run", str(job_path), "--json")
+    assert first.returncode == 0, first.stderr[-3000:]
+    for i in range(3, len(docs), 12):  # two or three edits in every shard of 25
+        docs[i]["text"] += " (edited)"
+    write_jsonl(tmp_path / "live" / "corpus.jsonl", docs)
+    old = {k: m["input_fingerprint"] for k, m in _markers(job).items()}
+    store = VectorStore(job.output.uri, job.collection_name(384))
+
+    proc = _start(job_path)
+    deadline = time.time() + 300
+    while time.time() < deadline and proc.poll() is None:  # kill once a re-embedded shard's points are upserted
+        if any(m["stage"] == "indexed" and m["input_fingerprint"] != old.get(k) for k, m in _markers(job).items()):
+            break
+        time.sleep(0.02)
+    finished_before_kill = proc.poll() is not None
+    _kill_group(proc)
+    assert not finished_before_kill, "the refresh ended before the kill: the trial tested nothing"
+    assert store.writing() is not None, "killed after the commit: the trial tested nothing"
+
+    res = run_cli("run", str(job_path), "--json")
+    assert res.returncode == 0, res.stderr[-3000:]
+    summary = last_json(res.stdout)
+    assert summary["points"] == summary["vector_rows"] == len(docs) and summary["encoded"] < len(docs), summary
+    assert store.writing() is None
+    write_jsonl(tmp_path / "clean" / "corpus.jsonl", docs)
+    clean = load_job(_job(tmp_path / "clean", "refreshed"))
+    run_job(clean)
+    refreshed, rebuilt = _indexed(job), _indexed(clean)
+    assert {k: p for k, (p, _) in refreshed.items()} == {k: p for k, (p, _) in rebuilt.items()}
+    _assert_same({k: v for k, (_, v) in refreshed.items()}, {k: v for k, (_, v) in rebuilt.items()})
