@@ -239,13 +239,14 @@ class EdgeIndex:
     def search(self, name: str, vector: np.ndarray, k: int = 10, collapse: bool = False) -> list[dict[str, Any]]:
         """Top-k hits; with ``collapse``, the best chunk of each of the top-k documents (fetched wider until k
         distinct documents are found, or the collection runs out)."""
-        from qdrant_edge import Query, QueryRequest
+        from qdrant_edge import Query, QueryRequest, SearchParams
 
         shard = self._shard(name)
         query = Query.Nearest(vector.astype(np.float32).tolist())
         limit = k * 4 if collapse else k
         while True:
-            hits = shard.query(QueryRequest(limit=limit, query=query, with_payload=True))
+            hits = shard.query(QueryRequest(limit=limit, query=query, with_payload=True,
+                                            params=SearchParams(hnsw_ef=max(self.settings.search_ef, limit))))
             if not collapse:
                 break
             best: dict[Any, Any] = {}

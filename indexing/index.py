@@ -36,6 +36,8 @@ class IndexSettings(BaseModel):
     indexing_threshold: int = Field(20000, ge=0, description="Qdrant's indexing_threshold restored after a bulk load")
     on_disk: bool = Field(False, description="keep original vectors on disk (memmap) instead of RAM")
     quantization: Literal["none", "scalar"] = Field("none", description="scalar = int8 scalar quantization kept in RAM")
+    search_ef: int = Field(256, ge=1, description="HNSW beam width per search (Qdrant's hnsw_ef): wider finds more "
+                           "of the exact top-k at some latency; Qdrant's own default is the index's ef_construct")
     keep_versions: int = Field(3, ge=1, description="retention: newest versions kept; older collections and vector sets are deleted")
     green_timeout: int = Field(600, ge=1, description="seconds to wait for the collection to turn green after a bulk load")
     timeout: int = Field(60, ge=1, description="seconds per request to a server")

@@ -216,10 +216,12 @@ class QdrantIndex:
     def search(self, name: str, vector: np.ndarray, k: int = 10, collapse: bool = False) -> list[dict[str, Any]]:
         """Top-k hits; with ``collapse``, the best chunk of each of the top-k documents."""
         query = vector.astype(np.float32).tolist()
+        params = models.SearchParams(hnsw_ef=self.settings.search_ef)
         if collapse:
             groups = self.client.query_points_groups(name, query=query, group_by="doc_id", limit=k, group_size=1,
-                                                     with_payload=True).groups
+                                                     with_payload=True, search_params=params).groups
             hits = [g.hits[0] for g in groups if g.hits]
         else:
-            hits = self.client.query_points(name, query=query, limit=k, with_payload=True).points
+            hits = self.client.query_points(name, query=query, limit=k, with_payload=True,
+                                            search_params=params).points
         return [{"id": str(h.id), "score": float(h.score), **(h.payload or {})} for h in hits]
