@@ -56,11 +56,12 @@ class VectorSet:
             return 0
         return len(docs) - pc.sum(pc.is_in(docs, value_set=self.keys.column("doc_id"))).as_py()
 
-    def point_ids(self, keys: pa.Table) -> Iterator[tuple[str, int]]:
-        """(point id, position) for rows of a table with ``doc_id`` and ``chunk`` columns."""
-        for pos, (doc_id, chunk) in enumerate(zip(keys.column("doc_id").to_pylist(),
-                                                  keys.column("chunk").to_pylist())):
-            yield point_id(doc_id, chunk if self.chunked else None), pos
+
+
+def point_ids(keys: pa.Table, chunked: bool) -> Iterator[tuple[str, int]]:
+    """(point id, position) for the rows of a table with ``doc_id`` and ``chunk`` columns."""
+    for pos, (doc_id, chunk) in enumerate(zip(keys.column("doc_id").to_pylist(), keys.column("chunk").to_pylist())):
+        yield point_id(doc_id, chunk if chunked else None), pos
 
 
 def read_keys(store: VectorStore, uri: str, chunked: bool, extra: tuple[str, ...] = ()) -> pa.Table:
@@ -131,7 +132,7 @@ def replaced_stale(store: VectorStore, vector_set: VectorSet, committed: Manifes
             continue
         keys = read_keys(store, part.part_uri, committed.chunked)
         gone = keys.filter(pc.invert(pc.is_in(keys.column("key"), value_set=vector_set.keys.column("key"))))
-        stale += [pid for pid, _ in VectorSet(vector_set.parts, gone, committed.chunked, [], {}).point_ids(gone)]
+        stale += [pid for pid, _ in point_ids(gone, committed.chunked)]
     return stale
 
 
@@ -161,7 +162,7 @@ def full_diff(index: VectorIndex, collection: str, vector_set: VectorSet) -> Non
         batch = vector_set.keys.slice(start, 100_000)
         parts = batch.column("part").to_pylist()
         rows = batch.column("row").to_pylist()
-        for pid, pos in vector_set.point_ids(batch):
+        for pid, pos in point_ids(batch, vector_set.chunked):
             if pid in held:
                 held.discard(pid)
             else:
