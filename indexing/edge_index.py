@@ -7,6 +7,12 @@ under ``<path>/collections/``, and the aliases live in ``<path>/aliases.json``, 
 temporary file, then rename), so a reader sees the old target or the new one, never a half-written file.
 A shard directory can be open in one process at a time (its WAL is locked); within a process every user shares
 one open shard.
+
+Edge builds no index on its own: points land in one appendable segment and search stays brute force until
+``optimize()``. One build over the whole bulk load holds the segment's graph under construction beside
+everything else (measured: 840 MB peak for 300,000 32-dim points, against 480 MB after the upsert), so the
+load optimizes every ``index.segment_points`` points instead, and the segment size is capped at about that
+many points, which keeps both the build and any later merge bounded by one segment.
 """
 
 from __future__ import annotations
@@ -72,6 +78,7 @@ class EdgeIndex:
         self.root = Path(settings.path)
         (self.root / "collections").mkdir(parents=True, exist_ok=True)
         self._held: dict[str, Any] = {}  # collection -> open shard, released on close
+        self._unindexed: dict[str, int] = {}  # collection -> points written since its last optimize()
         self._lock = threading.Lock()
 
     @property
@@ -135,8 +142,8 @@ class EdgeIndex:
 
     def ensure_collection(self, name: str, dim: int, payload_indexes: list[str] | None = None) -> None:
         """Create the shard when missing; refuse to write into one of another dimension."""
-        from qdrant_edge import (Distance, EdgeConfig, EdgeVectorParams, PayloadSchemaType, ScalarQuantizationConfig,
-                                 ScalarType, UpdateOperation)
+        from qdrant_edge import (Distance, EdgeConfig, EdgeOptimizersConfig, EdgeVectorParams, PayloadSchemaType,
+                                 ScalarQuantizationConfig, ScalarType, UpdateOperation)
 
         if self.exists(name):
             size = self.dim(name)
@@ -149,8 +156,11 @@ class EdgeIndex:
         folder.mkdir(parents=True)
         quantization = (ScalarQuantizationConfig(type=ScalarType.Int8, always_ram=True)
                         if self.settings.quantization == "scalar" else None)
+        segment_kb = _segment_kb(self.settings.segment_points, dim)  # a tenth of a segment or more gets its HNSW
         config = EdgeConfig(vectors=EdgeVectorParams(size=dim, distance=Distance.Cosine, on_disk=self.settings.on_disk),
-                            quantization_config=quantization)
+                            quantization_config=quantization,
+                            optimizers=EdgeOptimizersConfig(max_segment_size=segment_kb,
+                                                            indexing_threshold=max(1, segment_kb // 10)))
         with self._lock:
             shard = self._held[name] = _acquire(folder, config)
         for field_name in ["doc_id", *(payload_indexes or [])]:
@@ -193,8 +203,21 @@ class EdgeIndex:
                 EdgePoint(id=i, vector=v.tolist(), payload=p)
                 for i, v, p in zip(ids[start:start + size], vectors[start:start + size], payloads[start:start + size])
             ]))
+            self._built_every_segment(collection, shard, len(ids[start:start + size]))
         shard.flush()
         return len(ids)
+
+    def _built_every_segment(self, collection: str, shard: Any, written: int) -> None:
+        """Optimize once a segment's worth of points has been written since the last time."""
+        name = self._resolve(collection)
+        with self._lock:
+            self._unindexed[name] = self._unindexed.get(name, 0) + written
+            due = self._unindexed[name] >= self.settings.segment_points
+            if due:
+                self._unindexed[name] = 0
+        if due:
+            logger.debug("building the HNSW index of %s's latest %d points", name, self.settings.segment_points)
+            shard.optimize()
 
     def delete_points(self, collection: str, ids: list[str], batch: int = 1000) -> None:
         from qdrant_edge import UpdateOperation
@@ -234,6 +257,8 @@ class EdgeIndex:
         shard = self._shard(name)
         shard.optimize()
         shard.flush()
+        with self._lock:
+            self._unindexed.pop(self._resolve(name), None)
         return "green"
 
     def search(self, name: str, vector: np.ndarray, k: int = 10, collapse: bool = False) -> list[dict[str, Any]]:
@@ -257,6 +282,11 @@ class EdgeIndex:
                 break
             limit *= 4
         return [{"id": str(h.id), "score": float(h.score), **(h.payload or {})} for h in hits]
+
+
+def _segment_kb(points: int, dim: int) -> int:
+    """Qdrant's ``max_segment_size`` is in kilobytes of float32 vectors; this is ``points`` of them."""
+    return max(1, points * dim * 4 // 1024)
 
 
 def _vector(value: Any) -> np.ndarray:

@@ -38,6 +38,9 @@ class IndexSettings(BaseModel):
     quantization: Literal["none", "scalar"] = Field("none", description="scalar = int8 scalar quantization kept in RAM")
     search_ef: int = Field(256, ge=1, description="HNSW beam width per search (Qdrant's hnsw_ef): wider finds more "
                            "of the exact top-k at some latency; Qdrant's own default is the index's ef_construct")
+    segment_points: int = Field(100_000, ge=1000, description="edge: build the HNSW index each time this many points "
+                                "have been written, into segments of about this size, so building it never holds more "
+                                "than one segment's worth in memory (one build over a million points peaks near 3 GB)")
     keep_versions: int = Field(3, ge=1, description="retention: newest versions kept; older collections and vector sets are deleted")
     green_timeout: int = Field(600, ge=1, description="seconds to wait for the collection to turn green after a bulk load")
     timeout: int = Field(60, ge=1, description="seconds per request to a server")

@@ -83,3 +83,18 @@ def test_engine_settings_are_checked() -> None:
         IndexSettings(engine="server")
     with pytest.raises(ValueError, match="takes index.path, not index.url"):
         IndexSettings(engine="edge", url="http://127.0.0.1:6333")
+
+
+def test_edge_builds_the_index_one_segment_at_a_time(tmp_path) -> None:
+    """A bulk load optimizes every ``segment_points`` points, so no build ever spans the whole load."""
+    settings = IndexSettings(engine="edge", path=str(tmp_path / "index"), segment_points=1000, upsert_batch=250)
+    ids, vectors, payloads = _data(2600)
+    with open_index(settings) as index:
+        index.ensure_collection("v1", DIM)
+        index.upsert("v1", ids, vectors, payloads)
+        info = index._shard("v1").info()
+        assert info.indexed_vectors_count >= 2000, info  # two full segments built while the load went on
+        index.finish_bulk_load("v1")
+        info = index._shard("v1").info()
+        assert info.indexed_vectors_count == 2600 and info.segments_count >= 3, info  # merges stay under the cap
+        assert index.search("v1", vectors[2500], 1)[0]["id"] == ids[2500]
