@@ -38,19 +38,25 @@ def _user_errors() -> tuple[type[BaseException], ...]:
     from reembed.flows.gate import GateFailed
     from reembed.flows.guards import GuardBlocked
 
+    from reembed.flows.lease import LeaseHeld, LeaseLost
+
     errors: tuple[type[BaseException], ...] = (*JOB_LEVEL_ERRORS, RayError, GateFailed, GuardBlocked,
-                                               FileNotFoundError, NothingYet)
+                                               FileNotFoundError, NothingYet, LeaseHeld, LeaseLost)
     if "reembed.flows.run_flow" in sys.modules:  # only a run can raise it; importing Prefect costs seconds
         errors += (sys.modules["reembed.flows.run_flow"].RunFailed,)
     return errors
 
 
 def _exit_code(exc: BaseException) -> int:
-    """1: the run worked but was stopped (failed shards, gate, guards); 2: the job or its input is wrong."""
+    """1: the run worked but was stopped (failed shards, gate, guards, its lease lost); 2: the job or its input
+    is wrong; 3: another run of the job holds it."""
     from reembed.flows.gate import GateFailed
     from reembed.flows.guards import GuardBlocked
+    from reembed.flows.lease import LeaseHeld, LeaseLost
 
-    blocked = (GateFailed, GuardBlocked)
+    if isinstance(exc, LeaseHeld):
+        return 3
+    blocked = (GateFailed, GuardBlocked, LeaseLost)
     if "reembed.flows.run_flow" in sys.modules:
         blocked += (sys.modules["reembed.flows.run_flow"].RunFailed,)
     return 1 if isinstance(exc, blocked) else 2
@@ -116,44 +122,58 @@ def _job_options(fn: Any) -> Any:
 @click.option("--progress", type=click.Choice(["auto", "bar", "log", "off"]), default="auto",
               help="auto = a progress bar on a terminal, periodic log lines otherwise (and with --json)",
               show_envvar=True)
+@click.option("--wait", type=click.FloatRange(0), default=None, metavar="SECONDS",
+              help="when another run of the job is in progress, wait this long for it before giving up "
+              "(exit code 3) [default: the job's lease.wait, 0]", show_envvar=True)
 def run(job: str, overrides: tuple[str, ...], verbose: bool, as_json: bool, force_reason: str | None,
-        limit: int | None, progress: str) -> None:
+        limit: int | None, progress: str, wait: float | None) -> None:
     """Embed JOB's corpus: plan shards, encode them on Ray actors, write Parquet, upsert into Qdrant.
 
     Progress over documents (done / total, docs/s, ETA) shows while it runs; the end prints a summary. A run
     with nothing to do says so and ends in seconds, without starting Ray or Prefect. Re-running is safe: point
     ids are deterministic, so the collection never holds duplicates. Guards stop a run that would quarantine
-    most rows or delete most of the live collection before anything live changes (exit code 1).
+    most rows or delete most of the live collection before anything live changes (exit code 1). One run of a
+    job writes at a time (a lease beside the vectors); every run is appended to the job's run log
+    (`reembed history`).
 
-    Exit codes: 0 done, 1 stopped (failed shards, quality gate, guards), 2 the job or its input is wrong.
+    Exit codes: 0 done, 1 stopped (failed shards, quality gate, guards), 2 the job or its input is wrong,
+    3 another run of the job is in progress.
     """
     _setup_logging(verbose)
     started = time.perf_counter()
     try:
         from reembed.flows.config import load_job
+        from reembed.flows.gate import GateFailed
+        from reembed.flows.guards import GuardBlocked
+        from reembed.flows.history import recorded_run
+        from reembed.flows.lease import job_lease
         from reembed.flows.planning import live_collection, plan_run, preflight, up_to_date_summary
 
         cfg = load_job(job, list(overrides))
-        preflight(cfg)
-        plan = plan_run(cfg, limit, live_collection(cfg))
-        plan_s = time.perf_counter() - started
-        if plan.mode == "up-to-date":
-            from reembed.indexing.index import open_index
+        out_opts = cfg.output.storage_options
+        with job_lease(cfg.output.uri, cfg.name, cfg.lease, "reembed run", out_opts, wait), \
+                recorded_run(cfg.output.uri, cfg.name, "cli", out_opts, (GateFailed, GuardBlocked)) as record:
+            preflight(cfg)
+            plan = plan_run(cfg, limit, live_collection(cfg))
+            plan_s = time.perf_counter() - started
+            if plan.mode == "up-to-date":
+                from reembed.indexing.index import open_index
 
-            with open_index(cfg.index) as index:
-                points = index.count(plan.collection)
-            summary = up_to_date_summary(cfg, plan, points, time.perf_counter() - started)
-            err.print(f"{summary.message} [{summary.seconds:.1f} s]", highlight=False)
-            if as_json:
-                _print_json_last(summary)
-            return
-        from reembed.flows.errors import quiet_prefect_tracebacks
-        from reembed.flows.run_flow import run_job
+                with open_index(cfg.index) as index:
+                    points = index.count(plan.collection)
+                summary = record.summary = up_to_date_summary(cfg, plan, points, time.perf_counter() - started)
+                err.print(f"{summary.message} [{summary.seconds:.1f} s]", highlight=False)
+                if as_json:
+                    _print_json_last(summary)
+                return
+            from reembed.flows.errors import quiet_prefect_tracebacks
+            from reembed.flows.run_flow import run_job
 
-        if not verbose:
-            quiet_prefect_tracebacks()
-        mode = "log" if as_json and progress == "auto" else progress
-        summary = run_job(cfg, force_reason, limit, mode, plan).model_copy(update={"plan_s": round(plan_s, 3)})
+            if not verbose:
+                quiet_prefect_tracebacks()
+            mode = "log" if as_json and progress == "auto" else progress
+            summary = run_job(cfg, force_reason, limit, mode, plan).model_copy(update={"plan_s": round(plan_s, 3)})
+            record.summary = summary
     except _user_errors() as exc:
         _fail(exc, verbose, as_json)
         return
@@ -303,6 +323,7 @@ def status(job: str, overrides: tuple[str, ...], verbose: bool, as_json: bool) -
         output=VectorStore(cfg.output.uri, collection).root if collection else None,
         index=cfg.index.where,
         in_sync=collection is not None and manifest is not None and points == manifest.vector_rows,
+        **_run_log_status(cfg),
     )
     if not collection:
         if as_json:
@@ -368,6 +389,63 @@ def evaluate(job: str, overrides: tuple[str, ...], verbose: bool, queries: str |
         _print_json_last(metrics)
 
 
+def _run_log_status(cfg: Any) -> dict[str, Any]:
+    """`status` fields from the job's run log: the last run, the last success and its age."""
+    from datetime import datetime, timezone
+
+    from reembed.flows.history import RunLog
+
+    log = RunLog(cfg.output.uri, cfg.name, cfg.output.storage_options)
+    last = log.records(limit=1)
+    success = log.last_success()
+    return {
+        "last_run_status": last[0].status if last else None,
+        "last_run_at": last[0].finished_at if last else None,
+        "last_success_at": success.finished_at if success else None,
+        "last_success_age_s": round((datetime.now(timezone.utc) - success.finished_at).total_seconds(), 1)
+        if success else None,
+    }
+
+
+@cli.command()
+@_job_options
+@click.option("--limit", type=click.IntRange(1), default=20, metavar="N", help="show the latest N runs",
+              show_default=True, show_envvar=True)
+@click.option("--json", "as_json", is_flag=True, help="print the runs as one JSON list on the last line",
+              show_envvar=True)
+def history(job: str, overrides: tuple[str, ...], verbose: bool, limit: int, as_json: bool) -> None:
+    """List JOB's latest runs from its run log (beside the vectors): when, how started, outcome, counts, speed.
+
+    Every `reembed run` and every flow run from a deployment appends one record, whether it succeeded, was
+    blocked (quality gate, guards) or failed; the log outlives any Prefect server."""
+    _setup_logging(verbose)
+    try:
+        from reembed.flows.config import load_job
+        from reembed.flows.history import RunLog
+
+        cfg = load_job(job, list(overrides))
+        log = RunLog(cfg.output.uri, cfg.name, cfg.output.storage_options)
+        rows = log.records(limit=limit)
+        if not rows:
+            raise NothingYet(f"no runs of {cfg.name!r} recorded under {log.root}; run `reembed run {job}` first")
+    except _user_errors() as exc:
+        _fail(exc, verbose, as_json)
+        return
+    table = Table(title=f"reembed history: {cfg.name} (latest {len(rows)})")
+    columns = ("started_at", "trigger", "status", "mode", "seconds", "encoded", "reused", "deleted", "quarantined",
+               "points", "docs_per_s", "error")
+    for col in columns:
+        table.add_column(col, overflow="fold")
+    for r in reversed(rows):
+        values = r.model_dump(mode="json")
+        values["started_at"] = f"{r.started_at:%Y-%m-%d %H:%M:%S}"
+        values["error"] = (r.error or "")[:80]
+        table.add_row(*("" if values[c] is None else str(values[c]) for c in columns))
+    (err if as_json else out).print(table)
+    if as_json:
+        _print_json_last(rows)
+
+
 @cli.command()
 @_job_options
 @click.option("--json", "as_json", is_flag=True, help="print the versions as one JSON list on the last line",
@@ -413,8 +491,11 @@ def rollback(job: str, version: str | None, overrides: tuple[str, ...], verbose:
         from reembed.flows.versions import rollback as do_rollback
         from reembed.indexing.index import open_index
 
+        from reembed.flows.lease import job_lease
+
         cfg = load_job(job, list(overrides))
-        with open_index(cfg.index) as index:
+        with job_lease(cfg.output.uri, cfg.name, cfg.lease, "reembed rollback", cfg.output.storage_options), \
+                open_index(cfg.index) as index:
             result = do_rollback(cfg, index, version)
     except _user_errors() as exc:
         _fail(exc, verbose)
@@ -442,10 +523,12 @@ def reindex(job: str, version: str | None, overrides: tuple[str, ...], verbose: 
     try:
         from reembed.flows.config import load_job
         from reembed.flows.versions import reindex as do_reindex
+        from reembed.flows.lease import job_lease
         from reembed.indexing.index import open_index
 
         cfg = load_job(job, list(overrides))
-        with open_index(cfg.index) as index:
+        with job_lease(cfg.output.uri, cfg.name, cfg.lease, "reembed reindex", cfg.output.storage_options), \
+                open_index(cfg.index) as index:
             result = do_reindex(cfg, index, version, activate)
     except _user_errors() as exc:
         _fail(exc, verbose)

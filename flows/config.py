@@ -19,6 +19,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict, YamlConfigSettingsSource
 
+from reembed.flows.lease import LeaseSettings
 from reembed.indexing.corpus import CorpusSettings
 from reembed.indexing.index import IndexSettings
 from reembed.indexing.records import RESERVED_COLUMNS
@@ -121,6 +122,7 @@ class JobConfig(BaseSettings):
     output: OutputSettings = Field(default_factory=OutputSettings)
     index: IndexSettings = Field(default_factory=IndexSettings)
     runtime: RuntimeSettings = Field(default_factory=RuntimeSettings)
+    lease: LeaseSettings = Field(default_factory=LeaseSettings)
 
     @field_validator("name")
     @classmethod

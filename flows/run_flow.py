@@ -31,6 +31,8 @@ from reembed.flows.errors import JOB_LEVEL_ERRORS, retry_unless_job_level
 from reembed.flows.gate import GateFailed, check_gate
 from reembed.flows.guards import (GuardBlocked, delete_check, empty_check, enforce, first_reasons,
                                   quarantine_check)
+from reembed.flows.history import recorded_run
+from reembed.flows.lease import JobLease, job_lease
 from reembed.flows.planning import RunPlan, live_collection, plan_run, up_to_date_summary
 from reembed.flows.progress import ProgressMode, RunProgress, start_board
 from reembed.flows.ray_pool import ActorPool, init_ray
@@ -71,6 +73,15 @@ def run_job(job: JobConfig, force_reason: str | None = None, limit: int | None =
     reuse their stored vectors; points not in the new vector set are deleted at the end, after the guards.
     ``limit`` embeds only the first N input rows into a trial version that never becomes live.
     """
+    opts = job.output.storage_options
+    with job_lease(job.output.uri, job.name, job.lease, "reembed flow", opts) as lease, \
+            recorded_run(job.output.uri, job.name, _trigger(), opts, (GateFailed, GuardBlocked)) as record:
+        record.summary = _run(job, force_reason, limit, progress, plan, lease)
+        return record.summary
+
+
+def _run(job: JobConfig, force_reason: str | None, limit: int | None, progress: ProgressMode,
+         plan: RunPlan | None, lease: JobLease) -> RunSummary:
     clock = Clock()
     plan = plan or plan_task(job, limit)
     _log().info("planned %d shard(s) from %s into %s (%s): %d already indexed, %d written but not indexed, "
@@ -86,14 +97,32 @@ def run_job(job: JobConfig, force_reason: str | None = None, limit: int | None =
         guards = guard_task(run, embedded, results, vector_set, quarantine, force_reason, clock)
         reconciled = reconcile_task(run, vector_set)
         invariant_task(results, vector_set, reconciled)
+        lease.check()  # a run that lost its lease (stalled past lease.ttl) commits nothing
         manifest = manifest_task(run, results, vector_set, reconciled, guards)
         if plan.trial:
             return publish_task(run, summarize(run, embedded, results, clock, "trial", vector_set, reconciled, guards))
         gate = gate_task(run, manifest, embedded, results, clock, force_reason)
+        lease.check()
         alias_task(run)
         retired = retention_task(run)
         return publish_task(run, summarize(run, embedded, results, clock, "ok", vector_set, reconciled, guards,
                                            gate, retired))
+
+
+def _trigger() -> str:
+    """How this flow run started: a deployment's schedule, a deployment started by hand or through the API,
+    or a plain call (the CLI records its own runs as ``cli``)."""
+    from prefect.client.orchestration import get_client
+    from prefect.runtime import deployment, flow_run
+
+    if deployment.id is None:
+        return "flow"
+    try:
+        with get_client(sync_client=True) as client:
+            return "schedule" if client.read_flow_run(flow_run.id).auto_scheduled else "deployment"
+    except Exception as exc:  # the record still says it came from a deployment
+        _log().warning("could not tell whether this run was scheduled: %s", exc)
+        return "deployment"
 
 
 # --- what the flow carries between steps (in-process only; records cross the boundaries) ---------------------

@@ -9,6 +9,8 @@ so a manifest written by a newer reembed still reads. The module sits at the bot
 
 from __future__ import annotations
 
+from datetime import datetime
+
 import logging
 import uuid
 from typing import Any, Literal, TypeVar
@@ -315,3 +317,7 @@ class StatusInfo(Record):
     output: str | None
     index: str
     in_sync: bool
+    last_run_status: str | None = None  # from the run log (`reembed history`)
+    last_run_at: datetime | None = None
+    last_success_at: datetime | None = None  # the latest run after which the alias was fresh (ok, up-to-date)
+    last_success_age_s: float | None = None

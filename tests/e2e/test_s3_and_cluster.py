@@ -18,6 +18,8 @@ import s3fs
 
 from conftest import free_port, last_json, run_cli, write_jsonl
 from reembed.flows.config import load_job
+from reembed.flows.history import RunLog
+from reembed.flows.lease import LeaseSettings, job_lease
 from reembed.flows.run_flow import run_job
 from reembed.indexing.storage import StorageOptions
 from reembed.indexing.vector_store import VectorStore, arrow_to_vectors
@@ -80,6 +82,30 @@ def test_s3_corpus_and_output_match_local_run(local_reference, s3_server, tmp_pa
     options = StorageOptions(endpoint_url=s3_server["endpoint"], key=s3_server["key"], secret=s3_server["secret"])
     _assert_same_vectors(_vectors(VectorStore("s3://reembed/vectors", summary["collection"], options)),
                          local_reference["vectors"])
+    (record,) = RunLog("s3://reembed/vectors", "slice", options).records()  # the run log lives on S3 too
+    assert (record.status, record.encoded, record.points) == ("ok", N_DOCS, N_DOCS)
+    assert not fs.exists("reembed/vectors/_leases/slice.json")  # the lease was released
+
+
+def test_the_job_lease_on_s3(s3_server) -> None:
+    """No locks on an object store: write, settle, read back; a second holder is refused, naming the first."""
+    options = StorageOptions(endpoint_url=s3_server["endpoint"], key=s3_server["key"], secret=s3_server["secret"])
+    with job_lease("s3://reembed/lease-test", "docs", LeaseSettings(), "first run", options) as lease:
+        lease.check()
+        script = ("import sys\n"
+                  "from reembed.flows.lease import LeaseHeld, LeaseSettings, job_lease\n"
+                  "from reembed.indexing.storage import StorageOptions\n"
+                  "opts = StorageOptions(endpoint_url=sys.argv[1], key=sys.argv[2], secret=sys.argv[3])\n"
+                  "try:\n"
+                  "    with job_lease('s3://reembed/lease-test', 'docs', LeaseSettings(), 'second', opts):\n"
+                  "        print('acquired')\n"
+                  "except LeaseHeld as exc:\n"
+                  "    print(exc)\n")
+        res = subprocess.run([sys.executable, "-c", script, s3_server["endpoint"], s3_server["key"],
+                              s3_server["secret"]], capture_output=True, text=True, timeout=120)
+        assert "another run of job 'docs' is in progress: first run on" in res.stdout, res.stdout + res.stderr
+    with job_lease("s3://reembed/lease-test", "docs", LeaseSettings(), "after release", options):
+        pass
 
 
 def test_wrong_s3_credentials_fail_fast(s3_server, tmp_path: Path) -> None:

@@ -1,0 +1,214 @@
+"""One writer per job: a lease file next to the vectors, so two runs of a job never write one version at once.
+
+Two schedules firing together, a manual run during a scheduled one, or two workers picking up the same
+deployment would otherwise plan against the same manifest and race on the collection. The lease is a small
+JSON document at ``<output.uri>/_leases/<job>.json`` and works wherever the vectors do (local disk, ``s3://``),
+with no server of its own.
+
+Taking it: read it; when it is missing or expired, write our own (a random token). On a local disk the read and
+the write happen under an exclusive ``flock`` on a lock file beside it. Object stores have no locks, so there
+the run waits ``SETTLE_S`` and reads the lease back: of two runs that wrote at once, both read the later write,
+so exactly one sees its own token. A holder
+renews ``expires_at`` from a background thread every third of ``lease.ttl``; a run that was killed stops
+renewing, so its lease expires and the next run takes it over. Commands that write (run, reindex, rollback)
+take it; within one process taking it again is a no-op, so the CLI and the flow it starts share one lease.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import logging
+import os
+import secrets
+import socket
+import threading
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from datetime import datetime, timedelta, timezone
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from reembed.indexing.records import Record
+from reembed.indexing.storage import StorageOptions, filesystem, join, protocol_of, read_json, write_json
+
+logger = logging.getLogger(__name__)
+
+SETTLE_S = 1.0  # between writing the lease and reading it back: longer than any read-then-write gap of a rival
+POLL_S = 2.0  # how often a waiting run looks at the lease again
+
+_ACTIVE_LOCK = threading.Lock()
+
+
+class LeaseSettings(BaseModel):
+    """The `lease:` section of a job file: how a second run of the same job behaves while one is running."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    wait: float = Field(0, ge=0, description="seconds a run waits for another run of the job to finish before it "
+                        "gives up (exit code 3); 0 = give up at once")
+    ttl: float = Field(120, ge=3, description="seconds a lease lives without renewal: a killed run's lease is taken "
+                       "over this long after it stopped (a live run renews every ttl/3)")
+
+
+class LeaseRecord(Record):
+    """The lease document: who holds the job, and until when unless renewed."""
+
+    job: str
+    token: str
+    holder: str  # host:pid, for the message a waiting run prints
+    command: str
+    acquired_at: datetime
+    expires_at: datetime
+
+    def describe(self) -> str:
+        return (f"{self.command} on {self.holder} since {self.acquired_at:%Y-%m-%d %H:%M:%S} UTC "
+                f"(lease expires {self.expires_at:%H:%M:%S} UTC unless renewed)")
+
+
+class LeaseHeld(RuntimeError):
+    """Another run of the job holds its lease, and waiting for it (``lease.wait``) ran out."""
+
+
+class LeaseLost(RuntimeError):
+    """This run's lease was taken over (it stopped renewing for longer than ``lease.ttl``): it must not commit."""
+
+
+def lease_uri(output_uri: str, job: str) -> str:
+    return join(output_uri, "_leases", f"{job}.json")
+
+
+class JobLease:
+    """A held lease: renewed in the background until released; ``check()`` before committing."""
+
+    def __init__(self, uri: str, record: LeaseRecord, ttl: float, options: StorageOptions | None) -> None:
+        self.uri, self.record, self.ttl, self.options = uri, record, ttl, options
+        self.lost: str | None = None
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._renew_loop, name=f"lease-{record.job}", daemon=True)
+        self._thread.start()
+
+    def _renew_loop(self) -> None:
+        while not self._stop.wait(self.ttl / 3):
+            try:
+                with _local_lock(self.uri):
+                    current = _read(self.uri, self.options)
+                    if current is None or current.token != self.record.token:
+                        self.lost = (f"the lease of job {self.record.job!r} was taken over"
+                                     + (f" by {current.describe()}" if current else " (its file was removed)"))
+                        logger.error("%s; this run will not commit", self.lost)
+                        return
+                    self.record = self.record.model_copy(update={"expires_at": _now() + timedelta(seconds=self.ttl)})
+                    write_json(self.uri, self.record.model_dump(mode="json"), self.options)
+            except Exception as exc:  # a storage hiccup: try again next time; expiry is ttl away
+                logger.warning("could not renew the lease %s: %s", self.uri, exc)
+
+    def check(self) -> None:
+        """Raise ``LeaseLost`` when another run took the lease over; called before anything is committed."""
+        if self.lost is None:
+            current = _read(self.uri, self.options)
+            if current is None or current.token != self.record.token:
+                self.lost = f"the lease of job {self.record.job!r} was taken over" + (
+                    f" by {current.describe()}" if current else " (its file was removed)")
+        if self.lost is not None:
+            raise LeaseLost(f"{self.lost}: this run stopped before committing; the other run owns the job now")
+
+    def release(self) -> None:
+        self._stop.set()
+        self._thread.join(timeout=5)
+        try:
+            current = _read(self.uri, self.options)
+            if current is not None and current.token == self.record.token:
+                fs, path = filesystem(self.uri, self.options)
+                fs.rm(path)
+        except Exception as exc:  # the lease then expires on its own
+            logger.warning("could not release the lease %s: %s", self.uri, exc)
+
+
+_ACTIVE: dict[str, JobLease] = {}  # lease URI -> the lease this process holds (re-entrant within a process)
+
+
+@contextmanager
+def job_lease(output_uri: str, job: str, settings: LeaseSettings, command: str,
+              options: StorageOptions | None = None, wait: float | None = None) -> Iterator[JobLease]:
+    """Hold ``job``'s lease for the block; waits up to ``wait`` (default ``settings.wait``) seconds for a holder
+    to finish, then raises ``LeaseHeld`` naming it. Re-entrant within a process."""
+    uri = lease_uri(output_uri, job)
+    with _ACTIVE_LOCK:
+        active = _ACTIVE.get(uri)
+    if active is not None:
+        yield active
+        return
+    lease = _acquire(uri, job, settings, command, options, settings.wait if wait is None else wait)
+    with _ACTIVE_LOCK:
+        _ACTIVE[uri] = lease
+    try:
+        yield lease
+    finally:
+        with _ACTIVE_LOCK:
+            _ACTIVE.pop(uri, None)
+        lease.release()
+
+
+def _acquire(uri: str, job: str, settings: LeaseSettings, command: str, options: StorageOptions | None,
+             wait: float) -> JobLease:
+    deadline = time.monotonic() + wait
+    announced = False
+    while True:
+        with _local_lock(uri):
+            current = _read(uri, options)
+            if current is None or current.expires_at <= _now():
+                if current is not None:
+                    logger.warning("taking over the expired lease of job %r from %s", job, current.describe())
+                mine = LeaseRecord(job=job, token=secrets.token_hex(8), command=command,
+                                   holder=f"{socket.gethostname()}:{os.getpid()}", acquired_at=_now(),
+                                   expires_at=_now() + timedelta(seconds=settings.ttl))
+                write_json(uri, mine.model_dump(mode="json"), options)
+                if not _is_local(uri):
+                    time.sleep(SETTLE_S)
+                    current = _read(uri, options)
+                else:
+                    current = mine
+                if current is not None and current.token == mine.token:
+                    logger.info("holding the lease of job %r (%s)", job, uri)
+                    return JobLease(uri, mine, settings.ttl, options)
+        if current is None:
+            continue
+        if time.monotonic() >= deadline:
+            raise LeaseHeld(f"another run of job {job!r} is in progress: {current.describe()}. Nothing was "
+                            f"changed. Wait for it (lease.wait / --wait SECONDS), or, if that run is gone, its "
+                            f"lease expires at {current.expires_at:%H:%M:%S} UTC ({uri})")
+        if not announced:
+            logger.warning("another run of job %r is in progress (%s); waiting up to %.0f s", job,
+                           current.describe(), wait)
+            announced = True
+        time.sleep(min(POLL_S, max(0.1, deadline - time.monotonic())))
+
+
+def _is_local(uri: str) -> bool:
+    return protocol_of(uri) in ("file", "local")
+
+
+@contextmanager
+def _local_lock(uri: str) -> Iterator[None]:
+    """An exclusive ``flock`` beside a local lease for its read-then-write; nothing for object stores."""
+    if not _is_local(uri):
+        yield
+        return
+    _, path = filesystem(uri)
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    fd = os.open(f"{path}.lock", os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        yield
+    finally:
+        os.close(fd)  # closing releases the lock
+
+
+def _read(uri: str, options: StorageOptions | None) -> LeaseRecord | None:
+    data = read_json(uri, options)
+    return LeaseRecord.model_validate(data) if data is not None else None
+
+
+def _now() -> datetime:
+    return datetime.now(timezone.utc)

@@ -1,0 +1,116 @@
+"""The job lease (one writer per job) and the run log, on a local disk; tests/e2e covers S3 and real runs."""
+
+from __future__ import annotations
+
+import json
+import multiprocessing
+import time
+from datetime import datetime, timedelta, timezone
+
+import pytest
+
+from reembed.flows.history import RunLog, RunRecord, recorded_run
+from reembed.flows.lease import LeaseHeld, LeaseLost, LeaseRecord, LeaseSettings, job_lease, lease_uri
+from reembed.indexing.records import RunSummary
+from reembed.indexing.storage import write_json
+
+
+def _hold(output: str, seconds: float, ready) -> None:
+    with job_lease(output, "docs", LeaseSettings(ttl=30), "holder process"):
+        ready.set()
+        time.sleep(seconds)
+
+
+def test_a_second_process_is_refused_then_waits_for_the_holder(tmp_path) -> None:
+    output = str(tmp_path / "vectors")
+    ctx = multiprocessing.get_context("spawn")
+    ready = ctx.Event()
+    holder = ctx.Process(target=_hold, args=(output, 4, ready))
+    holder.start()
+    try:
+        assert ready.wait(60)
+        with pytest.raises(LeaseHeld, match=r"another run of job 'docs' is in progress: holder process on .*:\d+ since"):
+            with job_lease(output, "docs", LeaseSettings(), "second"):
+                pass
+        started = time.monotonic()
+        with job_lease(output, "docs", LeaseSettings(wait=60), "third") as lease:
+            assert time.monotonic() - started > 1  # it waited for the holder to finish
+            assert json.loads(open(lease_uri(output, "docs")).read())["command"] == "third"
+    finally:
+        holder.join(30)
+    assert not (tmp_path / "vectors" / "_leases" / "docs.json").exists()  # released at the end
+
+
+def _left_by_a_killed_run(output: str, expires_in: float) -> None:
+    now = datetime.now(timezone.utc)
+    record = LeaseRecord(job="docs", token="dead", holder="otherhost:4242", command="reembed run",
+                         acquired_at=now - timedelta(minutes=5), expires_at=now + timedelta(seconds=expires_in))
+    write_json(lease_uri(output, "docs"), record.model_dump(mode="json"))
+
+
+def test_a_killed_runs_lease_is_taken_over_once_it_expires(tmp_path) -> None:
+    output = str(tmp_path / "vectors")
+    _left_by_a_killed_run(output, expires_in=30)
+    with pytest.raises(LeaseHeld, match="reembed run on otherhost:4242 .* expires at"):
+        with job_lease(output, "docs", LeaseSettings(), "next run"):
+            pass
+    _left_by_a_killed_run(output, expires_in=2)
+    started = time.monotonic()
+    with job_lease(output, "docs", LeaseSettings(wait=30), "next run") as lease:
+        assert 1 < time.monotonic() - started < 10
+        assert lease.record.command == "next run"
+
+
+def test_a_run_whose_lease_was_taken_over_stops_before_committing(tmp_path) -> None:
+    output = str(tmp_path / "vectors")
+    with job_lease(output, "docs", LeaseSettings(), "stalled run") as lease:
+        lease.check()
+        _left_by_a_killed_run(output, expires_in=60)  # another run took it over while this one stalled
+        with pytest.raises(LeaseLost, match="taken over by reembed run on otherhost:4242"):
+            lease.check()
+    assert (tmp_path / "vectors" / "_leases" / "docs.json").exists()  # the new holder's lease is left alone
+
+
+def test_the_lease_is_reentrant_within_a_process(tmp_path) -> None:
+    output = str(tmp_path / "vectors")
+    with job_lease(output, "docs", LeaseSettings(), "cli") as outer:
+        with job_lease(output, "docs", LeaseSettings(), "flow") as inner:
+            assert inner is outer
+        outer.check()  # still held after the inner block
+
+
+def _summary(status: str = "ok") -> RunSummary:
+    return RunSummary(alias="docs", collection="docs-abc", mode="refresh", status=status, model="m", dim=8,
+                      input_rows=10, indexed=10, encoded=3, reused=7, upserted=3, quarantined=0, tokens=300,
+                      seconds=2.0, docs_per_s=5.0, shards_total=1, points=10, output="out", index="edge:x")
+
+
+def test_every_run_is_recorded_successful_blocked_or_failed(tmp_path) -> None:
+    output = str(tmp_path / "vectors")
+
+    class Blocked(Exception):
+        pass
+
+    with recorded_run(output, "docs", "cli") as run:
+        run.summary = _summary()
+    with pytest.raises(Blocked):
+        with recorded_run(output, "docs", "schedule", blocked=(Blocked,)):
+            raise Blocked("gate: ndcg@10 dropped")
+    with pytest.raises(FileNotFoundError):
+        with recorded_run(output, "docs", "cli"):
+            with recorded_run(output, "docs", "flow"):  # the flow inside the CLI: one record, not two
+                raise FileNotFoundError("corpus.jsonl: no such file")
+    with recorded_run(output, "docs", "cli") as run:
+        run.summary = _summary("up-to-date")
+
+    log = RunLog(output, "docs")
+    records = log.records()
+    assert [(r.status, r.trigger) for r in records] == [("ok", "cli"), ("blocked", "schedule"), ("failed", "cli"),
+                                                       ("up-to-date", "cli")]
+    ok = records[0]
+    assert (ok.encoded, ok.reused, ok.points, ok.mode, ok.tokens_per_s) == (3, 7, 10, "refresh", 150.0)
+    assert records[1].error == "Blocked: gate: ndcg@10 dropped" and records[1].encoded is None
+    assert "corpus.jsonl: no such file" in records[2].error
+    assert [r.status for r in log.records(limit=2)] == ["failed", "up-to-date"]
+    assert log.last_success().run_id == records[3].run_id
+    assert all(isinstance(r, RunRecord) and r.finished_at >= r.started_at for r in records)
