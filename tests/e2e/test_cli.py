@@ -57,7 +57,7 @@ def test_every_command_fails_in_one_line_without_traceback(tmp_path: Path) -> No
     pairs = tmp_path / "pairs.jsonl"
     pairs.write_text('{"sentence1": "a", "sentence2": "b", "label": 1.0}\n')
     extra = {"run": [], "plan": [], "search": ["q"], "status": [], "eval": ["--pairs", str(pairs)],
-             "versions": [], "rollback": [], "reindex": []}
+             "versions": [], "rollback": [], "reindex": [], "history": []}
     assert set(cli.commands) == set(extra), "a new command must join this test"
     for command, args in extra.items():
         res = run_cli(command, str(tmp_path / "nope.yaml"), *args)
@@ -67,6 +67,7 @@ def test_every_command_fails_in_one_line_without_traceback(tmp_path: Path) -> No
 
     never_ran = ["--set", f"output.uri={tmp_path / 'v'}", "--set", f"index.path={tmp_path / 'q'}"]
     expected = {"search": "run `reembed run", "status": "run `reembed run", "versions": "run `reembed run",
+                "history": "run `reembed run",
                 "rollback": "no earlier version", "reindex": "no committed vector set"}
     for command, fragment in expected.items():
         res = run_cli(command, str(SAMPLE), *extra[command], *never_ran)
