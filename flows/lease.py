@@ -10,7 +10,8 @@ the write happen under an exclusive ``flock`` on a lock file beside it. Object s
 the run waits ``SETTLE_S`` and reads the lease back: of two runs that wrote at once, both read the later write,
 so exactly one sees its own token. A holder
 renews ``expires_at`` from a background thread every third of ``lease.ttl``; a run that was killed stops
-renewing, so its lease expires and the next run takes it over. Commands that write (run, reindex, rollback)
+renewing, so its lease expires and the next run takes it over; on the host it ran on, a run whose process is
+gone (same pid and start time no longer running) is taken over at once. Commands that write (run, reindex, rollback)
 take it; within one process taking it again is a no-op, so the CLI and the flow it starts share one lease.
 """
 
@@ -57,6 +58,7 @@ class LeaseRecord(Record):
     job: str
     token: str
     holder: str  # host:pid, for the message a waiting run prints
+    started: str | None = None  # the holder process's start time (/proc), so a reused pid is not taken for it
     command: str
     acquired_at: datetime
     expires_at: datetime
@@ -157,11 +159,14 @@ def _acquire(uri: str, job: str, settings: LeaseSettings, command: str, options:
     while True:
         with _local_lock(uri):
             current = _read(uri, options)
-            if current is None or current.expires_at <= _now():
+            gone = current is not None and _holder_gone(current)
+            if current is None or current.expires_at <= _now() or gone:
                 if current is not None:
-                    logger.warning("taking over the expired lease of job %r from %s", job, current.describe())
+                    logger.warning("taking over the %s lease of job %r from %s", "dead holder's" if gone else "expired",
+                                   job, current.describe())
                 mine = LeaseRecord(job=job, token=secrets.token_hex(8), command=command,
-                                   holder=f"{socket.gethostname()}:{os.getpid()}", acquired_at=_now(),
+                                   holder=f"{socket.gethostname()}:{os.getpid()}", started=_started(os.getpid()),
+                                   acquired_at=_now(),
                                    expires_at=_now() + timedelta(seconds=settings.ttl))
                 write_json(uri, mine.model_dump(mode="json"), options)
                 if not _is_local(uri):
@@ -183,6 +188,23 @@ def _acquire(uri: str, job: str, settings: LeaseSettings, command: str, options:
                            current.describe(), wait)
             announced = True
         time.sleep(min(POLL_S, max(0.1, deadline - time.monotonic())))
+
+
+def _started(pid: int) -> str | None:
+    """A process's start time in clock ticks since boot (Linux), or None where /proc does not say."""
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as fh:
+            return fh.read().rsplit(b")", 1)[1].split()[19].decode()
+    except (OSError, IndexError):
+        return None
+
+
+def _holder_gone(record: LeaseRecord) -> bool:
+    """The holder ran on this host and its process is gone (killed, crashed): no need to wait for expiry."""
+    host, _, pid = record.holder.rpartition(":")
+    if host != socket.gethostname() or not pid.isdigit() or record.started is None:
+        return False
+    return _started(int(pid)) != record.started
 
 
 def _is_local(uri: str) -> bool:

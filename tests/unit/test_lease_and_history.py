@@ -114,3 +114,17 @@ def test_every_run_is_recorded_successful_blocked_or_failed(tmp_path) -> None:
     assert [r.status for r in log.records(limit=2)] == ["failed", "up-to-date"]
     assert log.last_success().run_id == records[3].run_id
     assert all(isinstance(r, RunRecord) and r.finished_at >= r.started_at for r in records)
+
+
+def test_a_dead_holder_on_this_host_is_taken_over_at_once(tmp_path) -> None:
+    output = str(tmp_path / "vectors")
+    ctx = multiprocessing.get_context("spawn")
+    ready = ctx.Event()
+    holder = ctx.Process(target=_hold, args=(output, 600, ready))
+    holder.start()
+    assert ready.wait(60)
+    holder.kill()  # SIGKILL: it never releases
+    holder.join(30)
+    started = time.monotonic()
+    with job_lease(output, "docs", LeaseSettings(), "next run") as lease:
+        assert lease.record.command == "next run" and time.monotonic() - started < 5
