@@ -37,7 +37,6 @@ def _user_errors() -> tuple[type[BaseException], ...]:
     from reembed.flows.ray_pool import RayError
     from reembed.flows.gate import GateFailed
     from reembed.flows.guards import GuardBlocked
-
     from reembed.flows.lease import LeaseHeld, LeaseLost
 
     errors: tuple[type[BaseException], ...] = (*JOB_LEVEL_ERRORS, RayError, GateFailed, GuardBlocked,
@@ -50,13 +49,12 @@ def _user_errors() -> tuple[type[BaseException], ...]:
 def _exit_code(exc: BaseException) -> int:
     """1: the run worked but was stopped (failed shards, gate, guards, its lease lost); 2: the job or its input
     is wrong; 3: another run of the job holds it."""
-    from reembed.flows.gate import GateFailed
-    from reembed.flows.guards import GuardBlocked
+    from reembed.flows.history import BLOCKED
     from reembed.flows.lease import LeaseHeld, LeaseLost
 
     if isinstance(exc, LeaseHeld):
         return 3
-    blocked = (GateFailed, GuardBlocked, LeaseLost)
+    blocked = (*BLOCKED, LeaseLost)
     if "reembed.flows.run_flow" in sys.modules:
         blocked += (sys.modules["reembed.flows.run_flow"].RunFailed,)
     return 1 if isinstance(exc, blocked) else 2
@@ -143,8 +141,6 @@ def run(job: str, overrides: tuple[str, ...], verbose: bool, as_json: bool, forc
     started = time.perf_counter()
     try:
         from reembed.flows.config import load_job
-        from reembed.flows.gate import GateFailed
-        from reembed.flows.guards import GuardBlocked
         from reembed.flows.history import recorded_run
         from reembed.flows.lease import job_lease
         from reembed.flows.planning import live_collection, plan_run, preflight, up_to_date_summary
@@ -152,7 +148,7 @@ def run(job: str, overrides: tuple[str, ...], verbose: bool, as_json: bool, forc
         cfg = load_job(job, list(overrides))
         out_opts = cfg.output.storage_options
         with job_lease(cfg.output.uri, cfg.name, cfg.lease, "reembed run", out_opts, wait), \
-                recorded_run(cfg.output.uri, cfg.name, "cli", out_opts, (GateFailed, GuardBlocked)) as record:
+                recorded_run(cfg.output.uri, cfg.name, "cli", out_opts) as record:
             preflight(cfg)
             plan = plan_run(cfg, limit, live_collection(cfg))
             plan_s = time.perf_counter() - started
@@ -395,12 +391,10 @@ def _run_log_status(cfg: Any) -> dict[str, Any]:
 
     from reembed.flows.history import RunLog
 
-    log = RunLog(cfg.output.uri, cfg.name, cfg.output.storage_options)
-    last = log.records(limit=1)
-    success = log.last_success()
+    last, success = RunLog(cfg.output.uri, cfg.name, cfg.output.storage_options).latest()
     return {
-        "last_run_status": last[0].status if last else None,
-        "last_run_at": last[0].finished_at if last else None,
+        "last_run_status": last.status if last else None,
+        "last_run_at": last.finished_at if last else None,
         "last_success_at": success.finished_at if success else None,
         "last_success_age_s": round((datetime.now(timezone.utc) - success.finished_at).total_seconds(), 1)
         if success else None,
@@ -488,10 +482,9 @@ def rollback(job: str, version: str | None, overrides: tuple[str, ...], verbose:
     _setup_logging(verbose)
     try:
         from reembed.flows.config import load_job
+        from reembed.flows.lease import job_lease
         from reembed.flows.versions import rollback as do_rollback
         from reembed.indexing.index import open_index
-
-        from reembed.flows.lease import job_lease
 
         cfg = load_job(job, list(overrides))
         with job_lease(cfg.output.uri, cfg.name, cfg.lease, "reembed rollback", cfg.output.storage_options), \
@@ -522,8 +515,8 @@ def reindex(job: str, version: str | None, overrides: tuple[str, ...], verbose: 
     _setup_logging(verbose)
     try:
         from reembed.flows.config import load_job
-        from reembed.flows.versions import reindex as do_reindex
         from reembed.flows.lease import job_lease
+        from reembed.flows.versions import reindex as do_reindex
         from reembed.indexing.index import open_index
 
         cfg = load_job(job, list(overrides))

@@ -13,7 +13,6 @@ import logging
 import secrets
 import socket
 import threading
-import time
 import types
 import typing
 from collections.abc import Iterator
@@ -24,6 +23,8 @@ from typing import Literal
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from reembed.flows.gate import GateFailed
+from reembed.flows.guards import GuardBlocked
 from reembed.indexing.records import Record, RunSummary, Status
 from reembed.indexing.storage import StorageOptions, filesystem, join
 
@@ -31,6 +32,7 @@ logger = logging.getLogger(__name__)
 
 Trigger = Literal["cli", "schedule", "deployment", "flow"]
 SUCCESS: tuple[Status, ...] = ("ok", "up-to-date")  # the alias is fresh after these (a trial never touches it)
+BLOCKED: tuple[type[BaseException], ...] = (GateFailed, GuardBlocked)  # a run stopped on purpose, not broken
 
 
 class RunRecord(Record):
@@ -38,7 +40,7 @@ class RunRecord(Record):
 
     run_id: str
     job: str
-    trigger: str
+    trigger: Trigger
     status: Status
     mode: str | None = None
     started_at: datetime
@@ -63,7 +65,7 @@ class RunRecord(Record):
     host: str
 
     @classmethod
-    def from_run(cls, run_id: str, job: str, trigger: str, started_at: datetime, summary: RunSummary | None,
+    def from_run(cls, run_id: str, job: str, trigger: Trigger, started_at: datetime, summary: RunSummary | None,
                  status: Status, error: str | None = None) -> "RunRecord":
         finished = datetime.now(timezone.utc)
         seconds = (finished - started_at).total_seconds()
@@ -122,27 +124,29 @@ class RunLog:
         except FileNotFoundError:
             return []
 
+    def _read(self, name: str) -> RunRecord:
+        fs, _ = filesystem(self.root, self.options)
+        with fs.open(name, "rb") as fh:
+            (row,) = pq.read_table(fh, schema=SCHEMA).to_pylist()
+        return RunRecord.model_validate(row)
+
     def records(self, limit: int | None = None) -> list[RunRecord]:
         """The runs, oldest first; with ``limit``, only the latest ``limit``."""
-        fs, _ = filesystem(self.root, self.options)
         files = self._files()
-        if limit is not None:
-            files = files[-limit:]
-        rows: list[dict] = []
-        for name in files:
-            with fs.open(name, "rb") as fh:
-                rows += pq.read_table(fh, schema=SCHEMA).to_pylist()
-        return [RunRecord.model_validate(r) for r in rows]
+        return [self._read(name) for name in (files[-limit:] if limit is not None else files)]
+
+    def latest(self) -> tuple[RunRecord | None, RunRecord | None]:
+        """The last run, and the latest run after which the alias was fresh (one listing, newest first)."""
+        last = None
+        for name in reversed(self._files()):
+            record = self._read(name)
+            last = last or record
+            if record.status in SUCCESS:
+                return last, record
+        return last, None
 
     def last_success(self) -> RunRecord | None:
-        """The latest run after which the alias was fresh, looking back through the log newest first."""
-        fs, _ = filesystem(self.root, self.options)
-        for name in reversed(self._files()):
-            with fs.open(name, "rb") as fh:
-                (row,) = pq.read_table(fh, schema=SCHEMA).to_pylist()
-            if row["status"] in SUCCESS:
-                return RunRecord.model_validate(row)
-        return None
+        return self.latest()[1]
 
 
 _ACTIVE: set[str] = set()  # run logs with a run being recorded in this process (the CLI, then its flow)
@@ -158,10 +162,11 @@ class RecordedRun:
 
 
 @contextmanager
-def recorded_run(output_uri: str, job: str, trigger: str, options: StorageOptions | None = None,
-                 blocked: tuple[type[BaseException], ...] = ()) -> Iterator[RecordedRun]:
+def recorded_run(output_uri: str, job: str, trigger: Trigger, options: StorageOptions | None = None,
+                 blocked: tuple[type[BaseException], ...] = BLOCKED) -> Iterator[RecordedRun]:
     """Append one record when the block ends, however it ends: its summary's status, ``blocked`` for the
-    exception types given (gate, guards), ``failed`` for any other error. Re-entrant within a process."""
+    ``blocked`` exception types (the gate, the guards), ``failed`` for any other error. Re-entrant within a
+    process."""
     log = RunLog(output_uri, job, options)
     with _ACTIVE_LOCK:
         nested = log.root in _ACTIVE
@@ -171,7 +176,6 @@ def recorded_run(output_uri: str, job: str, trigger: str, options: StorageOption
         yield run
         return
     started = datetime.now(timezone.utc)
-    begun = time.monotonic()
     try:
         yield run
     except BaseException as exc:
@@ -188,7 +192,6 @@ def recorded_run(output_uri: str, job: str, trigger: str, options: StorageOption
     finally:
         with _ACTIVE_LOCK:
             _ACTIVE.discard(log.root)
-        logger.debug("run %s of %s recorded after %.1f s", run.run_id, job, time.monotonic() - begun)
 
 
 def _append(log: RunLog, record: RunRecord) -> None:

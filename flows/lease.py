@@ -8,11 +8,13 @@ with no server of its own.
 Taking it: read it; when it is missing or expired, write our own (a random token). On a local disk the read and
 the write happen under an exclusive ``flock`` on a lock file beside it. Object stores have no locks, so there
 the run waits ``SETTLE_S`` and reads the lease back: of two runs that wrote at once, both read the later write,
-so exactly one sees its own token. A holder
-renews ``expires_at`` from a background thread every third of ``lease.ttl``; a run that was killed stops
-renewing, so its lease expires and the next run takes it over; on the host it ran on, a run whose process is
-gone (same pid and start time no longer running) is taken over at once. Commands that write (run, reindex, rollback)
-take it; within one process taking it again is a no-op, so the CLI and the flow it starts share one lease.
+so exactly one sees its own token.
+
+A holder renews ``expires_at`` from a background thread every third of ``lease.ttl``; a run that was killed
+stops renewing, so its lease expires and the next run takes it over. On the host it ran on, a run whose
+process is gone (its pid no longer runs with the same start time) is taken over at once. Commands that write
+(run, reindex, rollback) take it; within one process taking it again is a no-op, so the CLI and the flow it
+starts share one lease.
 """
 
 from __future__ import annotations
@@ -37,8 +39,6 @@ logger = logging.getLogger(__name__)
 
 SETTLE_S = 1.0  # between writing the lease and reading it back: longer than any read-then-write gap of a rival
 POLL_S = 2.0  # how often a waiting run looks at the lease again
-
-_ACTIVE_LOCK = threading.Lock()
 
 
 class LeaseSettings(BaseModel):
@@ -90,14 +90,20 @@ class JobLease:
         self._thread = threading.Thread(target=self._renew_loop, name=f"lease-{record.job}", daemon=True)
         self._thread.start()
 
+    def _still_ours(self) -> bool:
+        """Read the lease; when another run holds it now, say so in ``lost`` and return False."""
+        if self.lost is None:
+            current = _read(self.uri, self.options)
+            if current is None or current.token != self.record.token:
+                self.lost = f"the lease of job {self.record.job!r} was taken over" + (
+                    f" by {current.describe()}" if current else " (its file was removed)")
+        return self.lost is None
+
     def _renew_loop(self) -> None:
         while not self._stop.wait(self.ttl / 3):
             try:
                 with _local_lock(self.uri):
-                    current = _read(self.uri, self.options)
-                    if current is None or current.token != self.record.token:
-                        self.lost = (f"the lease of job {self.record.job!r} was taken over"
-                                     + (f" by {current.describe()}" if current else " (its file was removed)"))
+                    if not self._still_ours():
                         logger.error("%s; this run will not commit", self.lost)
                         return
                     self.record = self.record.model_copy(update={"expires_at": _now() + timedelta(seconds=self.ttl)})
@@ -107,12 +113,7 @@ class JobLease:
 
     def check(self) -> None:
         """Raise ``LeaseLost`` when another run took the lease over; called before anything is committed."""
-        if self.lost is None:
-            current = _read(self.uri, self.options)
-            if current is None or current.token != self.record.token:
-                self.lost = f"the lease of job {self.record.job!r} was taken over" + (
-                    f" by {current.describe()}" if current else " (its file was removed)")
-        if self.lost is not None:
+        if not self._still_ours():
             raise LeaseLost(f"{self.lost}: this run stopped before committing; the other run owns the job now")
 
     def release(self) -> None:
@@ -128,6 +129,7 @@ class JobLease:
 
 
 _ACTIVE: dict[str, JobLease] = {}  # lease URI -> the lease this process holds (re-entrant within a process)
+_ACTIVE_LOCK = threading.Lock()
 
 
 @contextmanager

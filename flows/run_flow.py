@@ -31,7 +31,7 @@ from reembed.flows.errors import JOB_LEVEL_ERRORS, retry_unless_job_level
 from reembed.flows.gate import GateFailed, check_gate
 from reembed.flows.guards import (GuardBlocked, delete_check, empty_check, enforce, first_reasons,
                                   quarantine_check)
-from reembed.flows.history import recorded_run
+from reembed.flows.history import Trigger, recorded_run
 from reembed.flows.lease import JobLease, job_lease
 from reembed.flows.planning import RunPlan, live_collection, plan_run, up_to_date_summary
 from reembed.flows.progress import ProgressMode, RunProgress, start_board
@@ -75,7 +75,7 @@ def run_job(job: JobConfig, force_reason: str | None = None, limit: int | None =
     """
     opts = job.output.storage_options
     with job_lease(job.output.uri, job.name, job.lease, "reembed flow", opts) as lease, \
-            recorded_run(job.output.uri, job.name, _trigger(), opts, (GateFailed, GuardBlocked)) as record:
+            recorded_run(job.output.uri, job.name, _trigger(), opts) as record:
         record.summary = _run(job, force_reason, limit, progress, plan, lease)
         return record.summary
 
@@ -109,7 +109,7 @@ def _run(job: JobConfig, force_reason: str | None, limit: int | None, progress: 
                                            gate, retired))
 
 
-def _trigger() -> str:
+def _trigger() -> Trigger:
     """How this flow run started: a deployment's schedule, a deployment started by hand or through the API,
     or a plain call (the CLI records its own runs as ``cli``)."""
     from prefect.client.orchestration import get_client

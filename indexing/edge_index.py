@@ -196,20 +196,20 @@ class EdgeIndex:
         from qdrant_edge import Point as EdgePoint
         from qdrant_edge import UpdateOperation
 
-        shard = self._shard(collection)
+        name = self._resolve(collection)
+        shard = self._shard(name)
         size = self.settings.upsert_batch
         for start in range(0, len(ids), size):
             shard.update(UpdateOperation.upsert_points([
                 EdgePoint(id=i, vector=v.tolist(), payload=p)
                 for i, v, p in zip(ids[start:start + size], vectors[start:start + size], payloads[start:start + size])
             ]))
-            self._built_every_segment(collection, shard, len(ids[start:start + size]))
+            self._optimize_when_due(name, shard, min(size, len(ids) - start))
         shard.flush()
         return len(ids)
 
-    def _built_every_segment(self, collection: str, shard: Any, written: int) -> None:
-        """Optimize once a segment's worth of points has been written since the last time."""
-        name = self._resolve(collection)
+    def _optimize_when_due(self, name: str, shard: Any, written: int) -> None:
+        """Optimize collection ``name`` once a segment's worth of points has been written since the last time."""
         with self._lock:
             self._unindexed[name] = self._unindexed.get(name, 0) + written
             due = self._unindexed[name] >= self.settings.segment_points

@@ -21,19 +21,25 @@ def _hold(output: str, seconds: float, ready) -> None:
         time.sleep(seconds)
 
 
-def test_a_second_process_is_refused_then_waits_for_the_holder(tmp_path) -> None:
-    output = str(tmp_path / "vectors")
+def _holder(output: str, seconds: float) -> multiprocessing.Process:
+    """Another process holding the job's lease for ``seconds``; returned once it holds it."""
     ctx = multiprocessing.get_context("spawn")
     ready = ctx.Event()
-    holder = ctx.Process(target=_hold, args=(output, 4, ready))
+    holder = ctx.Process(target=_hold, args=(output, seconds, ready))
     holder.start()
+    assert ready.wait(60)
+    return holder
+
+
+def test_a_second_process_is_refused_then_waits_for_the_holder(tmp_path) -> None:
+    output = str(tmp_path / "vectors")
+    holder = _holder(output, 4)
     try:
-        assert ready.wait(60)
         with pytest.raises(LeaseHeld, match=r"another run of job 'docs' is in progress: holder process on .*:\d+ since"):
             with job_lease(output, "docs", LeaseSettings(), "second"):
                 pass
         started = time.monotonic()
-        with job_lease(output, "docs", LeaseSettings(wait=60), "third") as lease:
+        with job_lease(output, "docs", LeaseSettings(wait=60), "third"):
             assert time.monotonic() - started > 1  # it waited for the holder to finish
             assert json.loads(open(lease_uri(output, "docs")).read())["command"] == "third"
     finally:
@@ -118,11 +124,7 @@ def test_every_run_is_recorded_successful_blocked_or_failed(tmp_path) -> None:
 
 def test_a_dead_holder_on_this_host_is_taken_over_at_once(tmp_path) -> None:
     output = str(tmp_path / "vectors")
-    ctx = multiprocessing.get_context("spawn")
-    ready = ctx.Event()
-    holder = ctx.Process(target=_hold, args=(output, 600, ready))
-    holder.start()
-    assert ready.wait(60)
+    holder = _holder(output, 600)
     holder.kill()  # SIGKILL: it never releases
     holder.join(30)
     started = time.monotonic()
