@@ -38,23 +38,25 @@ def _user_errors() -> tuple[type[BaseException], ...]:
     from reembed.flows.gate import GateFailed
     from reembed.flows.guards import GuardBlocked
     from reembed.flows.lease import LeaseHeld, LeaseLost
+    from reembed.flows.versions import ReindexFailed
 
     errors: tuple[type[BaseException], ...] = (*JOB_LEVEL_ERRORS, RayError, GateFailed, GuardBlocked,
-                                               FileNotFoundError, NothingYet, LeaseHeld, LeaseLost)
+                                               FileNotFoundError, NothingYet, LeaseHeld, LeaseLost, ReindexFailed)
     if "reembed.flows.run_flow" in sys.modules:  # only a run can raise it; importing Prefect costs seconds
         errors += (sys.modules["reembed.flows.run_flow"].RunFailed,)
     return errors
 
 
 def _exit_code(exc: BaseException) -> int:
-    """1: the run worked but was stopped (failed shards, gate, guards, its lease lost); 2: the job or its input
-    is wrong; 3: another run of the job holds it."""
+    """1: the run worked but was stopped (failed shards, gate, guards, its lease lost, a rebuild that did not
+    check out); 2: the job or its input is wrong; 3: another run of the job holds it."""
     from reembed.flows.history import BLOCKED
     from reembed.flows.lease import LeaseHeld, LeaseLost
+    from reembed.flows.versions import ReindexFailed
 
     if isinstance(exc, LeaseHeld):
         return 3
-    blocked = (*BLOCKED, LeaseLost)
+    blocked = (*BLOCKED, LeaseLost, ReindexFailed)
     if "reembed.flows.run_flow" in sys.modules:
         blocked += (sys.modules["reembed.flows.run_flow"].RunFailed,)
     return 1 if isinstance(exc, blocked) else 2
@@ -95,7 +97,8 @@ def cli() -> None:
     """reembed: embed a text corpus into Parquet vectors and a Qdrant collection, and keep them fresh.
 
     A job file (YAML) names the corpus, the model, where vectors go and which Qdrant to fill. Without any
-    services it runs on one machine: local files, Qdrant local mode, Prefect without a server, a local Ray.
+    services it runs on one machine: local files, Qdrant Edge (Qdrant's engine embedded in-process), Prefect
+    without a server, a local Ray.
     """
 
 
@@ -303,16 +306,19 @@ def status(job: str, overrides: tuple[str, ...], verbose: bool, as_json: bool) -
         from reembed.indexing.records import StatusInfo
         from reembed.indexing.vector_store import VectorStore
 
+        from reembed.indexing.index import version_of
+
         cfg = load_job(job, list(overrides))
         with open_index(cfg.index) as index:
-            collection = index.alias_target(cfg.name)
-            points = index.count(collection) if collection else 0
+            physical = index.alias_target(cfg.name)
+            points = index.count(physical) if physical else 0
+        collection = version_of(physical) if physical else None
         manifest = VectorStore(cfg.output.uri, collection, cfg.output.storage_options).read_manifest() if collection else None
     except _user_errors() as exc:
         _fail(exc, verbose)
         return
     info = StatusInfo(
-        alias=cfg.name, collection=collection, points=points, vector_rows=manifest.vector_rows if manifest else 0,
+        alias=cfg.name, collection=collection, physical=physical, points=points, vector_rows=manifest.vector_rows if manifest else 0,
         dim=manifest and manifest.dim, model=manifest and manifest.model, shards=len(manifest.shards) if manifest else 0,
         input_rows=manifest and manifest.input_rows, quarantined=manifest and manifest.quarantined,
         finished_at=manifest and manifest.finished_at,
@@ -445,7 +451,10 @@ def history(job: str, overrides: tuple[str, ...], verbose: bool, limit: int, as_
 @click.option("--json", "as_json", is_flag=True, help="print the versions as one JSON list on the last line",
               show_envvar=True)
 def versions(job: str, overrides: tuple[str, ...], verbose: bool, as_json: bool) -> None:
-    """List JOB's versions (one per model/pooling/prompt/dimension fingerprint), newest first, and which is live."""
+    """List JOB's versions (one per model/pooling/prompt/dimension fingerprint), newest first, and which is live.
+
+    `physical` is the Qdrant collection holding each version now: the version's own name, or `<version>-r<N>`
+    after N-1 rebuilds by `reembed reindex`; `-` when only Parquet holds it (`reembed reindex` brings it back)."""
     _setup_logging(verbose)
     try:
         from reembed.flows.config import load_job
@@ -462,11 +471,11 @@ def versions(job: str, overrides: tuple[str, ...], verbose: bool, as_json: bool)
         _fail(exc, verbose, as_json)
         return
     table = Table(title=f"reembed versions: {cfg.name}")
-    for col in ("live", "collection", "model", "dim", "points", "vector_rows", "score", "finished_at"):
+    for col in ("live", "collection", "physical", "model", "dim", "points", "vector_rows", "score", "finished_at"):
         table.add_column(col)
     for v in rows:
-        table.add_row("*" if v.live else "", v.collection, str(v.model), str(v.dim), str(v.points),
-                      str(v.vector_rows), str(v.score), str(v.finished_at))
+        table.add_row("*" if v.live else "", v.collection, str(v.physical or "-"), str(v.model), str(v.dim),
+                      str(v.points), str(v.vector_rows), str(v.score), str(v.finished_at))
     (err if as_json else out).print(table)
     if as_json:
         _print_json_last(rows)
@@ -502,15 +511,20 @@ def rollback(job: str, version: str | None, overrides: tuple[str, ...], verbose:
 @_job_options
 @click.argument("version", required=False)
 @click.option("--activate/--no-activate", default=None,
-              help="move the alias to the rebuilt version (default: only when no alias exists)", show_envvar=True)
+              help="move the alias to the rebuilt version (default: only when no alias exists); the alias always "
+              "follows a rebuild of the version it already serves", show_envvar=True)
 @click.option("--json", "as_json", is_flag=True, help="print the result as one JSON object on the last line",
               show_envvar=True)
 def reindex(job: str, version: str | None, overrides: tuple[str, ...], verbose: bool, activate: bool | None,
             as_json: bool) -> None:
-    """Rebuild a Qdrant collection from JOB's stored Parquet vectors, encoding nothing.
+    """Rebuild a version's Qdrant collection from JOB's stored Parquet vectors, encoding nothing.
 
     For after losing Qdrant, or to apply new index settings. VERSION defaults to the live version, else the
-    newest committed one.
+    newest committed one. The rebuild goes into a new collection beside the one serving the version
+    (`<version>-r<N>`), is checked (point count equal to the manifest's vector rows, a sample of vectors read
+    back equal to Parquet's), and only then does the alias move to it, in one atomic update, and the old
+    collection go: searches never see a partial collection. A rebuild that fails (a corrupt Parquet part, say)
+    is dropped, leaves the live collection exactly as it was, and exits 1 naming the part and the reason.
     """
     _setup_logging(verbose)
     try:
@@ -526,8 +540,10 @@ def reindex(job: str, version: str | None, overrides: tuple[str, ...], verbose: 
     except _user_errors() as exc:
         _fail(exc, verbose)
         return
-    err.print(f"rebuilt {result.collection} from {result.source}: {result.points} points, 0 encoded"
-              f"{' (live)' if result.live else ''}")
+    err.print(f"rebuilt {result.collection} as {result.physical} from {result.source}: {result.points} points, "
+              f"0 encoded{' (live)' if result.live else ''}"
+              f"{f'; dropped {result.previous}' if result.previous and result.previous != result.physical else ''}",
+              highlight=False, soft_wrap=True)
     if as_json:
         _print_json_last(result)
 

@@ -151,10 +151,12 @@ def plan_run(job: JobConfig, limit: int | None = None, live: str | None = None) 
 
 
 def live_collection(job: JobConfig) -> str | None:
+    """The version the job's alias serves (a rebuilt generation counts as its version)."""
+    from reembed.flows.versions import live_version
     from reembed.indexing.index import open_index
 
     with open_index(job.index) as index:
-        return index.alias_target(job.name)
+        return live_version(index, job.name)
 
 
 def up_to_date_summary(job: JobConfig, plan: RunPlan, points: int, seconds: float) -> RunSummary:

@@ -1,7 +1,11 @@
 """Versions of a job's vectors: list them, move the alias back, rebuild a collection from Parquet.
 
-A version is one collection ``<name>-<fingerprint>`` and its Parquet vector set under the output URI. Parquet is
-the source of truth, so versions are found from the run manifests (``current.json``) even when Qdrant lost them.
+A version is ``<name>-<fingerprint>``: its Parquet vector set under the output URI and one Qdrant collection.
+Parquet is the source of truth, so versions are found from the run manifests (``current.json``) even when
+Qdrant lost them. A reindex builds a new generation of the version beside the one serving it
+(``<version>-r<N>``, ``reembed.indexing.index.physical_name``), checks it against Parquet, and only then moves
+the aliases to it in one update and drops the old generation: searches never see a partial collection, and a
+reindex that fails leaves everything as it was.
 """
 
 from __future__ import annotations
@@ -9,21 +13,47 @@ from __future__ import annotations
 import logging
 import re
 
+import numpy as np
+
 from reembed.flows.config import ConfigError, JobConfig
-from reembed.indexing.index import IndexError_, VectorIndex
-from reembed.indexing.records import Manifest, ReindexResult, RollbackResult, VersionInfo
+from reembed.indexing.index import IndexError_, VectorIndex, generation_of, physical_name, version_of
+from reembed.indexing.records import Manifest, ReindexResult, RollbackResult, VersionInfo, point_id
 from reembed.indexing.upload import upsert_part
 from reembed.indexing.storage import filesystem, full_uri, join, read_json
-from reembed.indexing.vector_store import VectorStore
+from reembed.indexing.vector_store import VectorStore, arrow_to_vectors
 
 logger = logging.getLogger(__name__)
+
+SAMPLE_POINTS = 64  # vectors a reindex reads back from the rebuilt collection and compares with Parquet
+
+
+class ReindexFailed(RuntimeError):
+    """A rebuild did not produce the version's vector set; it was dropped and nothing live changed."""
+
+
+def live_version(index: VectorIndex, alias: str) -> str | None:
+    """The version the alias serves (its target without a rebuild generation), or None without an alias."""
+    target = index.alias_target(alias)
+    return version_of(target) if target else None
+
+
+def physicals(index: VectorIndex, version: str) -> list[str]:
+    """Every physical collection of ``version`` in the index: the first build and any rebuilt generation."""
+    return [c for c in index.collections() if version_of(c) == version]
+
+
+def drop_version(index: VectorIndex, version: str) -> None:
+    """Remove a version from the index: each of its physical collections and its version alias."""
+    for collection in physicals(index, version):
+        index.drop(collection)
+    index.remove_alias(version)
 
 
 def list_versions(job: JobConfig, index: VectorIndex) -> list[VersionInfo]:
     """Every version with a committed vector set, newest first, with its point count and whether it is live."""
     fs, root = filesystem(job.output.uri, job.output.storage_options)
     pattern = re.compile(rf"^{re.escape(job.name)}-[0-9a-f]{{12}}$")
-    live = index.alias_target(job.name)
+    live = live_version(index, job.name)
     versions = []
     for manifest_path in fs.glob(f"{root.rstrip('/')}/{job.name}-*/current.json"):
         collection = manifest_path.rstrip("/").split("/")[-2]
@@ -33,11 +63,12 @@ def list_versions(job: JobConfig, index: VectorIndex) -> list[VersionInfo]:
         manifest = Manifest.from_json(read_json(uri, job.output.storage_options), uri)
         if manifest is None:
             continue
-        exists = index.exists(collection)
+        physical = index.resolve(collection)
         versions.append(VersionInfo(
-            collection=collection, model=manifest.model, dim=manifest.dim, live=collection == live,
-            points=index.count(collection) if exists else None, vector_rows=manifest.vector_rows,
-            score=manifest.score, finished_at=manifest.finished_at, in_index=exists,
+            collection=collection, physical=physical, model=manifest.model, dim=manifest.dim,
+            live=collection == live, points=index.count(physical) if physical else None,
+            vector_rows=manifest.vector_rows, score=manifest.score, finished_at=manifest.finished_at,
+            in_index=physical is not None,
         ))
     versions.sort(key=lambda v: v.finished_at or "", reverse=True)
     return versions
@@ -49,8 +80,7 @@ def apply_retention(job: JobConfig, index: VectorIndex, keep: int) -> list[str]:
     for version in list_versions(job, index)[keep:]:
         if version.live:
             continue
-        if version.in_index:
-            index.drop(version.collection)
+        drop_version(index, version.collection)
         fs, root = filesystem(VectorStore(job.output.uri, version.collection).root, job.output.storage_options)
         fs.rm(root, recursive=True)
         retired.append(version.collection)
@@ -87,11 +117,14 @@ def rollback(job: JobConfig, index: VectorIndex, version: str | None) -> Rollbac
 
 
 def reindex(job: JobConfig, index: VectorIndex, version: str | None, activate: bool | None = None) -> ReindexResult:
-    """Rebuild a collection from its Parquet vector set; encodes nothing.
+    """Rebuild a version's collection from its Parquet vector set, beside the one serving it; encodes nothing.
 
-    ``version`` defaults to the live version, else the newest committed one. The collection is recreated, every
-    current part upserted, and the point count checked against the manifest. The alias moves to it when
-    ``activate`` is true, or (default) when no alias exists yet, as after losing Qdrant.
+    ``version`` defaults to the live version, else the newest committed one. The new generation is filled from
+    every current part, made searchable, and checked: its point count against the manifest's vector rows and a
+    sample of vectors read back against Parquet. Only then do the job's alias (when it served the version, when
+    ``activate`` is true, or by default when no alias exists yet, as after losing Qdrant) and the version's
+    name move to it, in one alias update, and the old generation goes. Any failure drops the new generation and
+    raises ``ReindexFailed`` naming the part and the reason; the live collection is untouched.
     """
     versions = list_versions(job, index)
     if version is None:
@@ -104,16 +137,86 @@ def reindex(job: JobConfig, index: VectorIndex, version: str | None, activate: b
     store = VectorStore(job.output.uri, version, job.output.storage_options)
     manifest = store.read_manifest()
     assert manifest is not None  # list_versions found it
-    if index.exists(version):
-        index.drop(version)
-    index.ensure_collection(version, manifest.dim, job.corpus.payload)
-    written = sum(upsert_part(index, store, version, part) for part in store.current_parts(manifest))
-    points = index.count(version)
-    if points != manifest.vector_rows:
-        raise IndexError_(f"reindexed {version}: {points} points but the manifest lists {manifest.vector_rows} rows")
-    had_alias = index.alias_target(job.name) is not None
-    if activate or (activate is None and not had_alias):
-        index.point_alias(job.name, version)
-    return ReindexResult(collection=version, points=points, upserted=written,
-                         live=index.alias_target(job.name) == version, source=join(job.output.uri, version))
+    live_target = index.alias_target(job.name)
+    current = live_target if live_target and version_of(live_target) == version else index.resolve(version)
+    in_use = set(index.aliases().values()) | {current}
+    for leftover in physicals(index, version):  # a rebuild that died before its swap
+        if leftover not in in_use:
+            logger.warning("dropping %s, left by a reindex that did not finish", leftover)
+            index.drop(leftover)
+    if current is None:
+        index.remove_alias(version)  # a version alias left pointing at a collection that is gone
+    new = physical_name(version, generation_of(current) + 1 if current else 1)
+    written = _build(job, index, store, manifest, version, new, current)
+    moves = {}
+    serving = current is not None and live_target == current  # the alias must follow: its collection goes
+    if serving or activate or (activate is None and live_target is None):
+        moves[job.name] = new
+    version_is_alias = new != version and current != version
+    if version_is_alias:
+        moves[version] = new
+    if moves:
+        index.point_aliases(moves)  # one alias update: searches go from the old generation to the new one
+    if current is not None and current != new:
+        index.drop(current)
+    if new != version and not version_is_alias:
+        index.point_alias(version, new)  # the first build's name is free only now that it is dropped
+    logger.info("rebuilt %s as %s from %d part(s): %d points%s", version, new, len(store.current_parts(manifest)),
+                written, f", alias {job.name} moved to it" if job.name in moves else "")
+    return ReindexResult(collection=version, physical=new, previous=current, points=index.count(new),
+                         upserted=written, live=live_version(index, job.name) == version,
+                         source=join(job.output.uri, version))
 
+
+def _build(job: JobConfig, index: VectorIndex, store: VectorStore, manifest: Manifest, version: str, new: str,
+           current: str | None) -> int:
+    """Fill ``new`` from the version's parts and check it; on any failure drop it and raise ``ReindexFailed``."""
+    where = "the live collection is untouched" if current else "nothing was changed"
+    part = None
+    try:
+        index.ensure_collection(new, manifest.dim, job.corpus.payload)
+        written = 0
+        for part in store.current_parts(manifest):
+            written += upsert_part(index, store, new, part)
+        part = None
+        index.finish_bulk_load(new)
+        points = index.count(new)
+        if points != manifest.vector_rows:
+            raise ReindexFailed(f"{points} points rebuilt but the manifest lists {manifest.vector_rows} vector rows")
+        _check_sample(index, store, new, store.current_parts(manifest))
+        return written
+    except BaseException as exc:
+        try:
+            index.drop(new)
+        except Exception as drop_exc:  # the rebuild is not live either way; say what is left behind
+            logger.warning("could not drop the failed rebuild %s: %s", new, drop_exc)
+        if not isinstance(exc, Exception):
+            raise
+        reason = str(exc) if isinstance(exc, ReindexFailed) else f"{type(exc).__name__}: {exc}"
+        at = f" at part {part}" if part else ""
+        raise ReindexFailed(f"reindex of {version} failed{at}: {reason}; the rebuild {new} was dropped and "
+                            f"{where}") from exc
+
+
+def _check_sample(index: VectorIndex, store: VectorStore, collection: str, parts: list[str]) -> None:
+    """Read back up to ``SAMPLE_POINTS`` points spread over the parts and compare them with Parquet."""
+    per_part = max(1, SAMPLE_POINTS // max(1, len(parts)))
+    for part in parts:
+        table = store.read_part(part)
+        if table.num_rows == 0:
+            continue
+        rows = np.unique(np.linspace(0, table.num_rows - 1, min(per_part, table.num_rows)).astype(int)).tolist()
+        sample = table.take(rows)
+        chunks = sample.column("chunk_index").to_pylist() if "chunk_index" in sample.column_names else None
+        ids = [point_id(d, chunks[i] if chunks else None) for i, d in enumerate(sample.column("doc_id").to_pylist())]
+        got = {p.id: p for p in index.retrieve(collection, ids)}
+        expected = arrow_to_vectors(sample.column("vector"))
+        for i, pid in enumerate(ids):
+            point = got.get(pid)
+            if point is None or point.vector is None:
+                raise ReindexFailed(f"point of row {rows[i]} of part {part} is missing after the rebuild")
+            a, b = point.vector, expected[i]
+            cosine = float(np.dot(a, b) / max(float(np.linalg.norm(a) * np.linalg.norm(b)), 1e-12))
+            if cosine < 0.9999:
+                raise ReindexFailed(f"vector of row {rows[i]} of part {part} reads back different from Parquet "
+                                    f"(cosine {cosine:.6f})")

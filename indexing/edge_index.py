@@ -2,11 +2,13 @@
 payload indexes) instead of qdrant-client's local mode, which keeps every point in Python and searches by brute
 force.
 
-Edge has no collections and no aliases: one directory is one shard. Here a version is one shard directory
-under ``<path>/collections/``, and the aliases live in ``<path>/aliases.json``, replaced atomically (write a
-temporary file, then rename), so a reader sees the old target or the new one, never a half-written file.
-A shard directory can be open in one process at a time (its WAL is locked); within a process every user shares
-one open shard.
+Edge has no collections and no aliases: one directory is one shard. Here a collection is one shard directory
+under ``<path>/collections/``, and the aliases (a job's alias, and version aliases from a version to the
+generation rebuilt beside it) live in ``<path>/aliases.json``, replaced atomically (write a temporary file, then
+rename), so a reader sees the old target or the new one, never a half-written file. A shard directory can be
+open in one process at a time (its WAL is locked); within a process every user shares one open shard, and a
+drop waits for the calls in flight on it, so a search that resolved the alias just before a swap still
+finishes.
 
 Edge builds no index on its own: points land in one appendable segment and search stays brute force until
 ``optimize()``. One build over the whole bulk load holds the segment's graph under construction beside
@@ -23,6 +25,7 @@ import os
 import shutil
 import threading
 from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -32,12 +35,24 @@ from reembed.indexing.index import IndexError_, IndexSettings, Point
 
 logger = logging.getLogger(__name__)
 
-_OPEN: dict[str, list[Any]] = {}  # shard directory -> [EdgeShard, users]
-_OPEN_LOCK = threading.Lock()
+class _Handle:
+    """The process's one open shard of a directory, how many ``EdgeIndex`` objects hold it, and how many calls
+    are inside it right now (a drop waits for those, so a search never meets a shard closed under it)."""
+
+    def __init__(self, shard: Any) -> None:
+        self.shard = shard
+        self.users = 0
+        self.busy = 0
+        self.closed = False
+
+
+_OPEN: dict[str, _Handle] = {}  # shard directory -> its handle
+_OPEN_LOCK = threading.Condition()
 _PAGE = 10_000
+_DROP_WAIT_S = 30.0  # a drop waits this long for calls in flight on the shard before closing it anyway
 
 
-def _acquire(folder: Path, config: Any | None = None) -> Any:
+def _acquire(folder: Path, config: Any | None = None) -> _Handle:
     """The process's one open handle on a shard directory (created with ``config`` when given)."""
     from qdrant_edge import EdgeShard
 
@@ -53,21 +68,35 @@ def _acquire(folder: Path, config: Any | None = None) -> Any:
                         f"process at a time; stop the other reembed, or run a Qdrant server for concurrent "
                         f"access): {exc}") from None
                 raise IndexError_(f"cannot open Qdrant Edge shard {key}: {exc}") from None
-            _OPEN[key] = [shard, 0]
-        _OPEN[key][1] += 1
-        return _OPEN[key][0]
+            _OPEN[key] = _Handle(shard)
+        _OPEN[key].users += 1
+        return _OPEN[key]
 
 
-def _release(folder: Path, force: bool = False) -> None:
+def _release(folder: Path) -> None:
     key = str(folder.resolve())
     with _OPEN_LOCK:
         entry = _OPEN.get(key)
         if entry is None:
             return
-        entry[1] -= 1
-        if entry[1] <= 0 or force:
-            entry[0].close()
+        entry.users -= 1
+        if entry.users <= 0:
+            entry.closed = True
+            entry.shard.close()
             del _OPEN[key]
+
+
+def _close_for_drop(folder: Path) -> None:
+    """Close the shard for good once the calls in flight on it have returned (new calls re-resolve their name)."""
+    key = str(folder.resolve())
+    with _OPEN_LOCK:
+        entry = _OPEN.pop(key, None)
+        if entry is None:
+            return
+        entry.closed = True
+        if not _OPEN_LOCK.wait_for(lambda: entry.busy == 0, timeout=_DROP_WAIT_S):
+            logger.warning("dropping %s with %d call(s) still in it after %.0f s", key, entry.busy, _DROP_WAIT_S)
+        entry.shard.close()
 
 
 class EdgeIndex:
@@ -77,7 +106,7 @@ class EdgeIndex:
         self.settings = settings
         self.root = Path(settings.path)
         (self.root / "collections").mkdir(parents=True, exist_ok=True)
-        self._held: dict[str, Any] = {}  # collection -> open shard, released on close
+        self._held: dict[str, _Handle] = {}  # collection -> open shard, released on close
         self._unindexed: dict[str, int] = {}  # collection -> points written since its last optimize()
         self._lock = threading.Lock()
 
@@ -113,23 +142,53 @@ class EdgeIndex:
         return self.root / "aliases.json"
 
     def _aliases(self) -> dict[str, str]:
+        path = self._aliases_path()
         try:
-            return json.loads(self._aliases_path().read_text())
+            return json.loads(path.read_text())
         except FileNotFoundError:
             return {}
+        except json.JSONDecodeError as exc:
+            raise IndexError_(f"Qdrant Edge alias file {path} is damaged ({exc}); it maps each alias to a "
+                              f"collection folder under {self.root / 'collections'}") from None
 
     def _resolve(self, name: str) -> str:
         """A collection name, or the collection an alias points at."""
         return self._aliases().get(name, name)
 
-    def _shard(self, name: str) -> Any:
+    def resolve(self, name: str) -> str | None:
         collection = self._resolve(name)
-        with self._lock:
-            if collection not in self._held:
-                if not self._dir(collection).exists():
-                    raise IndexError_(f"collection {collection!r} does not exist in {self.where}")
-                self._held[collection] = _acquire(self._dir(collection))
-            return self._held[collection]
+        return collection if self._meta_path(collection).exists() else None
+
+    def collections(self) -> list[str]:
+        return sorted(p.name[:-len(".json")] for p in (self.root / "collections").glob("*.json"))
+
+    def aliases(self) -> dict[str, str]:
+        return dict(self._aliases())
+
+    @contextmanager
+    def _using(self, name: str) -> Iterator[tuple[str, Any]]:
+        """The physical collection behind ``name`` and its open shard, counted as in use until the block ends."""
+        for _ in range(3):
+            collection = self._resolve(name)
+            with self._lock:
+                entry = self._held.get(collection)
+                if entry is None or entry.closed:
+                    if not self._dir(collection).exists():
+                        raise IndexError_(f"collection {collection!r} does not exist in {self.where}")
+                    entry = self._held[collection] = _acquire(self._dir(collection))
+            with _OPEN_LOCK:
+                if entry.closed:  # dropped between resolving and entering: resolve the name again
+                    continue
+                entry.busy += 1
+            break
+        else:
+            raise IndexError_(f"collection {name!r} was dropped while in use in {self.where}")
+        try:
+            yield collection, entry.shard
+        finally:
+            with _OPEN_LOCK:
+                entry.busy -= 1
+                _OPEN_LOCK.notify_all()
 
     def exists(self, name: str) -> bool:
         return self._meta_path(self._resolve(name)).exists()
@@ -162,7 +221,8 @@ class EdgeIndex:
                             optimizers=EdgeOptimizersConfig(max_segment_size=segment_kb,
                                                             indexing_threshold=max(1, segment_kb // 10)))
         with self._lock:
-            shard = self._held[name] = _acquire(folder, config)
+            entry = self._held[name] = _acquire(folder, config)
+        shard = entry.shard
         for field_name in ["doc_id", *(payload_indexes or [])]:
             shard.update(UpdateOperation.create_field_index(field_name, PayloadSchemaType.Keyword))
         shard.flush()
@@ -171,10 +231,14 @@ class EdgeIndex:
         os.replace(tmp, self._meta_path(name))  # written last: a shard without it was never fully created
 
     def drop(self, name: str) -> None:
+        """Remove the physical collection ``name`` (never resolved through an alias), once calls in it returned,
+        and the aliases that pointed at it (as a Qdrant server does)."""
+        aliases = self._aliases()
+        if any(target == name for target in aliases.values()):
+            self._write_aliases({a: t for a, t in aliases.items() if t != name})
         with self._lock:
-            held = self._held.pop(name, None)
-        if held is not None:
-            _release(self._dir(name), force=True)
+            self._held.pop(name, None)
+        _close_for_drop(self._dir(name))
         self._meta_path(name).unlink(missing_ok=True)
         shutil.rmtree(self._dir(name), ignore_errors=True)
 
@@ -182,10 +246,24 @@ class EdgeIndex:
         return self._aliases().get(alias)
 
     def point_alias(self, alias: str, collection: str) -> None:
-        """Move the alias by replacing the pointer file in one rename."""
-        if not self.exists(collection):
-            raise IndexError_(f"cannot point alias {alias!r} at missing collection {collection!r}")
-        aliases = {**self._aliases(), alias: collection}
+        self.point_aliases({alias: collection})
+
+    def point_aliases(self, targets: dict[str, str]) -> None:
+        """Move every alias in ``targets`` at once, by replacing the pointer file in one rename."""
+        aliases = self._aliases()
+        for alias, name in targets.items():
+            collection = self.resolve(name)
+            if collection is None:
+                raise IndexError_(f"cannot point alias {alias!r} at missing collection {name!r}")
+            aliases[alias] = collection
+        self._write_aliases(aliases)
+
+    def remove_alias(self, alias: str) -> None:
+        aliases = self._aliases()
+        if aliases.pop(alias, None) is not None:
+            self._write_aliases(aliases)
+
+    def _write_aliases(self, aliases: dict[str, str]) -> None:
         tmp = self._aliases_path().with_suffix(".json.tmp")
         tmp.write_text(json.dumps(aliases, indent=2, sort_keys=True))
         os.replace(tmp, self._aliases_path())
@@ -196,16 +274,16 @@ class EdgeIndex:
         from qdrant_edge import Point as EdgePoint
         from qdrant_edge import UpdateOperation
 
-        name = self._resolve(collection)
-        shard = self._shard(name)
         size = self.settings.upsert_batch
-        for start in range(0, len(ids), size):
-            shard.update(UpdateOperation.upsert_points([
-                EdgePoint(id=i, vector=v.tolist(), payload=p)
-                for i, v, p in zip(ids[start:start + size], vectors[start:start + size], payloads[start:start + size])
-            ]))
-            self._optimize_when_due(name, shard, min(size, len(ids) - start))
-        shard.flush()
+        with self._using(collection) as (name, shard):
+            for start in range(0, len(ids), size):
+                shard.update(UpdateOperation.upsert_points([
+                    EdgePoint(id=i, vector=v.tolist(), payload=p)
+                    for i, v, p in zip(ids[start:start + size], vectors[start:start + size],
+                                       payloads[start:start + size])
+                ]))
+                self._optimize_when_due(name, shard, min(size, len(ids) - start))
+            shard.flush()
         return len(ids)
 
     def _optimize_when_due(self, name: str, shard: Any, written: int) -> None:
@@ -222,19 +300,19 @@ class EdgeIndex:
     def delete_points(self, collection: str, ids: list[str], batch: int = 1000) -> None:
         from qdrant_edge import UpdateOperation
 
-        shard = self._shard(collection)
-        for start in range(0, len(ids), batch):
-            shard.update(UpdateOperation.delete_points(ids[start:start + batch]))
-        shard.flush()
+        with self._using(collection) as (_, shard):
+            for start in range(0, len(ids), batch):
+                shard.update(UpdateOperation.delete_points(ids[start:start + batch]))
+            shard.flush()
 
     def scroll(self, name: str, fields: list[str] | None = None, with_vectors: bool = False) -> Iterator[Point]:
         from qdrant_edge import ScrollRequest
 
-        shard = self._shard(name)
         offset = None
         while True:
-            records, offset = shard.scroll(ScrollRequest(offset=offset, limit=_PAGE, with_payload=fields or False,
-                                                         with_vector=with_vectors))
+            with self._using(name) as (_, shard):  # page by page: a drop never waits on a paused reader
+                records, offset = shard.scroll(ScrollRequest(offset=offset, limit=_PAGE,
+                                                             with_payload=fields or False, with_vector=with_vectors))
             for r in records:
                 yield Point(str(r.id), _vector(r.vector) if with_vectors else None, dict(r.payload or {}))
             if offset is None:
@@ -244,21 +322,28 @@ class EdgeIndex:
         return [p.id for p in self.scroll(collection)]
 
     def retrieve(self, name: str, ids: list[str]) -> list[Point]:
-        return [Point(str(r.id), _vector(r.vector), dict(r.payload or {}))
-                for r in self._shard(name).retrieve(ids, with_payload=True, with_vector=True)]
+        with self._using(name) as (_, shard):
+            records = shard.retrieve(ids, with_payload=True, with_vector=True)
+        return [Point(str(r.id), _vector(r.vector), dict(r.payload or {})) for r in records]
 
     def count(self, name: str) -> int:
         from qdrant_edge import CountRequest
 
-        return int(self._shard(name).count(CountRequest(exact=True)))
+        with self._using(name) as (_, shard):
+            return int(shard.count(CountRequest(exact=True)))
+
+    def shard_info(self, name: str) -> Any:
+        """Edge's own view of the shard behind ``name`` (segments, indexed vectors): for tests and benchmarks."""
+        with self._using(name) as (_, shard):
+            return shard.info()
 
     def finish_bulk_load(self, name: str) -> str:
         """Build the HNSW index once, after the bulk load: Edge searches by brute force until ``optimize()``."""
-        shard = self._shard(name)
-        shard.optimize()
-        shard.flush()
+        with self._using(name) as (collection, shard):
+            shard.optimize()
+            shard.flush()
         with self._lock:
-            self._unindexed.pop(self._resolve(name), None)
+            self._unindexed.pop(collection, None)
         return "green"
 
     def search(self, name: str, vector: np.ndarray, k: int = 10, collapse: bool = False) -> list[dict[str, Any]]:
@@ -266,12 +351,12 @@ class EdgeIndex:
         distinct documents are found, or the collection runs out)."""
         from qdrant_edge import Query, QueryRequest, SearchParams
 
-        shard = self._shard(name)
         query = Query.Nearest(vector.astype(np.float32).tolist())
         limit = k * 4 if collapse else k
         while True:
-            hits = shard.query(QueryRequest(limit=limit, query=query, with_payload=True,
-                                            params=SearchParams(hnsw_ef=max(self.settings.search_ef, limit))))
+            with self._using(name) as (_, shard):
+                hits = shard.query(QueryRequest(limit=limit, query=query, with_payload=True,
+                                                params=SearchParams(hnsw_ef=max(self.settings.search_ef, limit))))
             if not collapse:
                 break
             best: dict[Any, Any] = {}

@@ -8,6 +8,7 @@ what ``VectorIndex`` declares, so they do not know which engine they talk to.
 
 from __future__ import annotations
 
+import re
 from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any, Literal, Protocol
@@ -63,6 +64,29 @@ class IndexSettings(BaseModel):
         return self.url if self.resolved_engine == "server" else f"{self.resolved_engine}:{self.path}"
 
 
+_GENERATION = re.compile(r"-r(\d+)$")
+
+
+def physical_name(version: str, generation: int) -> str:
+    """The Qdrant collection that holds generation ``generation`` of a version: the version's own name for the
+    first build, ``<version>-r<N>`` for each rebuild beside it (``reembed reindex``).
+
+    A version's identity is its name (``<name>-<fingerprint>``: 12 hex digits, so never ending in ``-r<N>``);
+    its physical collection may change when it is rebuilt, and a version alias of the version's name points at
+    it, so every call made with the version's name reaches the current generation."""
+    return version if generation <= 1 else f"{version}-r{generation}"
+
+
+def version_of(physical: str) -> str:
+    """The version a physical collection belongs to (its name without a ``-r<N>`` generation)."""
+    return _GENERATION.sub("", physical)
+
+
+def generation_of(physical: str) -> int:
+    match = _GENERATION.search(physical)
+    return int(match.group(1)) if match else 1
+
+
 class IndexError_(RuntimeError):
     """A job-level Qdrant problem (unreachable server, dimension mismatch, storage in use by another process)."""
 
@@ -77,7 +101,12 @@ class Point:
 
 
 class VectorIndex(Protocol):
-    """What reembed asks of an index. Collections are versions; an alias names the live one."""
+    """What reembed asks of an index. Collections hold versions; an alias names the live one.
+
+    Every call that takes a ``name`` accepts a collection or an alias (a job's alias, or a version alias from a
+    version's name to the generation rebuilt beside it), except ``drop``, which removes exactly the physical
+    collection it is given, and ``point_aliases``, whose targets are resolved to physical collections first.
+    """
 
     settings: IndexSettings
 
@@ -96,8 +125,13 @@ class VectorIndex(Protocol):
     def exists(self, name: str) -> bool: ...
     def drop(self, name: str) -> None: ...
     def dim(self, name: str) -> int | None: ...
+    def collections(self) -> list[str]: ...
+    def resolve(self, name: str) -> str | None: ...
+    def aliases(self) -> dict[str, str]: ...
     def alias_target(self, alias: str) -> str | None: ...
     def point_alias(self, alias: str, collection: str) -> None: ...
+    def point_aliases(self, targets: dict[str, str]) -> None: ...
+    def remove_alias(self, alias: str) -> None: ...
     def search(self, name: str, vector: np.ndarray, k: int = 10, collapse: bool = False) -> list[dict[str, Any]]: ...
     def close(self) -> None: ...
     def __enter__(self) -> "VectorIndex": ...

@@ -106,8 +106,9 @@ class QdrantIndex:
     @_retry
     def ensure_collection(self, name: str, dim: int, payload_indexes: list[str] | None = None) -> None:
         """Create the collection when missing; refuse to write into one of another dimension."""
-        if self.client.collection_exists(name):
-            info = self.client.get_collection(name)
+        existing = self.resolve(name)
+        if existing is not None:
+            info = self.client.get_collection(existing)
             vectors = info.config.params.vectors
             size = vectors.size if isinstance(vectors, models.VectorParams) else None
             if size is not None and size != dim:
@@ -153,6 +154,7 @@ class QdrantIndex:
 
     def finish_bulk_load(self, name: str) -> str:
         """Turn indexing back on after a bulk load and wait until the collection is green."""
+        name = self.resolve(name) or name  # collection settings are changed on the collection, not an alias
         if self.settings.bulk_load:
             self.client.update_collection(
                 name, optimizers_config=models.OptimizersConfigDiff(indexing_threshold=self.settings.indexing_threshold))
@@ -171,13 +173,30 @@ class QdrantIndex:
         return self.client.count(name, exact=True).count
 
     def exists(self, name: str) -> bool:
-        return self.client.collection_exists(name)
+        return self.resolve(name) is not None
+
+    def resolve(self, name: str) -> str | None:
+        """The collection ``name`` is (the target of an alias of that name, or a collection), or None."""
+        target = self.alias_target(name)
+        if target is not None:
+            return target if self.client.collection_exists(target) else None
+        return name if self.client.collection_exists(name) else None
+
+    def collections(self) -> list[str]:
+        return sorted(c.name for c in self.client.get_collections().collections)
+
+    def aliases(self) -> dict[str, str]:
+        return {a.alias_name: a.collection_name for a in self.client.get_aliases().aliases}
 
     def drop(self, name: str) -> None:
+        """Remove the physical collection ``name`` (Qdrant removes the aliases that pointed at it)."""
         self.client.delete_collection(name)
 
     def dim(self, name: str) -> int | None:
-        vectors = self.client.get_collection(name).config.params.vectors
+        resolved = self.resolve(name)
+        if resolved is None:
+            return None
+        vectors = self.client.get_collection(resolved).config.params.vectors
         return vectors.size if isinstance(vectors, models.VectorParams) else None
 
     def scroll(self, name: str, fields: list[str] | None = None, with_vectors: bool = False,
@@ -198,20 +217,30 @@ class QdrantIndex:
                 for p in self.client.retrieve(name, ids, with_vectors=True, with_payload=True)]
 
     def alias_target(self, alias: str) -> str | None:
-        for a in self.client.get_aliases().aliases:
-            if a.alias_name == alias:
-                return a.collection_name
-        return None
+        return self.aliases().get(alias)
 
     def point_alias(self, alias: str, collection: str) -> None:
-        """Move the alias to ``collection`` in one atomic alias update (delete + create)."""
+        self.point_aliases({alias: collection})
+
+    def point_aliases(self, targets: dict[str, str]) -> None:
+        """Move every alias in ``targets`` in one atomic alias update (delete + create each), each to the
+        physical collection its target names (a server does not let an alias point at an alias)."""
+        current = self.aliases()
         actions: list[Any] = []
-        if self.alias_target(alias) is not None:
-            actions.append(models.DeleteAliasOperation(delete_alias=models.DeleteAlias(alias_name=alias)))
-        actions.append(
-            models.CreateAliasOperation(create_alias=models.CreateAlias(collection_name=collection, alias_name=alias))
-        )
+        for alias, name in targets.items():
+            collection = self.resolve(name)
+            if collection is None:
+                raise IndexError_(f"cannot point alias {alias!r} at missing collection {name!r}")
+            if alias in current:
+                actions.append(models.DeleteAliasOperation(delete_alias=models.DeleteAlias(alias_name=alias)))
+            actions.append(models.CreateAliasOperation(
+                create_alias=models.CreateAlias(collection_name=collection, alias_name=alias)))
         self.client.update_collection_aliases(change_aliases_operations=actions)
+
+    def remove_alias(self, alias: str) -> None:
+        if alias in self.aliases():
+            self.client.update_collection_aliases(change_aliases_operations=[
+                models.DeleteAliasOperation(delete_alias=models.DeleteAlias(alias_name=alias))])
 
     def search(self, name: str, vector: np.ndarray, k: int = 10, collapse: bool = False) -> list[dict[str, Any]]:
         """Top-k hits; with ``collapse``, the best chunk of each of the top-k documents."""

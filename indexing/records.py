@@ -276,6 +276,7 @@ class VersionInfo(Record):
     """One version of a job (a collection and its Parquet vector set), as ``reembed versions`` lists it."""
 
     collection: str
+    physical: str | None = None  # the Qdrant collection holding it now: the version's name, or a rebuild's
     model: str | None
     dim: int | None
     live: bool
@@ -293,10 +294,11 @@ class RollbackResult(Record):
 
 
 class ReindexResult(Record):
-    collection: str
+    collection: str  # the version rebuilt
+    physical: str  # the Qdrant collection it was rebuilt into (the version's name, or <version>-r<N>)
+    previous: str | None = None  # the collection that held it before, dropped after the swap
     points: int
-    upserted: int
-    encoded: int = 0
+    upserted: int  # points written from Parquet; a reindex never encodes (tests trip on any encoder it loads)
     live: bool
     source: str
 
@@ -306,6 +308,7 @@ class StatusInfo(Record):
 
     alias: str
     collection: str | None
+    physical: str | None = None  # the Qdrant collection behind the alias (differs after a reindex)
     points: int
     vector_rows: int
     dim: int | None

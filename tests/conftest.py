@@ -10,6 +10,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
@@ -68,6 +69,24 @@ def write_jsonl(path: Path, docs: list[dict]) -> Path:
         for d in docs:
             fh.write(json.dumps(d, ensure_ascii=False) + "\n")
     return path
+
+
+def _encoder_tripwire(*args, **kwargs):
+    raise AssertionError("an Encoder was built where nothing may be encoded")
+
+
+@contextmanager
+def no_encoding():
+    """Inside the block, building an Encoder (loading the model to encode) fails the test: for commands that
+    promise to encode nothing, such as ``reembed reindex``."""
+    from reembed.workers.encoder import Encoder
+
+    original = Encoder.__init__
+    Encoder.__init__ = _encoder_tripwire
+    try:
+        yield
+    finally:
+        Encoder.__init__ = original
 
 
 @pytest.fixture(scope="session")

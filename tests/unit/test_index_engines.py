@@ -92,9 +92,9 @@ def test_edge_builds_the_index_one_segment_at_a_time(tmp_path) -> None:
     with open_index(settings) as index:
         index.ensure_collection("v1", DIM)
         index.upsert("v1", ids, vectors, payloads)
-        info = index._shard("v1").info()
+        info = index.shard_info("v1")
         assert info.indexed_vectors_count >= 2000, info  # two full segments built while the load went on
         index.finish_bulk_load("v1")
-        info = index._shard("v1").info()
+        info = index.shard_info("v1")
         assert info.indexed_vectors_count == 2600 and info.segments_count >= 3, info  # merges stay under the cap
         assert index.search("v1", vectors[2500], 1)[0]["id"] == ids[2500]

@@ -1,0 +1,177 @@
+"""`reembed reindex` builds beside the live collection and swaps: real Parquet parts, real engines, no Ray/Prefect.
+
+A version's store is written here by hand (parts + manifest, as a run commits them), indexed the way a run
+indexes it, and then rebuilt: the live collection must never be partial, wrong or gone.
+"""
+
+from __future__ import annotations
+
+import threading
+from datetime import datetime, timezone
+
+import numpy as np
+import pyarrow as pa
+import pytest
+
+from conftest import no_encoding
+from reembed.flows.config import load_job
+from reembed.flows.versions import ReindexFailed, list_versions, physicals, reindex, rollback
+from reembed.indexing.index import IndexSettings, open_index
+from reembed.indexing.records import Manifest, ManifestPart, part_schema, point_id
+from reembed.indexing.upload import upsert_part
+from reembed.indexing.vector_store import VectorStore, text_sha256, vectors_to_arrow
+
+DIM = 8
+VERSION = "unit-0123456789ab"
+
+
+def _job(tmp_path, engine: str):
+    (tmp_path / "job.yaml").write_text(
+        f"name: unit\ncorpus: {{uri: corpus.jsonl}}\noutput: {{uri: vectors}}\nindex: {{path: qdrant, engine: {engine}}}\n")
+    return load_job(tmp_path / "job.yaml")
+
+
+def _commit(job, version: str = VERSION, parts: int = 2, rows: int = 20, seed: int = 0) -> tuple[VectorStore, np.ndarray]:
+    """A committed vector set of ``parts`` parts of ``rows`` rows, indexed and live, as a run leaves it."""
+    store = VectorStore(job.output.uri, version, job.output.storage_options)
+    rng = np.random.default_rng(seed)
+    all_vectors, manifest_parts = [], []
+    for p in range(parts):
+        ids = [f"d{p}-{i}" for i in range(rows)]
+        vectors = rng.normal(size=(rows, DIM)).astype(np.float32)
+        vectors /= np.linalg.norm(vectors, axis=1, keepdims=True)
+        all_vectors.append(vectors)
+        table = pa.table({"doc_id": ids, "vector": vectors_to_arrow(vectors),
+                          "text_sha256": [text_sha256(i) for i in ids], "model": ["m"] * rows, "text": ids,
+                          "source_row": list(range(1, rows + 1))}, schema=part_schema(DIM, chunked=False))
+        uri = store.write_part(f"s{p}", table, {}, f"fp{p}")
+        manifest_parts.append(ManifestPart(shard_id=f"s{p}", part_uri=uri, source=f"f{p}.jsonl"))
+    store.write_manifest(Manifest(collection=version, alias=job.name, model="m", dim=DIM, parts=manifest_parts,
+                                  shards=[p.shard_id for p in manifest_parts], vector_rows=parts * rows,
+                                  input_rows=parts * rows, finished_at=datetime.now(timezone.utc).isoformat()))
+    with open_index(job.index) as index:
+        index.ensure_collection(version, DIM)
+        for part in manifest_parts:
+            upsert_part(index, store, version, part.part_uri)
+        index.finish_bulk_load(version)
+        index.point_alias(job.name, version)
+    return store, np.concatenate(all_vectors)
+
+
+def _top(index, vectors: np.ndarray, k: int = 5) -> list[list[str]]:
+    return [[h["doc_id"] for h in index.search("unit", v, k)] for v in vectors]
+
+
+@pytest.mark.parametrize("engine", ["edge", "local"])
+def test_reindex_over_a_corrupt_part_leaves_the_live_collection_untouched(tmp_path, engine) -> None:
+    job = _job(tmp_path, engine)
+    store, vectors = _commit(job)
+    with open_index(job.index) as index:
+        before = _top(index, vectors[::7])
+    second = store.current_parts()[1]
+    with open(second, "wb") as fh:
+        fh.write(b"garbage\n")
+    with open_index(job.index) as index:
+        with pytest.raises(ReindexFailed) as caught:
+            reindex(job, index, None)
+        message = str(caught.value)
+        assert f"at part {second}" in message and "the live collection is untouched" in message
+        assert f"{VERSION}-r2 was dropped" in message
+        assert index.alias_target("unit") == VERSION and index.count("unit") == 40
+        assert physicals(index, VERSION) == [VERSION]  # the half-built rebuild is gone
+        assert _top(index, vectors[::7]) == before
+
+
+@pytest.mark.parametrize("engine", ["edge", "local"])
+def test_reindex_swaps_while_searches_go_on(tmp_path, engine) -> None:
+    job = _job(tmp_path, engine)
+    _, vectors = _commit(job)
+    k = 10
+    counts: list[int] = []
+    errors: list[BaseException] = []
+    stop = threading.Event()
+    searched = threading.Event()
+
+    def reader() -> None:
+        with open_index(job.index) as index:
+            while not stop.is_set():
+                try:
+                    counts.append(len(index.search("unit", vectors[len(counts) % len(vectors)], k)))
+                except BaseException as exc:  # any failure is what this test looks for
+                    errors.append(exc)
+                searched.set()
+
+    thread = threading.Thread(target=reader)
+    thread.start()
+    try:
+        assert searched.wait(60)
+        with open_index(job.index) as index, no_encoding():
+            first = reindex(job, index, None)
+            second = reindex(job, index, None)
+        counted = len(counts)
+        assert searched.wait(60)
+        while len(counts) < counted + 3 and not errors:  # searches after both swaps as well
+            searched.clear()
+            assert searched.wait(60)
+    finally:
+        stop.set()
+        thread.join(timeout=60)
+    assert not errors, errors[:3]
+    assert counts and set(counts) == {k}
+    assert (first.physical, first.previous) == (f"{VERSION}-r2", VERSION)
+    assert (second.physical, second.previous) == (f"{VERSION}-r3", f"{VERSION}-r2")
+    assert first.live and second.live and second.points == second.upserted == 40
+    with open_index(job.index) as index:
+        assert physicals(index, VERSION) == [f"{VERSION}-r3"]  # each old generation went after its swap
+        assert index.alias_target("unit") == f"{VERSION}-r3" and index.count("unit") == 40
+        assert index.resolve(VERSION) == f"{VERSION}-r3" and index.count(VERSION) == 40  # the version's name follows
+        (info,) = list_versions(job, index)
+        assert info.live and info.physical == f"{VERSION}-r3" and info.points == 40
+
+
+@pytest.mark.parametrize("engine", ["edge", "local"])
+def test_reindex_of_an_older_version_moves_no_alias_and_rollback_reaches_it(tmp_path, engine) -> None:
+    job = _job(tmp_path, engine)
+    old = "unit-00000000000a"
+    _commit(job, old, seed=1)
+    _commit(job, VERSION, seed=2)  # newer and live
+    with open_index(job.index) as index:
+        result = reindex(job, index, old)
+        assert result.physical == f"{old}-r2" and not result.live
+        assert index.alias_target("unit") == VERSION
+        assert rollback(job, index, None).collection == old
+        assert index.alias_target("unit") == f"{old}-r2"  # the alias names the physical collection
+        assert [v.collection for v in list_versions(job, index) if v.live] == [old]
+
+
+@pytest.mark.parametrize("engine", ["edge", "local"])
+def test_reindex_drops_what_an_interrupted_rebuild_left(tmp_path, engine) -> None:
+    job = _job(tmp_path, engine)
+    _commit(job)
+    with open_index(job.index) as index:
+        index.ensure_collection(f"{VERSION}-r2", DIM)  # a rebuild killed before its swap
+        index.upsert(f"{VERSION}-r2", [point_id("half")], np.ones((1, DIM), np.float32), [{"doc_id": "half"}])
+        result = reindex(job, index, None)
+        assert result.physical == f"{VERSION}-r2" and index.count("unit") == 40
+        assert physicals(index, VERSION) == [f"{VERSION}-r2"]
+
+
+@pytest.mark.parametrize("engine", ["edge", "local"])
+def test_aliases_resolve_move_together_and_go_with_their_collection(tmp_path, engine) -> None:
+    settings = IndexSettings(engine=engine, path=str(tmp_path / "index"))
+    with open_index(settings) as index:
+        index.ensure_collection("v", DIM)
+        index.ensure_collection("v-r2", DIM)
+        assert index.collections() == ["v", "v-r2"] and index.resolve("v") == "v" and index.resolve("x") is None
+        index.point_aliases({"docs": "v", "w": "v-r2"})
+        assert index.aliases() == {"docs": "v", "w": "v-r2"}
+        index.point_aliases({"docs": "w"})  # an alias's target resolves to the physical collection
+        assert index.alias_target("docs") == "v-r2" and index.resolve("w") == "v-r2" and index.exists("w")
+        index.upsert("w", [point_id("a")], np.ones((1, DIM), np.float32), [{"doc_id": "a"}])
+        assert index.count("v-r2") == 1 and index.dim("w") == DIM
+        index.remove_alias("w")
+        assert not index.exists("w") and index.aliases() == {"docs": "v-r2"}
+        index.drop("v-r2")
+        assert index.collections() == ["v"] and index.aliases() == {}  # aliases go with their collection
+        with pytest.raises(Exception, match="missing collection"):
+            index.point_aliases({"docs": "nothing"})
