@@ -454,7 +454,9 @@ def versions(job: str, overrides: tuple[str, ...], verbose: bool, as_json: bool)
     """List JOB's versions (one per model/pooling/prompt/dimension fingerprint), newest first, and which is live.
 
     `physical` is the Qdrant collection holding each version now: the version's own name, or `<version>-r<N>`
-    after N-1 rebuilds by `reembed reindex`; `-` when only Parquet holds it (`reembed reindex` brings it back)."""
+    after N-1 rebuilds by `reembed reindex`; `-` when only Parquet holds it (`reembed reindex` brings it back).
+    `gate` is the quality gate's verdict when it was built: passed, failed (a blocked backfill: rollback skips
+    it and retention does not count it), forced (failed, let through with --force), none (no gate applied)."""
     _setup_logging(verbose)
     try:
         from reembed.flows.config import load_job
@@ -471,11 +473,12 @@ def versions(job: str, overrides: tuple[str, ...], verbose: bool, as_json: bool)
         _fail(exc, verbose, as_json)
         return
     table = Table(title=f"reembed versions: {cfg.name}")
-    for col in ("live", "collection", "physical", "model", "dim", "points", "vector_rows", "score", "finished_at"):
+    for col in ("live", "collection", "physical", "model", "dim", "points", "vector_rows", "gate", "score",
+                "finished_at"):
         table.add_column(col)
     for v in rows:
         table.add_row("*" if v.live else "", v.collection, str(v.physical or "-"), str(v.model), str(v.dim),
-                      str(v.points), str(v.vector_rows), str(v.score), str(v.finished_at))
+                      str(v.points), str(v.vector_rows), v.gate, str(v.score), str(v.finished_at))
     (err if as_json else out).print(table)
     if as_json:
         _print_json_last(rows)
@@ -484,10 +487,18 @@ def versions(job: str, overrides: tuple[str, ...], verbose: bool, as_json: bool)
 @cli.command()
 @_job_options
 @click.argument("version", required=False)
+@click.option("--force", "force_reason", metavar="REASON", default=None,
+              help="allow VERSION although it failed its quality gate; the reason is recorded in its manifest",
+              show_envvar=True)
 @click.option("--json", "as_json", is_flag=True, help="print the result as one JSON object on the last line",
               show_envvar=True)
-def rollback(job: str, version: str | None, overrides: tuple[str, ...], verbose: bool, as_json: bool) -> None:
-    """Point JOB's alias back at VERSION (default: the newest version older than the live one), atomically."""
+def rollback(job: str, version: str | None, overrides: tuple[str, ...], verbose: bool, force_reason: str | None,
+             as_json: bool) -> None:
+    """Point JOB's alias back at VERSION, atomically.
+
+    VERSION defaults to the newest version older than the live one that Qdrant holds and that did not fail its
+    quality gate (a blocked backfill is never picked). Naming a gate-failed version needs --force REASON.
+    """
     _setup_logging(verbose)
     try:
         from reembed.flows.config import load_job
@@ -498,11 +509,13 @@ def rollback(job: str, version: str | None, overrides: tuple[str, ...], verbose:
         cfg = load_job(job, list(overrides))
         with job_lease(cfg.output.uri, cfg.name, cfg.lease, "reembed rollback", cfg.output.storage_options), \
                 open_index(cfg.index) as index:
-            result = do_rollback(cfg, index, version)
+            result = do_rollback(cfg, index, version, force_reason)
     except _user_errors() as exc:
         _fail(exc, verbose)
         return
-    err.print(f"alias {result.alias} -> {result.collection} (was {result.previous})")
+    err.print(f"alias {result.alias} -> {result.collection} (was {result.previous})"
+              f"{f'; forced past its failed quality gate: {result.forced}' if result.forced else ''}",
+              highlight=False, soft_wrap=True)
     if as_json:
         _print_json_last(result)
 

@@ -31,6 +31,10 @@ class ReindexFailed(RuntimeError):
     """A rebuild did not produce the version's vector set; it was dropped and nothing live changed."""
 
 
+class GateRefused(ConfigError):
+    """A rollback named a version that failed its quality gate, without ``--force REASON``."""
+
+
 def live_version(index: VectorIndex, alias: str) -> str | None:
     """The version the alias serves (its target without a rebuild generation), or None without an alias."""
     target = index.alias_target(alias)
@@ -68,52 +72,85 @@ def list_versions(job: JobConfig, index: VectorIndex) -> list[VersionInfo]:
             collection=collection, physical=physical, model=manifest.model, dim=manifest.dim,
             live=collection == live, points=index.count(physical) if physical else None,
             vector_rows=manifest.vector_rows, score=manifest.score, finished_at=manifest.finished_at,
-            in_index=physical is not None,
+            in_index=physical is not None, gate=manifest.gate_status,
         ))
     versions.sort(key=lambda v: v.finished_at or "", reverse=True)
     return versions
 
 
+def retained(versions: list[VersionInfo], keep: int) -> list[VersionInfo]:
+    """The versions retention keeps, of ``versions`` (newest first): the newest ``keep`` that could serve (gate
+    passed, forced or not applied), the live one, and the newest version of all when its gate failed (the latest
+    backfill attempt, for an operator to look at or force). Gate-failed versions never count towards ``keep``,
+    so blocked backfills cannot push the last good versions out."""
+    kept = [v for v in versions if v.servable][:keep]
+    kept += [v for v in versions if v.live and v not in kept]
+    if versions and not versions[0].servable and versions[0] not in kept:
+        kept.append(versions[0])
+    return kept
+
+
 def apply_retention(job: JobConfig, index: VectorIndex, keep: int) -> list[str]:
-    """Delete collections and vector sets of versions beyond the newest ``keep``; never the live one."""
+    """Delete the collections and vector sets of the versions ``retained`` does not keep; never the live one."""
+    versions = list_versions(job, index)
+    kept = {v.collection for v in retained(versions, keep)}
     retired = []
-    for version in list_versions(job, index)[keep:]:
-        if version.live:
+    for version in versions:
+        if version.collection in kept or version.live:
             continue
         drop_version(index, version.collection)
         fs, root = filesystem(VectorStore(job.output.uri, version.collection).root, job.output.storage_options)
         fs.rm(root, recursive=True)
         retired.append(version.collection)
-        logger.info("retention: deleted version %s (keeping the newest %d)", version.collection, keep)
+        logger.info("retention: deleted version %s (gate %s; keeping the newest %d that could serve)",
+                    version.collection, version.gate, keep)
     return retired
 
 
-def rollback_target(job: JobConfig, versions: list[VersionInfo], version: str | None) -> VersionInfo:
+def rollback_target(job: JobConfig, versions: list[VersionInfo], version: str | None,
+                    force_reason: str | None = None) -> VersionInfo:
     """The version a rollback moves the alias to: ``version``, or the newest one older than the live one that
-    Qdrant still holds (a version only in Parquet needs ``reembed reindex`` first)."""
+    Qdrant still holds and that did not fail its quality gate (a version only in Parquet needs ``reembed
+    reindex`` first; a gate-failed one is reached only by naming it, with ``force_reason``)."""
     live = next((v for v in versions if v.live), None)
     if version is None:
         older = [v for v in versions if live is None or (v.finished_at or "") < (live.finished_at or "")]
         older = [v for v in older if v.in_index and not v.live]
-        if not older:
-            raise ConfigError(f"no earlier version of {job.name!r} to roll back to; `reembed versions` lists them")
-        return older[0]
+        good = [v for v in older if v.servable]
+        if not good:
+            failed = ", ".join(v.collection for v in older)
+            hint = (f" (older versions that failed their quality gate: {failed}; name one with --force REASON "
+                    f"to serve it anyway)") if older else ""
+            raise ConfigError(f"no earlier version of {job.name!r} to roll back to{hint}; `reembed versions` "
+                              f"lists them")
+        return good[0]
     target = next((v for v in versions if v.collection == version), None)
     if target is None:
         raise ConfigError(f"version {version!r} not found; `reembed versions` lists them")
     if not target.in_index:
         raise IndexError_(f"version {version!r} is not in Qdrant; run `reembed reindex JOB {version}` first")
+    if not target.servable and not force_reason:
+        raise GateRefused(f"version {version!r} failed its quality gate; roll back to it only with "
+                          f"--force REASON (the reason is recorded in its manifest)")
     return target
 
 
-def rollback(job: JobConfig, index: VectorIndex, version: str | None) -> RollbackResult:
-    """Point the alias at ``version``, or at the newest version older than the live one."""
+def rollback(job: JobConfig, index: VectorIndex, version: str | None, force_reason: str | None = None) -> RollbackResult:
+    """Point the alias at ``version``, or at the newest servable version older than the live one."""
     versions = list_versions(job, index)
     live = next((v.collection for v in versions if v.live), None)
-    target = rollback_target(job, versions, version)
+    target = rollback_target(job, versions, version, force_reason)
+    forced = None
+    if not target.servable:
+        forced = force_reason
+        store = VectorStore(job.output.uri, target.collection, job.output.storage_options)
+        manifest = store.read_manifest()
+        if manifest is not None:  # recorded before the alias moves: the manifest says why a failed version serves
+            store.write_manifest(manifest.model_copy(update={"forced": f"rollback: {force_reason}"}))
+        logger.warning("rolling back to %s, which failed its quality gate: %s", target.collection, force_reason)
     index.point_alias(job.name, target.collection)
     logger.info("alias %s now points at %s (was %s)", job.name, target.collection, live)
-    return RollbackResult(alias=job.name, collection=target.collection, previous=live)
+    return RollbackResult(alias=job.name, collection=target.collection, previous=live, forced=forced)
 
 
 def reindex(job: JobConfig, index: VectorIndex, version: str | None, activate: bool | None = None) -> ReindexResult:

@@ -216,6 +216,14 @@ class Manifest(Record):
     trial: bool = False
     finished_at: str | None = None
 
+    @property
+    def gate_status(self) -> GateStatus:
+        if self.gate is None:
+            return "none"
+        if self.gate.passed:
+            return "passed"
+        return "forced" if self.forced else "failed"
+
 
 class ShardFailure(Record):
     shard: str
@@ -223,6 +231,7 @@ class ShardFailure(Record):
 
 
 Status = Literal["ok", "trial", "up-to-date", "blocked", "failed"]
+GateStatus = Literal["passed", "failed", "forced", "none"]
 Mode = Literal["new-version", "refresh", "resume", "up-to-date", "trial"]
 
 
@@ -285,12 +294,21 @@ class VersionInfo(Record):
     score: float | None
     finished_at: str | None
     in_index: bool
+    # The quality gate's verdict when the version was built: passed, failed (blocked: never served unless
+    # forced), forced (failed, let through with --force REASON), none (no gate, or nothing live to compare with).
+    gate: GateStatus = "none"
+
+    @property
+    def servable(self) -> bool:
+        """A version that may serve: its gate passed, was forced by an operator, or did not apply."""
+        return self.gate != "failed"
 
 
 class RollbackResult(Record):
     alias: str
     collection: str
     previous: str | None
+    forced: str | None = None  # the reason given to roll back to a gate-failed version
 
 
 class ReindexResult(Record):

@@ -1,7 +1,8 @@
-"""`reembed reindex` builds beside the live collection and swaps: real Parquet parts, real engines, no Ray/Prefect.
+"""Operator commands never damage the live version: reindex builds beside and swaps, rollback and retention
+respect the quality gate. Real Parquet parts, real engines (Qdrant Edge and local mode), no Ray or Prefect.
 
-A version's store is written here by hand (parts + manifest, as a run commits them), indexed the way a run
-indexes it, and then rebuilt: the live collection must never be partial, wrong or gone.
+A version's store is written here by hand (parts + manifest, as a run commits them) and indexed the way a run
+indexes it; then the command runs on it.
 """
 
 from __future__ import annotations
@@ -15,9 +16,10 @@ import pytest
 
 from conftest import no_encoding
 from reembed.flows.config import load_job
-from reembed.flows.versions import ReindexFailed, list_versions, physicals, reindex, rollback
+from reembed.flows.versions import (GateRefused, ReindexFailed, apply_retention, list_versions, physicals, reindex,
+                                    rollback)
 from reembed.indexing.index import IndexSettings, open_index
-from reembed.indexing.records import Manifest, ManifestPart, part_schema, point_id
+from reembed.indexing.records import GateResult, Manifest, ManifestPart, part_schema, point_id
 from reembed.indexing.upload import upsert_part
 from reembed.indexing.vector_store import VectorStore, text_sha256, vectors_to_arrow
 
@@ -31,8 +33,10 @@ def _job(tmp_path, engine: str):
     return load_job(tmp_path / "job.yaml")
 
 
-def _commit(job, version: str = VERSION, parts: int = 2, rows: int = 20, seed: int = 0) -> tuple[VectorStore, np.ndarray]:
-    """A committed vector set of ``parts`` parts of ``rows`` rows, indexed and live, as a run leaves it."""
+def _commit(job, version: str = VERSION, parts: int = 2, rows: int = 20, seed: int = 0, gate: bool | None = None,
+            finished_at: str | None = None, live: bool = True) -> tuple[VectorStore, np.ndarray]:
+    """A committed vector set of ``parts`` parts of ``rows`` rows, indexed (and live, unless a blocked backfill
+    or ``live=False``), as a run leaves it; ``gate`` is its quality gate's verdict (None: no gate)."""
     store = VectorStore(job.output.uri, version, job.output.storage_options)
     rng = np.random.default_rng(seed)
     all_vectors, manifest_parts = [], []
@@ -46,15 +50,19 @@ def _commit(job, version: str = VERSION, parts: int = 2, rows: int = 20, seed: i
                           "source_row": list(range(1, rows + 1))}, schema=part_schema(DIM, chunked=False))
         uri = store.write_part(f"s{p}", table, {}, f"fp{p}")
         manifest_parts.append(ManifestPart(shard_id=f"s{p}", part_uri=uri, source=f"f{p}.jsonl"))
+    verdict = None if gate is None else GateResult(metric="ndcg@10", new=version, live="x", new_score=0.5,
+                                                   live_score=0.6, tolerance=0.01 if gate else 0.0, passed=gate)
     store.write_manifest(Manifest(collection=version, alias=job.name, model="m", dim=DIM, parts=manifest_parts,
                                   shards=[p.shard_id for p in manifest_parts], vector_rows=parts * rows,
-                                  input_rows=parts * rows, finished_at=datetime.now(timezone.utc).isoformat()))
+                                  input_rows=parts * rows, gate=verdict,
+                                  finished_at=finished_at or datetime.now(timezone.utc).isoformat()))
     with open_index(job.index) as index:
         index.ensure_collection(version, DIM)
         for part in manifest_parts:
             upsert_part(index, store, version, part.part_uri)
         index.finish_bulk_load(version)
-        index.point_alias(job.name, version)
+        if live and gate is not False:
+            index.point_alias(job.name, version)
     return store, np.concatenate(all_vectors)
 
 
@@ -175,3 +183,45 @@ def test_aliases_resolve_move_together_and_go_with_their_collection(tmp_path, en
         assert index.collections() == ["v"] and index.aliases() == {}  # aliases go with their collection
         with pytest.raises(Exception, match="missing collection"):
             index.point_aliases({"docs": "nothing"})
+
+
+def _name(i: int) -> str:
+    return f"unit-{i:012x}"
+
+
+@pytest.mark.parametrize("engine", ["edge", "local"])
+def test_rollback_skips_a_gate_failed_version_and_needs_force_to_name_it(tmp_path, engine) -> None:
+    job = _job(tmp_path, engine)
+    _commit(job, _name(1), finished_at="2026-01-01T00:00:00+00:00")  # good, ungated
+    _commit(job, _name(2), gate=False, finished_at="2026-01-02T00:00:00+00:00")  # a blocked backfill
+    _commit(job, _name(3), gate=True, finished_at="2026-01-03T00:00:00+00:00")  # passed, live
+    with open_index(job.index) as index:
+        assert [(v.collection, v.gate, v.live) for v in list_versions(job, index)] == [
+            (_name(3), "passed", True), (_name(2), "failed", False), (_name(1), "none", False)]
+        result = rollback(job, index, None)
+        assert (result.collection, result.previous, result.forced) == (_name(1), _name(3), None)
+        with pytest.raises(GateRefused, match="failed its quality gate; roll back to it only with --force"):
+            rollback(job, index, _name(2))
+        assert index.alias_target("unit") == _name(1)
+        result = rollback(job, index, _name(2), force_reason="gate set too tight")
+        assert result.forced == "gate set too tight" and index.alias_target("unit") == _name(2)
+        forced = {v.collection: v.gate for v in list_versions(job, index)}[_name(2)]
+        assert forced == "forced"  # recorded in its manifest: it now serves by an operator's decision
+    assert "rollback: gate set too tight" in (tmp_path / "vectors" / _name(2) / "current.json").read_text()
+
+
+@pytest.mark.parametrize("engine", ["edge", "local"])
+def test_retention_does_not_count_blocked_backfills(tmp_path, engine) -> None:
+    job = _job(tmp_path, engine)
+    _commit(job, _name(1), gate=True, finished_at="2026-01-01T00:00:00+00:00")
+    _commit(job, _name(2), gate=True, finished_at="2026-01-02T00:00:00+00:00")  # live
+    for i in (3, 4, 5):  # three blocked backfills, newer than the live version
+        _commit(job, _name(i), gate=False, finished_at=f"2026-01-0{i}T00:00:00+00:00")
+    with open_index(job.index) as index:
+        assert index.alias_target("unit") == _name(2)
+        retired = apply_retention(job, index, keep=2)
+        assert sorted(retired) == [_name(3), _name(4)]  # the latest attempt stays for an operator to look at
+        left = [(v.collection, v.gate) for v in list_versions(job, index)]
+        assert left == [(_name(5), "failed"), (_name(2), "passed"), (_name(1), "passed")]
+        assert all(not index.exists(_name(i)) for i in (3, 4)) and index.count(_name(1)) == 40
+    assert not (tmp_path / "vectors" / _name(3)).exists() and (tmp_path / "vectors" / _name(1) / "current.json").exists()
