@@ -11,6 +11,11 @@ Layout under ``output.uri``::
 Part and quarantine files are named by the shard's input fingerprint as well as its id, so a run never
 overwrites a file the committed manifest points at: a run that fails or is stopped by a guard leaves the live
 vector set exactly as it was. Files no manifest names any more are removed after the next commit.
+
+The store is relocatable: manifests and shard markers name their files relative to the version's folder
+(``vectors/part-….parquet``), and readers resolve them against the current ``output.uri``, so a store copied to
+another disk or bucket keeps working. Records written before this named files by absolute URI; those still load,
+and a file missing at its old place is looked for under the current root by its folder and file name.
 """
 
 from __future__ import annotations
@@ -65,6 +70,21 @@ def _part_name(shard_id: str, input_fingerprint: str | None) -> str:
     return f"{shard_id}-{input_fingerprint[:12]}" if input_fingerprint else shard_id
 
 
+_FILE_FOLDERS = ("vectors", "quarantine")  # the folders of a version whose files its records name
+
+
+def stored_name(uri: str) -> str:
+    """How a version's records name one of its files: ``<folder>/<file>`` (its place under the version's folder),
+    whatever the root was spelled (``file://`` or a plain path, a trailing slash) or wherever the store was."""
+    folder, _, name = uri.rstrip("/").rpartition("/")
+    folder = folder.rpartition("/")[2]
+    return f"{folder}/{name}" if folder in _FILE_FOLDERS else uri
+
+
+def _is_absolute(name: str) -> bool:
+    return "://" in name or name.startswith("/")
+
+
 class VectorStore:
     """Paths and reads/writes for one collection's vectors under the output URI."""
 
@@ -72,6 +92,7 @@ class VectorStore:
         self.root = join(output_uri, collection)
         self.collection = collection
         self.options = options or StorageOptions()
+        self._moved_warned: set[str] = set()
 
     def part_uri(self, shard_id: str, input_fingerprint: str | None = None) -> str:
         return join(self.root, "vectors", f"part-{_part_name(shard_id, input_fingerprint)}.parquet")
@@ -114,17 +135,63 @@ class VectorStore:
         return uri
 
     def write_marker(self, marker: ShardMarker) -> None:
-        write_json(self.marker_uri(marker.shard_id), marker.model_dump(mode="json"), self.options)
+        stored = marker.model_copy(update={"part_uri": self._stored(marker.part_uri),
+                                           "quarantine_uri": self._stored(marker.quarantine_uri)})
+        write_json(self.marker_uri(marker.shard_id), stored.model_dump(mode="json"), self.options)
 
     def read_marker(self, shard_id: str) -> ShardMarker | None:
         uri = self.marker_uri(shard_id)
-        return ShardMarker.from_json(read_json(uri, self.options), uri)
+        marker = ShardMarker.from_json(read_json(uri, self.options), uri)
+        if marker is None:
+            return None
+        return marker.model_copy(update={"part_uri": self.locate(marker.part_uri, uri),
+                                         "quarantine_uri": self.locate(marker.quarantine_uri, uri)})
 
     def write_manifest(self, manifest: Manifest) -> None:
-        write_json(self.manifest_uri, manifest.model_dump(mode="json", exclude_none=True), self.options)
+        stored = manifest.model_copy(update={
+            "parts": [p.model_copy(update={"part_uri": self._stored(p.part_uri),
+                                           "quarantine_uri": self._stored(p.quarantine_uri)}) for p in manifest.parts],
+            "extra_quarantine": [self._stored(u) for u in manifest.extra_quarantine]})
+        write_json(self.manifest_uri, stored.model_dump(mode="json", exclude_none=True), self.options)
 
     def read_manifest(self) -> Manifest | None:
-        return Manifest.from_json(read_json(self.manifest_uri, self.options), self.manifest_uri)
+        manifest = Manifest.from_json(read_json(self.manifest_uri, self.options), self.manifest_uri)
+        if manifest is None:
+            return None
+        where = self.manifest_uri
+        return manifest.model_copy(update={
+            "parts": [p.model_copy(update={"part_uri": self.locate(p.part_uri, where),
+                                           "quarantine_uri": self.locate(p.quarantine_uri, where)})
+                      for p in manifest.parts],
+            "extra_quarantine": [self.locate(u, where) for u in manifest.extra_quarantine]})
+
+    def _stored(self, uri: str | None) -> str | None:
+        return None if uri is None else stored_name(uri)
+
+    def locate(self, name: str | None, record: str = "") -> str | None:
+        """The URI, under the current root, of a file a record names: relative names resolve against the
+        version's folder; an absolute one (a record from before relocatable stores) is used where it is when it
+        lies under the current root or still exists, else looked for here by its folder and file name."""
+        if name is None:
+            return None
+        if not _is_absolute(name):
+            return join(self.root, name)
+        relative = stored_name(name)
+        if relative == name:  # not one of the version's files: leave it as recorded
+            return name
+        here = join(self.root, relative)
+        _, root_path = filesystem(self.root, self.options)
+        fs, path = filesystem(name, self.options)
+        if path.startswith(root_path.rstrip("/") + "/"):
+            return here
+        fs_here, path_here = filesystem(here, self.options)
+        if fs_here.exists(path_here):
+            if name not in self._moved_warned:
+                self._moved_warned.add(name)
+                logger.warning("%s names %s, outside the store's current root %s (the store was moved or "
+                               "copied): using %s", record or "a record", name, self.root, here)
+            return here
+        return name if fs.exists(path) else here
 
     @property
     def writing_uri(self) -> str:
@@ -157,12 +224,23 @@ class VectorStore:
 
     def read_part(self, uri: str, columns: list[str] | None = None) -> pa.Table:
         fs, path = filesystem(uri, self.options)
-        return pq.read_table(path, filesystem=fs, columns=columns)
+        try:
+            return pq.read_table(path, filesystem=fs, columns=columns)
+        except FileNotFoundError:
+            raise self._missing(uri) from None
 
     def part_columns(self, uri: str) -> list[str]:
         """A part's column names, from its footer alone."""
         fs, path = filesystem(uri, self.options)
-        return pq.read_schema(path, filesystem=fs).names
+        try:
+            return pq.read_schema(path, filesystem=fs).names
+        except FileNotFoundError:
+            raise self._missing(uri) from None
+
+    def _missing(self, uri: str) -> FileNotFoundError:
+        return FileNotFoundError(
+            f"Parquet part {uri} of version {self.collection} is missing (the store's root is {self.root}; if the "
+            f"vector store was moved or copied, point output.uri at the whole copy, every version folder included)")
 
     def point_batches(self, part_uri: str, batch: int, rows: list[int] | None = None) -> Iterator[PointBatch]:
         """A part's rows (or the chosen ``rows``) as point batches; the index never reads Parquet itself."""
@@ -187,10 +265,13 @@ class VectorStore:
 
     def remove_unreferenced(self, manifest: Manifest) -> int:
         """Delete part and quarantine files the committed manifest does not name (older inputs' parts, and
-        parts of runs that were stopped); returns how many files went."""
-        keep = {p.part_uri for p in manifest.parts}
-        keep |= {p.quarantine_uri for p in manifest.parts if p.quarantine_uri}
-        keep |= set(manifest.extra_quarantine)
+        parts of runs that were stopped); returns how many files went. Files are compared by their place in the
+        version's folder, so no spelling of the root (or a moved root) makes a file the manifest needs look
+        unreferenced."""
+        keep = {stored_name(p.part_uri) for p in manifest.parts}
+        keep |= {stored_name(p.quarantine_uri) for p in manifest.parts if p.quarantine_uri}
+        keep |= {stored_name(u) for u in manifest.extra_quarantine}
+        keep |= {stored_name(self.part_uri(s)) for s in manifest.shards if not manifest.parts}  # oldest manifests
         fs, _ = filesystem(self.root, self.options)
         removed = 0
         for folder, pattern in (("vectors", "part-*.parquet"), ("quarantine", "part-*.jsonl")):
@@ -200,8 +281,7 @@ class VectorStore:
             except FileNotFoundError:
                 continue
             for name in found:
-                uri = join(self.root, folder, name.rsplit("/", 1)[-1])
-                if uri not in keep:
+                if f"{folder}/{name.rsplit('/', 1)[-1]}" not in keep:
                     fs.rm(name)
                     removed += 1
         return removed

@@ -225,3 +225,67 @@ def test_retention_does_not_count_blocked_backfills(tmp_path, engine) -> None:
         assert left == [(_name(5), "failed"), (_name(2), "passed"), (_name(1), "passed")]
         assert all(not index.exists(_name(i)) for i in (3, 4)) and index.count(_name(1)) == 40
     assert not (tmp_path / "vectors" / _name(3)).exists() and (tmp_path / "vectors" / _name(1) / "current.json").exists()
+
+
+def _moved_job(tmp_path, engine: str, output: str, index: str):
+    return load_job(tmp_path / "job.yaml", [f"output.uri={output}", f"index.path={index}", f"index.engine={engine}"])
+
+
+@pytest.mark.parametrize("engine", ["edge", "local"])
+def test_a_moved_store_keeps_its_parts_and_the_clean_up_keeps_what_the_manifest_names(tmp_path, engine) -> None:
+    import shutil
+
+    job = _job(tmp_path, engine)
+    store, vectors = _commit(job)
+    stored = (tmp_path / "vectors" / VERSION / "current.json").read_text()
+    assert str(tmp_path) not in stored and '"vectors/part-s0-fp0.parquet"' in stored  # names relative to the version
+    shutil.move(tmp_path / "vectors", tmp_path / "elsewhere")
+    shutil.move(tmp_path / "qdrant", tmp_path / "index-elsewhere")
+    moved = _moved_job(tmp_path, engine, f"file://{tmp_path / 'elsewhere'}/", str(tmp_path / "index-elsewhere"))
+    here = VectorStore(moved.output.uri, VERSION, moved.output.storage_options)
+    manifest = here.read_manifest()
+    assert [p.part_uri for p in manifest.parts] == [here.part_uri(f"s{i}", f"fp{i}") for i in (0, 1)]
+    stray = tmp_path / "elsewhere" / VERSION / "vectors" / "part-s9-old.parquet"
+    stray.write_bytes(b"an older input's part")
+    assert not manifest.parts[0].part_uri.startswith("file://")
+    respelled = manifest.model_copy(update={"parts": [  # the same files, the root spelled another way
+        p.model_copy(update={"part_uri": f"file://{p.part_uri}"}) for p in manifest.parts]})
+    assert here.remove_unreferenced(respelled) == 1 and not stray.exists()
+    assert sorted(f.name for f in (tmp_path / "elsewhere" / VERSION / "vectors").iterdir()) == [
+        "part-s0-fp0.parquet", "part-s1-fp1.parquet"]
+    with open_index(moved.index) as index:
+        assert index.count("unit") == 40
+        result = reindex(moved, index, None)  # every part read from the new place
+        assert result.points == 40 and result.source == f"{tmp_path / 'elsewhere'}/{VERSION}"
+
+
+def test_an_old_manifest_with_absolute_uris_still_loads_after_a_move(tmp_path, caplog) -> None:
+    import json
+    import shutil
+
+    job = _job(tmp_path, "edge")
+    store, _ = _commit(job)
+    old = tmp_path / "vectors" / VERSION / "current.json"
+    raw = json.loads(old.read_text())
+    for part in raw["parts"]:  # as reembed wrote manifests before they named parts relatively
+        part["part_uri"] = str(tmp_path / "vectors" / VERSION / part["part_uri"])
+    old.write_text(json.dumps(raw))
+    assert VectorStore(job.output.uri, VERSION).read_manifest().parts[0].part_uri == str(
+        tmp_path / "vectors" / VERSION / "vectors" / "part-s0-fp0.parquet")  # unmoved: used where it is
+    shutil.move(tmp_path / "vectors", tmp_path / "moved")
+    here = VectorStore(str(tmp_path / "moved"), VERSION)
+    with caplog.at_level("WARNING"):
+        parts = here.current_parts()
+    assert parts == [str(tmp_path / "moved" / VERSION / "vectors" / f"part-s{i}-fp{i}.parquet") for i in (0, 1)]
+    assert "the store was moved or copied" in caplog.text and str(tmp_path / "vectors") in caplog.text
+    assert here.read_all(["doc_id"]).num_rows == 40
+    assert here.remove_unreferenced(here.read_manifest()) == 0
+
+
+def test_a_missing_part_says_what_is_missing_and_why_it_may_be(tmp_path) -> None:
+    job = _job(tmp_path, "edge")
+    store, _ = _commit(job)
+    part = store.current_parts()[0]
+    (tmp_path / "vectors" / VERSION / "vectors" / "part-s0-fp0.parquet").unlink()
+    with pytest.raises(FileNotFoundError, match=f"Parquet part {part} of version {VERSION} is missing.*moved or copied"):
+        store.read_part(part)
