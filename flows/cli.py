@@ -39,9 +39,11 @@ def _user_errors() -> tuple[type[BaseException], ...]:
     from reembed.flows.guards import GuardBlocked
     from reembed.flows.lease import LeaseHeld, LeaseLost
     from reembed.flows.versions import ReindexFailed
+    from reembed.workers.model_loader import ModelUnreachable
 
     errors: tuple[type[BaseException], ...] = (*JOB_LEVEL_ERRORS, RayError, GateFailed, GuardBlocked,
-                                               FileNotFoundError, NothingYet, LeaseHeld, LeaseLost, ReindexFailed)
+                                               FileNotFoundError, NothingYet, LeaseHeld, LeaseLost, ReindexFailed,
+                                               ModelUnreachable)
     if "reembed.flows.run_flow" in sys.modules:  # only a run can raise it; importing Prefect costs seconds
         errors += (sys.modules["reembed.flows.run_flow"].RunFailed,)
     return errors
@@ -49,14 +51,16 @@ def _user_errors() -> tuple[type[BaseException], ...]:
 
 def _exit_code(exc: BaseException) -> int:
     """1: the run worked but was stopped (failed shards, gate, guards, its lease lost, a rebuild that did not
-    check out); 2: the job or its input is wrong; 3: another run of the job holds it."""
+    check out, a model hub that did not answer); 2: the job or its input is wrong; 3: another run of the job
+    holds it."""
     from reembed.flows.history import BLOCKED
     from reembed.flows.lease import LeaseHeld, LeaseLost
     from reembed.flows.versions import ReindexFailed
+    from reembed.workers.model_loader import ModelUnreachable
 
     if isinstance(exc, LeaseHeld):
         return 3
-    blocked = (*BLOCKED, LeaseLost, ReindexFailed)
+    blocked = (*BLOCKED, LeaseLost, ReindexFailed, ModelUnreachable)
     if "reembed.flows.run_flow" in sys.modules:
         blocked += (sys.modules["reembed.flows.run_flow"].RunFailed,)
     return 1 if isinstance(exc, blocked) else 2
@@ -137,7 +141,8 @@ def run(job: str, overrides: tuple[str, ...], verbose: bool, as_json: bool, forc
     job writes at a time (a lease beside the vectors); every run is appended to the job's run log
     (`reembed history`).
 
-    Exit codes: 0 done, 1 stopped (failed shards, quality gate, guards), 2 the job or its input is wrong,
+    Exit codes: 0 done, 1 stopped (failed shards, quality gate, guards, a model hub that did not answer),
+    2 the job or its input is wrong (a model that does not exist included),
     3 another run of the job is in progress.
     """
     _setup_logging(verbose)

@@ -19,7 +19,48 @@ BUNDLED_NAMES = {"all-minilm-l6-v2", "sentence-transformers/all-minilm-l6-v2"}
 
 
 class ModelNotFoundError(RuntimeError):
-    """The model named in the job cannot be found locally nor downloaded."""
+    """The model named in the job does not exist: not bundled, not a local folder, not on the hub (a job-level
+    error: no retry can fix it)."""
+
+
+class ModelUnreachable(RuntimeError):
+    """The model hub did not answer (timeouts, connection errors, 429 or 5xx) through every retry: the model may
+    well exist, and a later run may reach it."""
+
+
+HUB_ATTEMPTS = 3  # tries of a hub look-up that timed out or met a 5xx, with exponential waits of 1 s, 2 s, ...
+
+
+def hub_unreachable(exc: BaseException | None) -> bool:
+    """Whether a hub error says "not now" (timeout, connection error, 429, 5xx) rather than "no such model"
+    (404, gated, unknown revision, offline mode, an invalid name). huggingface_hub often wraps the network
+    error in a ``LocalEntryNotFoundError``, so the whole cause chain is read."""
+    from huggingface_hub.errors import (GatedRepoError, HfHubHTTPError, OfflineModeIsEnabled,
+                                        RepositoryNotFoundError, RevisionNotFoundError)
+
+    seen: set[int] = set()
+    while exc is not None and id(exc) not in seen:
+        seen.add(id(exc))
+        if isinstance(exc, (RepositoryNotFoundError, RevisionNotFoundError, GatedRepoError, OfflineModeIsEnabled)):
+            return False
+        if isinstance(exc, HfHubHTTPError):
+            status = exc.response.status_code if exc.response is not None else None
+            return status is None or status == 429 or status >= 500
+        name = type(exc).__name__
+        if isinstance(exc, (TimeoutError, ConnectionError)) or name.endswith(
+                ("Timeout", "TimeoutException", "ConnectError", "NetworkError", "RemoteProtocolError", "ReadError")):
+            return True
+        exc = exc.__cause__ or exc.__context__
+    return False
+
+
+def _download(name: str, revision: str | None) -> Path:
+    """Ask the hub for the model with a bounded wait (huggingface_hub's own API calls wait forever by default),
+    then fetch its snapshot."""
+    from huggingface_hub import HfApi, constants, snapshot_download
+
+    HfApi().model_info(name, revision=revision, timeout=constants.HF_HUB_ETAG_TIMEOUT)
+    return Path(snapshot_download(name, revision=revision, etag_timeout=constants.HF_HUB_ETAG_TIMEOUT))
 
 
 @dataclass(frozen=True)
@@ -53,15 +94,30 @@ def resolve_model_path(name: str, revision: str | None = None) -> Path:
         return local.resolve()
     if local.exists():
         raise ModelNotFoundError(f"model path {local} is a file, expected a model folder")
-    try:
-        from huggingface_hub import snapshot_download
+    if name.startswith(("/", "./", "../", "~")):
+        raise ModelNotFoundError(f"model folder {local} does not exist")
+    from huggingface_hub import constants
+    from tenacity import Retrying, retry_if_exception, stop_after_attempt, wait_exponential
 
-        return Path(snapshot_download(name, revision=revision))
-    except Exception as exc:  # the hub raises many types; the user needs one message
+    try:
+        for attempt in Retrying(retry=retry_if_exception(hub_unreachable), stop=stop_after_attempt(HUB_ATTEMPTS),
+                                wait=wait_exponential(multiplier=1, max=8), reraise=True,
+                                before_sleep=lambda state: logger.warning(
+                                    "model hub %s did not answer for %r (try %d of %d): %s", constants.ENDPOINT,
+                                    name, state.attempt_number, HUB_ATTEMPTS, state.outcome.exception())):
+            with attempt:
+                return _download(name, revision)
+    except Exception as exc:  # the hub raises many types; the user needs one message that says which kind
+        if hub_unreachable(exc):
+            raise ModelUnreachable(
+                f"model hub {constants.ENDPOINT} did not answer for model {name!r} in {HUB_ATTEMPTS} tries "
+                f"({constants.HF_HUB_ETAG_TIMEOUT} s each, HF_HUB_ETAG_TIMEOUT): {type(exc).__name__}: {exc}; "
+                f"check the network or HF_ENDPOINT, or name a local model folder") from None
         raise ModelNotFoundError(
             f"model {name!r} is neither a bundled name ({', '.join(sorted(BUNDLED_NAMES))}), "
-            f"nor a local folder, nor downloadable from the hub: {type(exc).__name__}: {exc}"
+            f"nor a local folder, nor on the hub ({constants.ENDPOINT}): {type(exc).__name__}: {exc}"
         ) from None
+    raise AssertionError("unreachable: tenacity either returns or raises")
 
 
 def _read_json(path: Path) -> dict:

@@ -81,3 +81,42 @@ def test_every_command_fails_in_one_line_without_traceback(tmp_path: Path) -> No
     assert res.returncode == 2 and "no corpus files found" in res.stderr and "Traceback" not in res.stderr
     res = run_cli("search", str(SAMPLE), "q", "--set", "model.name=/nonexistent/model", *never_ran)
     assert res.returncode == 2 and "Traceback" not in res.stderr
+
+
+def test_missing_model_exits_2_and_a_silent_hub_exits_1(tmp_path) -> None:
+    """The console script's view of model loading: no such model is the job's fault (2); a hub that never
+    answers (a socket on 127.0.0.1 that accepts and stays silent) is retried, then stops the run (1)."""
+    import socket
+    import threading
+    from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+    class NotFound(BaseHTTPRequestHandler):
+        def do_GET(self) -> None:  # noqa: N802
+            self.send_response(404)
+            self.send_header("X-Error-Code", "RepoNotFound")
+            self.send_header("Content-Length", "0")
+            self.end_headers()
+
+        def log_message(self, *args: object) -> None:
+            pass
+
+    hub = ThreadingHTTPServer(("127.0.0.1", 0), NotFound)
+    threading.Thread(target=hub.serve_forever, daemon=True).start()
+    silent = socket.socket()
+    silent.bind(("127.0.0.1", 0))
+    silent.listen(16)  # the kernel completes the connections; nobody ever reads or answers
+    sets = ["--set", "model.name=acme/model", "--set", f"output.uri={tmp_path / 'v'}"]
+    env = {"HF_HOME": str(tmp_path / "hf"), "HF_HUB_ETAG_TIMEOUT": "1", "HF_HUB_OFFLINE": "0"}
+    try:
+        missing = run_cli("plan", str(SAMPLE), *sets, env={**env, "HF_ENDPOINT": f"http://127.0.0.1:{hub.server_address[1]}"})
+        unreachable = run_cli("plan", str(SAMPLE), *sets,
+                              env={**env, "HF_ENDPOINT": f"http://127.0.0.1:{silent.getsockname()[1]}"})
+    finally:
+        hub.shutdown()
+        silent.close()
+    assert missing.returncode == 2, missing.stderr[-2000:]
+    assert "'acme/model' is neither" in missing.stderr and "Traceback" not in missing.stderr
+    assert unreachable.returncode == 1, unreachable.stderr[-2000:]
+    errors = [line for line in unreachable.stderr.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1 and "did not answer for model 'acme/model' in 3 tries" in errors[0], errors
+    assert unreachable.stderr.count("(try ") == 2  # the two retries are logged, each with its cause
