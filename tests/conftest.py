@@ -89,6 +89,24 @@ def no_encoding():
         Encoder.__init__ = original
 
 
+@contextmanager
+def no_actors():
+    """Inside the block, starting the embedding actor pool fails the test: for runs that must find nothing to
+    encode (their actors would run in other processes, out of ``no_encoding``'s reach)."""
+    from reembed.flows.ray_pool import ActorPool
+
+    original = ActorPool.__init__
+
+    def tripwire(*args, **kwargs):
+        raise AssertionError("the actor pool was started where nothing needs encoding")
+
+    ActorPool.__init__ = tripwire
+    try:
+        yield
+    finally:
+        ActorPool.__init__ = original
+
+
 @pytest.fixture(scope="session")
 def ray_session():
     """One local Ray for the whole test session (ray.init costs seconds); flows reuse it."""
