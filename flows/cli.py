@@ -566,6 +566,148 @@ def reindex(job: str, version: str | None, overrides: tuple[str, ...], verbose: 
         _print_json_last(result)
 
 
+# --- scheduling on a Prefect server (reembed.flows.schedule) -------------------------------------------------
+
+
+def _schedule_errors() -> tuple[type[BaseException], ...]:
+    from prefect.exceptions import PrefectHTTPStatusError
+
+    from reembed.flows.schedule import PrefectServerMissing
+
+    return (*_user_errors(), PrefectServerMissing, PrefectHTTPStatusError, ConnectionError)
+
+
+def _print_deployments(rows: list[Any], as_json: bool) -> None:
+    table = Table(title="reembed deployments")
+    for col in ("deployment", "alias", "job file", "schedule", "pool", "next run", "last run"):
+        table.add_column(col, overflow="fold")
+    for d in rows:
+        last = f"{d.last_run_state} {d.last_run_at:%Y-%m-%d %H:%M}" if d.last_run_at else (d.last_run_state or "-")
+        table.add_row(d.name, d.alias, d.job_file, ", ".join(d.schedules) or "-", str(d.work_pool),
+                      f"{d.next_run_at:%Y-%m-%d %H:%M:%S %Z}" if d.next_run_at else "-", last)
+    (err if as_json else out).print(table)
+    if as_json:
+        _print_json_last(rows)
+
+
+_POOL = click.option("--pool", default="reembed", metavar="NAME",
+                     help="Prefect work pool (type process; created when missing)", show_envvar=True)
+_CRON = click.option("--cron", required=True, metavar="EXPR", help="cron schedule, e.g. '0 3 * * *'",
+                     show_envvar=True)
+_TZ = click.option("--timezone", default=None, metavar="TZ", help="time zone of the cron schedule [default: UTC]",
+                   show_envvar=True)
+_NAME = click.option("--name", default=None, metavar="NAME", help="deployment name [default: the job's alias]",
+                     show_envvar=True)
+
+
+@cli.command()
+@_job_options
+@_CRON
+@_POOL
+@_NAME
+@_TZ
+@click.option("--json", "as_json", is_flag=True, help="print the deployment as one JSON object on the last line",
+              show_envvar=True)
+def deploy(job: str, overrides: tuple[str, ...], verbose: bool, cron: str, pool: str, name: str | None,
+           timezone: str | None, as_json: bool) -> None:
+    """Register JOB as a Prefect deployment that refreshes it on a schedule (needs PREFECT_API_URL).
+
+    The deployment runs reembed's job flow by module path on a `process` work pool (no image, no code storage);
+    `reembed worker` runs the pool's worker. Its parameters are the job file's absolute path and the --set
+    overrides, never the resolved job: secrets stay in the job file or the worker's environment (a secret in
+    --set is refused). Each run is an incremental refresh with the same preflight, guards and lease as
+    `reembed run`, and runs of one deployment never overlap (a concurrency limit of 1 cancels a new run while
+    one is running). Deploying the same job again updates its deployment in place.
+    """
+    _setup_logging(verbose)
+    try:
+        from reembed.flows.schedule import deploy as register
+
+        info = register(job, list(overrides), cron, pool, name, timezone)
+    except _schedule_errors() as exc:
+        _fail(exc, verbose, as_json)
+        return
+    err.print(f"deployed {info.name} on pool {info.work_pool}; its worker: `reembed worker --pool {pool}`",
+              highlight=False)
+    if as_json:
+        _print_json_last(info)
+    else:
+        _print_deployments([info], False)
+
+
+@cli.command()
+@click.argument("name")
+@click.option("-v", "--verbose", is_flag=True, help="more logging, and tracebacks on errors", show_envvar=True)
+def undeploy(name: str, verbose: bool) -> None:
+    """Remove the deployment NAME (the job's alias, unless it was deployed with --name) from the Prefect server."""
+    _setup_logging(verbose)
+    try:
+        from reembed.flows.schedule import undeploy as remove
+
+        full = remove(name)
+    except _schedule_errors() as exc:
+        _fail(exc, verbose)
+        return
+    err.print(f"removed deployment {full}", highlight=False)
+
+
+@cli.command()
+@click.option("--json", "as_json", is_flag=True, help="print the deployments as one JSON list on the last line",
+              show_envvar=True)
+@click.option("-v", "--verbose", is_flag=True, help="more logging, and tracebacks on errors", show_envvar=True)
+def deployments(as_json: bool, verbose: bool) -> None:
+    """List reembed's deployments on the Prefect server: alias, job file, schedule, pool, next and last run."""
+    _setup_logging(verbose)
+    try:
+        from reembed.flows.schedule import list_deployments
+
+        rows = list_deployments()
+    except _schedule_errors() as exc:
+        _fail(exc, verbose, as_json)
+        return
+    if not rows:
+        err.print("no reembed deployments on this Prefect server; register one with `reembed deploy JOB --cron ...`",
+                  highlight=False)
+    _print_deployments(rows, as_json)
+
+
+@cli.command()
+@_POOL
+@click.option("--limit", type=click.IntRange(1), default=None, metavar="N",
+              help="flow runs at once on this worker [default: no limit; each deployment runs one at a time]",
+              show_envvar=True)
+@click.option("-v", "--verbose", is_flag=True, help="more logging, and tracebacks on errors", show_envvar=True)
+def worker(pool: str, limit: int | None, verbose: bool) -> None:
+    """Run the work pool's worker in the foreground: Prefect's process worker, which starts each scheduled or
+    triggered run of the pool's deployments in a subprocess here (Ray, or the cluster the job names, does the
+    embedding). Logs go to stderr. Needs PREFECT_API_URL."""
+    _setup_logging(verbose)
+    try:
+        from reembed.flows.schedule import start_worker
+
+        start_worker(pool, limit)
+    except _schedule_errors() as exc:
+        _fail(exc, verbose)
+
+
+@cli.command()
+@_job_options
+@_CRON
+@_NAME
+@_TZ
+def serve(job: str, overrides: tuple[str, ...], verbose: bool, cron: str, name: str | None,
+          timezone: str | None) -> None:
+    """Run JOB's schedule from this one process (Prefect's flow.serve): no work pool, no worker; each run is the
+    same flow a deployment runs. Runs until stopped (Ctrl-C). Needs PREFECT_API_URL."""
+    _setup_logging(verbose)
+    try:
+        from reembed.flows.schedule import serve as serve_job
+
+        serve_job(job, list(overrides), cron, name, timezone)
+    except _schedule_errors() as exc:
+        _fail(exc, verbose)
+
+
 def main() -> None:
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     # The temporary Prefect server would try to phone home at start; this workplace (and many clusters) has no

@@ -80,6 +80,19 @@ def run_job(job: JobConfig, force_reason: str | None = None, limit: int | None =
         return record.summary
 
 
+@flow(name="reembed-job", validate_parameters=False)
+def run_job_file(job_file: str, overrides: list[str] | None = None) -> RunSummary:
+    """The flow a deployment runs (``reembed deploy``): the job file is read where the run happens, so its
+    secrets (and those of the worker's environment) never pass through Prefect, and the run goes through the
+    same preflight, plan, guards and lease as ``reembed run``, in this one flow run."""
+    from reembed.flows.config import load_job
+    from reembed.flows.planning import preflight
+
+    job = load_job(job_file, list(overrides or []))
+    preflight(job)
+    return run_job.fn(job, None, None, "log", plan_task(job, None))
+
+
 def _run(job: JobConfig, force_reason: str | None, limit: int | None, progress: ProgressMode,
          plan: RunPlan | None, lease: JobLease) -> RunSummary:
     clock = Clock()

@@ -45,8 +45,11 @@ def reembed_cli() -> list[str]:
     return [sys.executable, "-m", "reembed.flows.cli"]
 
 
-def run_cli(*args: str, env: dict[str, str] | None = None, timeout: int = 600) -> subprocess.CompletedProcess:
-    full_env = {**os.environ, **(env or {})}
+def run_cli(*args: str, env: dict[str, str] | None = None, timeout: int = 600,
+            unset: tuple[str, ...] = ()) -> subprocess.CompletedProcess:
+    """The console script in a subprocess; ``unset`` removes variables (``PREFECT_API_URL`` to take the
+    no-server path: Prefect's temporary server)."""
+    full_env = {k: v for k, v in {**os.environ, **(env or {})}.items() if k not in unset}
     return subprocess.run([*reembed_cli(), *args], capture_output=True, text=True, env=full_env, timeout=timeout,
                           cwd=ROOT)
 
@@ -117,6 +120,61 @@ def ray_session():
                  runtime_env={"env_vars": {"TOKENIZERS_PARALLELISM": "false"}})
     yield ray
     ray.shutdown()
+
+
+@pytest.fixture(scope="session")
+def prefect_server(tmp_path_factory):
+    """One real ``prefect server start`` on 127.0.0.1 for the session; its URL goes into ``PREFECT_API_URL``, so
+    every subprocess run talks to it instead of starting Prefect's temporary server (11-21 s each). The pytest
+    process itself keeps the settings it imported Prefect with (its own temporary server, started once), so the
+    no-server path stays covered in-process. Stopped by PID."""
+    import urllib.request
+
+    home = tmp_path_factory.mktemp("prefect-server")
+    port = free_port()
+    url = f"http://127.0.0.1:{port}/api"
+    env = {**os.environ, "PREFECT_HOME": str(home), "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
+           "PREFECT_API_URL": url}
+    log = (home / "server.log").open("w")
+    proc = subprocess.Popen([str(Path(sys.executable).parent / "prefect"), "server", "start", "--host", "127.0.0.1",
+                             "--port", str(port), "--no-ui", "--analytics-off"],
+                            stdout=log, stderr=subprocess.STDOUT, env=env, cwd=home)
+    deadline = time.time() + 180
+    while True:
+        if proc.poll() is not None:
+            raise RuntimeError(f"prefect server exited: {(home / 'server.log').read_text()[-3000:]}")
+        try:
+            with urllib.request.urlopen(f"{url}/health", timeout=5) as answer:
+                if answer.status == 200:
+                    break
+        except OSError:
+            pass
+        if time.time() > deadline:
+            proc.kill()
+            raise RuntimeError(f"prefect server did not answer in 180 s: {(home / 'server.log').read_text()[-3000:]}")
+        time.sleep(0.5)
+    previous = os.environ.get("PREFECT_API_URL")
+    os.environ["PREFECT_API_URL"] = url
+    yield url
+    if previous is None:
+        os.environ.pop("PREFECT_API_URL", None)
+    else:
+        os.environ["PREFECT_API_URL"] = previous
+    proc.terminate()
+    try:
+        proc.wait(timeout=30)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait(timeout=30)
+    log.close()
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _prefect_server_for_e2e(request):
+    """Start the shared Prefect server when the session runs any e2e test (a unit-only run needs none)."""
+    e2e = Path(__file__).parent / "e2e"
+    if any(e2e in Path(str(item.fspath)).parents for item in request.session.items):
+        request.getfixturevalue("prefect_server")
 
 
 @pytest.fixture(scope="session")

@@ -18,7 +18,8 @@ def sample_overrides(tmp_path_factory) -> list[str]:
 
 
 def test_run_twice_search_and_status(sample_overrides: list[str]) -> None:
-    first = run_cli("run", str(SAMPLE), *sample_overrides, "--json")
+    # The README's main command as a fresh machine runs it: no PREFECT_API_URL, Prefect's temporary server.
+    first = run_cli("run", str(SAMPLE), *sample_overrides, "--json", unset=("PREFECT_API_URL",))
     assert first.returncode == 0, first.stderr[-3000:]
     s1 = last_json(first.stdout)
     assert s1["input_rows"] == s1["indexed"] == s1["points"] == 40
@@ -57,8 +58,15 @@ def test_every_command_fails_in_one_line_without_traceback(tmp_path: Path) -> No
     pairs = tmp_path / "pairs.jsonl"
     pairs.write_text('{"sentence1": "a", "sentence2": "b", "label": 1.0}\n')
     extra = {"run": [], "plan": [], "search": ["q"], "status": [], "eval": ["--pairs", str(pairs)],
-             "versions": [], "rollback": [], "reindex": [], "history": []}
-    assert set(cli.commands) == set(extra), "a new command must join this test"
+             "versions": [], "rollback": [], "reindex": [], "history": [], "deploy": ["--cron", "0 3 * * *"],
+             "serve": ["--cron", "0 3 * * *"]}
+    no_job = {"undeploy": ["sample"], "deployments": [], "worker": []}  # commands about the Prefect server
+    assert set(cli.commands) == set(extra) | set(no_job), "a new command must join this test"
+    for command, args in no_job.items():
+        res = run_cli(command, *args, unset=("PREFECT_API_URL",))
+        errors = [line for line in res.stderr.splitlines() if line.startswith("error:")]
+        assert res.returncode == 2 and "Traceback" not in res.stderr, (command, res.stderr[-2000:])
+        assert len(errors) == 1 and "needs a Prefect server" in errors[0], (command, errors)
     for command, args in extra.items():
         res = run_cli(command, str(tmp_path / "nope.yaml"), *args)
         errors = [line for line in res.stderr.splitlines() if line.startswith("error:")]
