@@ -81,3 +81,150 @@ def test_schedule_commands_need_a_server(job_file) -> None:
     assert res.returncode == 2 and "needs a Prefect server" in res.stderr and "PREFECT_API_URL" in res.stderr
     res = run_cli("deploy", str(job_file), "--cron", "0 3 * * *", unset=("PREFECT_API_URL",))
     assert res.returncode == 2 and "needs a Prefect server" in res.stderr
+
+
+def _wait_final(prefect_server: str, flow_run_id, deadline_s: float = 420):
+    """The flow run once it reaches a final state (completed, failed, cancelled, crashed)."""
+    import time
+
+    from prefect.client.orchestration import SyncPrefectClient
+
+    deadline = time.monotonic() + deadline_s
+    with SyncPrefectClient(prefect_server) as client:
+        while True:
+            run = client.read_flow_run(flow_run_id)
+            if run.state is not None and run.state.is_final():
+                return run
+            assert time.monotonic() < deadline, f"flow run {flow_run_id} still {run.state_name} after {deadline_s} s"
+            time.sleep(2)
+
+
+def _scheduled_runs(prefect_server: str, deployment_id, after=None) -> list:
+    """Completed or running auto-scheduled runs of the deployment (started after ``after``), oldest first."""
+    from prefect.client.orchestration import SyncPrefectClient
+    from prefect.client.schemas.filters import DeploymentFilter, DeploymentFilterId
+    from prefect.client.schemas.sorting import FlowRunSort
+
+    with SyncPrefectClient(prefect_server) as client:
+        runs = client.read_flow_runs(deployment_filter=DeploymentFilter(id=DeploymentFilterId(any_=[deployment_id])),
+                                     sort=FlowRunSort.EXPECTED_START_TIME_ASC, limit=200)
+    return [r for r in runs if r.auto_scheduled and r.start_time is not None
+            and (after is None or r.start_time > after)]
+
+
+def test_a_worker_runs_the_schedule_and_api_triggers(prefect_server, job_file, tmp_path) -> None:
+    """`reembed worker` runs a run started through the API (with an override) and the runs the schedule fires
+    every minute; after a document changes, the next scheduled run encodes exactly that document; the run log
+    records each run with its trigger."""
+    import os
+    import signal
+    import subprocess
+    import time
+    from datetime import datetime, timezone
+
+    from prefect.deployments import run_deployment
+
+    from conftest import reembed_cli
+    from reembed.flows.config import load_job
+    from reembed.flows.history import RunLog
+
+    corpus = tmp_path / "corpus.jsonl"
+    corpus.write_text((SAMPLE / "corpus.jsonl").read_text())
+    job_file.write_text(job_file.read_text().replace(str(SAMPLE / "corpus.jsonl"), str(corpus)))
+    pool = f"pool-{tmp_path.name[-12:]}"
+    deployed = run_cli("deploy", str(job_file), "--cron", "* * * * *", "--pool", pool, "--name", "every-minute",
+                       "--json")
+    assert deployed.returncode == 0, deployed.stderr[-3000:]
+    deployment = last_json(deployed.stdout)
+    log = (tmp_path / "worker.log").open("w")
+    worker = subprocess.Popen([*reembed_cli(), "worker", "--pool", pool], stdout=log, stderr=subprocess.STDOUT,
+                              start_new_session=True, cwd=ROOT)
+    from prefect.settings import PREFECT_API_URL, temporary_settings
+
+    try:
+        with temporary_settings(updates={PREFECT_API_URL: prefect_server}):  # this process's Prefect: the server
+            triggered = run_deployment("reembed-job/every-minute", timeout=0, parameters={
+                "job_file": str(job_file), "overrides": ["runtime.progress_seconds=2"]})
+        done = _wait_final(prefect_server, triggered.id)
+        assert done.state.is_completed(), (done.state, (tmp_path / "worker.log").read_text()[-4000:])
+
+        _completed_scheduled(prefect_server, deployment["id"], None, tmp_path)
+        lines = corpus.read_text().splitlines()
+        lines[3] = lines[3].replace('"text": "', '"text": "Revised: ', 1)
+        corpus.write_text("\n".join(lines) + "\n")
+        changed_at = datetime.now(timezone.utc)
+        _completed_scheduled(prefect_server, deployment["id"], changed_at, tmp_path)
+    finally:
+        os.killpg(worker.pid, signal.SIGTERM)  # the worker and the flow-run subprocesses it started
+        worker.wait(timeout=60)
+        log.close()
+        run_cli("undeploy", "every-minute")
+
+    job = load_job(job_file)
+    records = RunLog(job.output.uri, job.name).records(limit=50)
+    by_trigger = {}
+    for r in records:
+        by_trigger.setdefault(r.trigger, []).append(r)
+    assert [r.status for r in by_trigger["deployment"]] == ["ok"] and by_trigger["deployment"][0].encoded == 40
+    scheduled = sorted(by_trigger["schedule"], key=lambda r: r.started_at)
+    assert scheduled and all(r.status in ("ok", "up-to-date") for r in scheduled)
+    last = [r for r in scheduled if r.started_at > changed_at]
+    assert last and last[0].status == "ok" and last[0].encoded == 1  # exactly the changed document
+
+
+def _completed_scheduled(prefect_server: str, deployment_id, after, tmp_path, deadline_s: float = 420):
+    """The first auto-scheduled run started after ``after`` that completes; runs the concurrency limit
+    cancelled (they collided with a running one) are passed over."""
+    import time
+
+    deadline = time.monotonic() + deadline_s
+    seen: set = set()
+    while True:
+        for run in _scheduled_runs(prefect_server, deployment_id, after):
+            if run.id in seen:
+                continue
+            final = _wait_final(prefect_server, run.id)
+            if final.state.is_completed():
+                return final
+            logs = "\n".join(f.read_text()[-3000:] for f in tmp_path.glob("*.log"))
+            assert final.state.is_cancelled(), (final.state, logs)
+            seen.add(run.id)
+        assert time.monotonic() < deadline, f"no scheduled run completed within {deadline_s} s"
+        time.sleep(3)
+
+
+def test_serve_runs_the_schedule_in_one_process(prefect_server, job_file, tmp_path) -> None:
+    import os
+    import signal
+    import subprocess
+    import time
+
+    from prefect.client.orchestration import SyncPrefectClient
+
+    from conftest import reembed_cli
+    from reembed.flows.config import load_job
+    from reembed.flows.history import RunLog
+
+    log = (tmp_path / "serve.log").open("w")
+    server = subprocess.Popen([*reembed_cli(), "serve", str(job_file), "--cron", "* * * * *", "--name", "served"],
+                              stdout=log, stderr=subprocess.STDOUT, start_new_session=True, cwd=ROOT)
+    try:
+        deadline = time.monotonic() + 120
+        while True:  # serve registers its deployment first
+            try:
+                with SyncPrefectClient(prefect_server) as client:
+                    deployment = client.read_deployment_by_name("reembed-job/served")
+                break
+            except Exception:
+                assert server.poll() is None, (tmp_path / "serve.log").read_text()[-3000:]
+                assert time.monotonic() < deadline, "serve registered no deployment in 120 s"
+                time.sleep(2)
+        run = _completed_scheduled(prefect_server, deployment.id, None, tmp_path)
+        assert run.state.is_completed()
+    finally:
+        os.killpg(server.pid, signal.SIGTERM)
+        server.wait(timeout=60)
+        log.close()
+    job = load_job(job_file)
+    records = RunLog(job.output.uri, job.name).records(limit=10)
+    assert [(r.trigger, r.status, r.points) for r in records][:1] == [("schedule", "ok", 40)]
