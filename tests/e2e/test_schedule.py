@@ -228,3 +228,52 @@ def test_serve_runs_the_schedule_in_one_process(prefect_server, job_file, tmp_pa
     job = load_job(job_file)
     records = RunLog(job.output.uri, job.name).records(limit=10)
     assert [(r.trigger, r.status, r.points) for r in records][:1] == [("schedule", "ok", 40)]
+
+
+def test_two_triggers_at_once_write_once(prefect_server, job_file, tmp_path) -> None:
+    """Two runs of one deployment triggered together: one writes, the other is cancelled by the deployment's
+    concurrency limit (or, had it started after, finds nothing to do); the collection equals one clean run."""
+    import os
+    import signal
+    import subprocess
+
+    import numpy as np
+    from prefect.deployments import run_deployment
+    from prefect.settings import PREFECT_API_URL, temporary_settings
+
+    from conftest import reembed_cli
+    from reembed.flows.config import load_job
+    from reembed.flows.history import RunLog
+    from reembed.indexing.index import open_index
+    from reembed.indexing.records import point_id
+    from reembed.indexing.vector_store import VectorStore, arrow_to_vectors
+
+    pool = f"pool-{tmp_path.name[-12:]}"
+    deployed = run_cli("deploy", str(job_file), "--cron", "0 3 1 1 *", "--pool", pool, "--name", "twice")
+    assert deployed.returncode == 0, deployed.stderr[-3000:]
+    log = (tmp_path / "worker.log").open("w")
+    worker = subprocess.Popen([*reembed_cli(), "worker", "--pool", pool], stdout=log, stderr=subprocess.STDOUT,
+                              start_new_session=True, cwd=ROOT)
+    try:
+        with temporary_settings(updates={PREFECT_API_URL: prefect_server}):
+            runs = [run_deployment("reembed-job/twice", timeout=0) for _ in range(2)]
+        finals = [_wait_final(prefect_server, r.id) for r in runs]
+    finally:
+        os.killpg(worker.pid, signal.SIGTERM)
+        worker.wait(timeout=60)
+        log.close()
+        run_cli("undeploy", "twice")
+    states = sorted(f.state.type.value for f in finals)
+    assert states in (["CANCELLED", "COMPLETED"], ["COMPLETED", "COMPLETED"]), (
+        states, (tmp_path / "worker.log").read_text()[-4000:])
+    job = load_job(job_file)
+    records = RunLog(job.output.uri, job.name).records(limit=10)
+    assert [r.status for r in records if r.status == "ok"] == ["ok"]  # exactly one run wrote
+    assert all(r.status in ("ok", "up-to-date") for r in records), [(r.status, r.error) for r in records]
+    with open_index(job.index) as index:
+        assert index.count(job.name) == 40
+        table = VectorStore(job.output.uri, records[0].collection).read_all(["doc_id", "vector"])
+        ids = [point_id(d) for d in table.column("doc_id").to_pylist()]
+        stored = {p.id: p.vector for p in index.retrieve(job.name, ids)}
+    expected = arrow_to_vectors(table.column("vector"))
+    assert len(stored) == 40 and all(np.allclose(stored[i], v, atol=1e-6) for i, v in zip(ids, expected))
