@@ -19,9 +19,9 @@ many points, which keeps both the build and any later merge bounded by one segme
 
 from __future__ import annotations
 
+import fcntl
 import json
 import logging
-import os
 import shutil
 import threading
 from collections.abc import Iterator
@@ -32,6 +32,7 @@ from typing import Any
 import numpy as np
 
 from reembed.indexing.index import IndexError_, IndexSettings, Point
+from reembed.indexing.storage import write_local_atomic
 
 logger = logging.getLogger(__name__)
 
@@ -226,16 +227,15 @@ class EdgeIndex:
         for field_name in ["doc_id", *(payload_indexes or [])]:
             shard.update(UpdateOperation.create_field_index(field_name, PayloadSchemaType.Keyword))
         shard.flush()
-        tmp = self._meta_path(name).with_suffix(".json.tmp")
-        tmp.write_text(json.dumps({"dim": dim}))
-        os.replace(tmp, self._meta_path(name))  # written last: a shard without it was never fully created
+        # written last: a shard without it was never fully created
+        write_local_atomic(self._meta_path(name), json.dumps({"dim": dim}).encode())
 
     def drop(self, name: str) -> None:
         """Remove the physical collection ``name`` (never resolved through an alias), once calls in it returned,
         and the aliases that pointed at it (as a Qdrant server does)."""
-        aliases = self._aliases()
-        if any(target == name for target in aliases.values()):
-            self._write_aliases({a: t for a, t in aliases.items() if t != name})
+        with self._aliases_locked() as aliases:
+            for alias in [a for a, target in aliases.items() if target == name]:
+                del aliases[alias]
         with self._lock:
             self._held.pop(name, None)
         _close_for_drop(self._dir(name))
@@ -250,23 +250,33 @@ class EdgeIndex:
 
     def point_aliases(self, targets: dict[str, str]) -> None:
         """Move every alias in ``targets`` at once, by replacing the pointer file in one rename."""
-        aliases = self._aliases()
-        for alias, name in targets.items():
-            collection = self.resolve(name)
-            if collection is None:
-                raise IndexError_(f"cannot point alias {alias!r} at missing collection {name!r}")
-            aliases[alias] = collection
-        self._write_aliases(aliases)
+        with self._aliases_locked() as aliases:
+            for alias, name in targets.items():
+                collection = self.resolve(name)
+                if collection is None:
+                    raise IndexError_(f"cannot point alias {alias!r} at missing collection {name!r}")
+                aliases[alias] = collection
 
     def remove_alias(self, alias: str) -> None:
-        aliases = self._aliases()
-        if aliases.pop(alias, None) is not None:
-            self._write_aliases(aliases)
+        with self._aliases_locked() as aliases:
+            aliases.pop(alias, None)
 
-    def _write_aliases(self, aliases: dict[str, str]) -> None:
-        tmp = self._aliases_path().with_suffix(".json.tmp")
-        tmp.write_text(json.dumps(aliases, indent=2, sort_keys=True))
-        os.replace(tmp, self._aliases_path())
+    @contextmanager
+    def _aliases_locked(self) -> Iterator[dict[str, str]]:
+        """Read, change and rewrite ``aliases.json`` under an exclusive lock (``aliases.lock``, flock): two jobs
+        that share ``index.path`` (each under its own lease) never lose each other's alias move. The file is
+        rewritten only when the block changed it."""
+        with open(self.root / "aliases.lock", "a+b") as lock:
+            fcntl.flock(lock, fcntl.LOCK_EX)
+            try:
+                aliases = self._aliases()
+                before = dict(aliases)
+                yield aliases
+                if aliases != before:
+                    write_local_atomic(self._aliases_path(),
+                                       json.dumps(aliases, indent=2, sort_keys=True).encode())
+            finally:
+                fcntl.flock(lock, fcntl.LOCK_UN)
 
     # --- points ------------------------------------------------------------------------------------------------
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import uuid
 from typing import Any
 
 import fsspec
@@ -100,17 +101,39 @@ def full_uri(fs: fsspec.AbstractFileSystem, path: str) -> str:
     return f"{protocol}://{path}"
 
 
+def write_local_atomic(path: str | os.PathLike[str], payload: bytes) -> None:
+    """Replace a local file with ``payload`` so that a reader, or a power cut, sees the old content or the new,
+    never a torn or empty file: a temporary file of this writer's own (two writers never share one), flushed
+    and fsynced, renamed over the target, and the folder fsynced so the rename itself is on disk."""
+    target = os.fspath(path)
+    folder = os.path.dirname(target) or "."
+    tmp = f"{target}.{os.getpid()}-{uuid.uuid4().hex[:8]}.tmp"
+    try:
+        with open(tmp, "wb") as fh:
+            fh.write(payload)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, target)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+    fd = os.open(folder, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
 def write_json(uri: str, data: Any, options: StorageOptions | None = None) -> None:
-    """Write a small JSON document in one PUT (atomic on S3; temp-file + rename on local disks)."""
+    """Write a small JSON document in one PUT (atomic on S3) or with :func:`write_local_atomic` on local disks,
+    so a manifest or marker is never left empty or half-written for the next run to trust."""
     fs, path = filesystem(uri, options)
     payload = json.dumps(data, indent=2, sort_keys=True, default=str).encode()
     parent = path.rsplit("/", 1)[0]
     fs.makedirs(parent, exist_ok=True)
     if protocol_of(uri) in ("file", "local"):
-        tmp = f"{path}.tmp"
-        with fs.open(tmp, "wb") as fh:
-            fh.write(payload)
-        fs.mv(tmp, path)
+        write_local_atomic(path, payload)
     else:
         fs.pipe_file(path, payload)
 

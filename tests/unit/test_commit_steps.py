@@ -188,3 +188,31 @@ def test_stored_records_read_back_tolerantly(tmp_path) -> None:
     assert ShardMarker.from_json(None) is None
     with pytest.raises(ValidationError, match="typo_field"):  # built in code, a wrong key fails where it is made
         ShardMarker(**raw, typo_field=1)
+
+
+def test_stored_records_are_replaced_whole_even_by_writers_at_once(tmp_path) -> None:
+    """Manifests and markers on a local disk go through one temporary file per writer, fsynced, then renamed:
+    writers at once never tear or empty the file, and leave no temporary files behind."""
+    import threading
+
+    from reembed.indexing.storage import read_json, write_json
+
+    target = str(tmp_path / "current.json")
+    errors: list[BaseException] = []
+
+    def writer(n: int) -> None:
+        try:
+            for i in range(40):
+                write_json(target, {"writer": n, "i": i, "pad": "x" * 4096})
+        except BaseException as exc:  # any failure is what this test looks for
+            errors.append(exc)
+
+    threads = [threading.Thread(target=writer, args=(n,)) for n in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert not errors, errors[:3]
+    final = read_json(target)
+    assert final["i"] == 39 and final["pad"] == "x" * 4096
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["current.json"]

@@ -98,3 +98,28 @@ def test_edge_builds_the_index_one_segment_at_a_time(tmp_path) -> None:
         info = index.shard_info("v1")
         assert info.indexed_vectors_count == 2600 and info.segments_count >= 3, info  # merges stay under the cap
         assert index.search("v1", vectors[2500], 1)[0]["id"] == ids[2500]
+
+
+def test_edge_alias_moves_from_two_processes_are_never_lost(tmp_path) -> None:
+    """Two jobs sharing index.path move their own aliases at the same time: every move lands (the alias file
+    is read, changed and rewritten under a lock, through a temporary file of each writer's own)."""
+    settings = IndexSettings(engine="edge", path=str(tmp_path / "index"))
+    with open_index(settings) as index:
+        for name in ("a1", "a2", "b1", "b2"):
+            index.ensure_collection(name, DIM)
+    code = ("import sys\n"
+            "from reembed.indexing.index import IndexSettings\n"
+            "from reembed.indexing.edge_index import EdgeIndex\n"
+            f"index = EdgeIndex(IndexSettings(engine='edge', path={str(tmp_path / 'index')!r}))\n"
+            "job = sys.argv[1]\n"
+            "for i in range(150):\n"
+            "    index.point_aliases({job: f'{job}{i % 2 + 1}', f'{job}-v{i}': f'{job}1'})\n")
+    procs = [subprocess.Popen([sys.executable, "-c", code, job], stderr=subprocess.PIPE, text=True)
+             for job in ("a", "b")]
+    for proc in procs:
+        assert proc.wait(timeout=300) == 0, proc.stderr.read()[-2000:]
+    with open_index(settings) as index:
+        aliases = index.aliases()
+    assert aliases["a"] == "a2" and aliases["b"] == "b2"  # each job's last move
+    assert all(f"{job}-v{i}" in aliases for job in "ab" for i in range(150)), len(aliases)  # no move lost
+    assert not list((tmp_path / "index").glob("*.tmp"))
