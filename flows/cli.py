@@ -149,13 +149,14 @@ def run(job: str, overrides: tuple[str, ...], verbose: bool, as_json: bool, forc
     started = time.perf_counter()
     try:
         from reembed.flows.config import load_job
-        from reembed.flows.history import recorded_run
+        from reembed.flows.history import recorded_run, skipped_when_held
         from reembed.flows.lease import job_lease
         from reembed.flows.planning import live_collection, plan_run, preflight, up_to_date_summary
 
         cfg = load_job(job, list(overrides))
         out_opts = cfg.output.storage_options
-        with job_lease(cfg.output.uri, cfg.name, cfg.lease, "reembed run", out_opts, wait), \
+        with skipped_when_held(cfg.output.uri, cfg.name, "cli", out_opts), \
+                job_lease(cfg.output.uri, cfg.name, cfg.lease, "reembed run", out_opts, wait), \
                 recorded_run(cfg.output.uri, cfg.name, "cli", out_opts) as record:
             preflight(cfg)
             plan = plan_run(cfg, limit, live_collection(cfg))

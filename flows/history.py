@@ -1,15 +1,22 @@
-"""The run log: one Parquet record per run of a job, successful, blocked or failed, kept beside the vectors.
+"""The run log: one Parquet record per run of a job, kept beside the vectors.
 
 Operators ask "when did this alias last refresh, and what did each run do?" long after Prefect's own history
-is gone (a run without a server keeps none). Each run writes its own small file,
-``<output.uri>/_runs/<job>/<started>-<run id>.parquet``: appending never rewrites what is there, two runs never
-write the same object (which matters on ``s3://``), and the names sort by start time, so the latest runs are
-read without listing them all into memory.
+is gone (a run without a server keeps none). Each run owns one small file,
+``<output.uri>/_runs/<job>/<started>-<run id>.parquet``: two runs never write the same object (which matters on
+``s3://``), and the names sort by start time, so the latest runs are read without listing them all into memory.
+
+A run writes a ``running`` record as soon as it holds the job's lease and replaces it (one atomic write) with
+its final record when it ends: ``ok``, ``up-to-date``, ``trial``, ``blocked`` or ``failed``. A run killed
+outright (``kill -9``, the OOM killer, a lost node) never writes its final record; readers show its ``running``
+record as ``interrupted`` once its process is gone (on the host it ran on, by pid and start time) or the job's
+lease is no longer its own. A run refused because another run held the lease is recorded as ``skipped``, with
+the holder.
 """
 
 from __future__ import annotations
 
 import logging
+import os
 import secrets
 import socket
 import threading
@@ -25,12 +32,14 @@ import pyarrow.parquet as pq
 
 from reembed.flows.gate import GateFailed
 from reembed.flows.guards import GuardBlocked
+from reembed.flows.lease import LeaseHeld, LeaseRecord, process_started, read_lease
 from reembed.indexing.records import Record, RunSummary, Status
-from reembed.indexing.storage import StorageOptions, filesystem, join
+from reembed.indexing.storage import StorageOptions, filesystem, join, protocol_of, write_local_atomic
 
 logger = logging.getLogger(__name__)
 
 Trigger = Literal["cli", "schedule", "deployment", "flow"]
+RunStatus = Literal["ok", "trial", "up-to-date", "blocked", "failed", "running", "interrupted", "skipped"]
 SUCCESS: tuple[Status, ...] = ("ok", "up-to-date")  # the alias is fresh after these (a trial never touches it)
 BLOCKED: tuple[type[BaseException], ...] = (GateFailed, GuardBlocked)  # a run stopped on purpose, not broken
 
@@ -41,7 +50,7 @@ class RunRecord(Record):
     run_id: str
     job: str
     trigger: Trigger
-    status: Status
+    status: RunStatus
     mode: str | None = None
     started_at: datetime
     finished_at: datetime
@@ -63,10 +72,12 @@ class RunRecord(Record):
     gate_live_score: float | None = None
     error: str | None = None
     host: str
+    pid: int | None = None
+    pid_started: str | None = None  # the process's start time (/proc), so a reused pid is not taken for it
 
     @classmethod
     def from_run(cls, run_id: str, job: str, trigger: Trigger, started_at: datetime, summary: RunSummary | None,
-                 status: Status, error: str | None = None) -> "RunRecord":
+                 status: RunStatus, error: str | None = None) -> "RunRecord":
         finished = datetime.now(timezone.utc)
         seconds = (finished - started_at).total_seconds()
         counts = {}
@@ -80,7 +91,8 @@ class RunRecord(Record):
                 counts.update(gate_metric=summary.gate.metric, gate_new_score=summary.gate.new_score,
                               gate_live_score=summary.gate.live_score)
         return cls(run_id=run_id, job=job, trigger=trigger, status=status, started_at=started_at,
-                   finished_at=finished, seconds=round(seconds, 3), error=error, host=socket.gethostname(), **counts)
+                   finished_at=finished, seconds=round(seconds, 3), error=error, host=socket.gethostname(),
+                   pid=os.getpid(), pid_started=process_started(os.getpid()), **counts)
 
 
 def _arrow_type(annotation: object) -> pa.DataType:
@@ -108,13 +120,17 @@ class RunLog:
         self.options = options
 
     def append(self, record: RunRecord) -> str:
-        """Write one record as its own file; returns its URI."""
+        """Write a run's record as its own file (replacing, in one atomic write, the ``running`` record the same
+        run wrote when it started); returns its URI."""
         uri = join(self.root, f"{record.started_at:%Y%m%dT%H%M%S%f}-{record.run_id}.parquet")
         fs, path = filesystem(uri, self.options)
         fs.makedirs(path.rsplit("/", 1)[0], exist_ok=True)
-        table = pa.Table.from_pylist([record.model_dump()], schema=SCHEMA)
-        with fs.open(path, "wb") as fh:
-            pq.write_table(table, fh)
+        sink = pa.BufferOutputStream()
+        pq.write_table(pa.Table.from_pylist([record.model_dump()], schema=SCHEMA), sink)
+        if protocol_of(uri) in ("file", "local"):
+            write_local_atomic(path, sink.getvalue().to_pybytes())
+        else:
+            fs.pipe_file(path, sink.getvalue().to_pybytes())
         return uri
 
     def _files(self) -> list[str]:
@@ -124,26 +140,52 @@ class RunLog:
         except FileNotFoundError:
             return []
 
-    def _read(self, name: str) -> RunRecord:
+    def _read(self, name: str) -> RunRecord | None:
+        """One record, or None (with a warning naming the file) when it is torn or unreadable."""
         fs, _ = filesystem(self.root, self.options)
-        with fs.open(name, "rb") as fh:
-            (row,) = pq.read_table(fh, schema=SCHEMA).to_pylist()
-        return RunRecord.model_validate(row)
+        try:
+            with fs.open(name, "rb") as fh:
+                (row,) = pq.read_table(fh, schema=SCHEMA).to_pylist()
+            return RunRecord.model_validate(row)
+        except Exception as exc:
+            logger.warning("skipping unreadable run record %s: %s: %s", name, type(exc).__name__, exc)
+            return None
+
+    def _settled(self, record: RunRecord, lease: LeaseRecord | None) -> RunRecord:
+        """A ``running`` record whose run is gone reads as ``interrupted``."""
+        if record.status != "running" or still_running(record, lease):
+            return record
+        return record.model_copy(update={"status": "interrupted", "error": record.error or (
+            "the run stopped without a final record (killed, or its machine lost); its lease is no longer held")})
 
     def records(self, limit: int | None = None) -> list[RunRecord]:
-        """The runs, oldest first; with ``limit``, only the latest ``limit``."""
+        """The runs, oldest first; with ``limit``, only the latest ``limit``. Unreadable records are skipped."""
         files = self._files()
-        return [self._read(name) for name in (files[-limit:] if limit is not None else files)]
+        lease = self._lease()
+        read = (self._read(name) for name in (files[-limit:] if limit is not None else files))
+        return [self._settled(r, lease) for r in read if r is not None]
 
     def latest(self) -> tuple[RunRecord | None, RunRecord | None]:
         """The last run, and the latest run after which the alias was fresh (one listing, newest first)."""
         last = None
+        lease = self._lease()
         for name in reversed(self._files()):
             record = self._read(name)
+            if record is None:
+                continue
+            record = self._settled(record, lease)
             last = last or record
             if record.status in SUCCESS:
                 return last, record
         return last, None
+
+    def _lease(self) -> LeaseRecord | None:
+        output_uri = self.root.rsplit("/_runs/", 1)[0]
+        try:
+            return read_lease(output_uri, self.job, self.options)
+        except Exception as exc:  # an unreadable lease: judge by the process alone
+            logger.warning("could not read the lease of %s: %s", self.job, exc)
+            return None
 
     def last_success(self) -> RunRecord | None:
         return self.latest()[1]
@@ -176,6 +218,8 @@ def recorded_run(output_uri: str, job: str, trigger: Trigger, options: StorageOp
         yield run
         return
     started = datetime.now(timezone.utc)
+    running = RunRecord.from_run(run.run_id, job, trigger, started, None, "running")
+    _append(log, running.model_copy(update={"finished_at": started, "seconds": 0.0}))
     try:
         yield run
     except BaseException as exc:
@@ -192,6 +236,35 @@ def recorded_run(output_uri: str, job: str, trigger: Trigger, options: StorageOp
     finally:
         with _ACTIVE_LOCK:
             _ACTIVE.discard(log.root)
+
+
+@contextmanager
+def skipped_when_held(output_uri: str, job: str, trigger: Trigger, options: StorageOptions | None = None
+                      ) -> Iterator[None]:
+    """Around taking the job's lease: a run refused because another run holds it is recorded as ``skipped``."""
+    try:
+        yield
+    except LeaseHeld as exc:
+        record_skipped(output_uri, job, trigger, str(exc), options)
+        raise
+
+
+def record_skipped(output_uri: str, job: str, trigger: Trigger, reason: str,
+                   options: StorageOptions | None = None) -> None:
+    """Record a run that did not start because another run of the job held its lease (``reason`` names it)."""
+    now = datetime.now(timezone.utc)
+    _append(RunLog(output_uri, job, options),
+            RunRecord.from_run(secrets.token_hex(6), job, trigger, now, None, "skipped", reason[:2000]))
+
+
+def still_running(record: RunRecord, lease: LeaseRecord | None) -> bool:
+    """Whether the run behind a ``running`` record may still be going: on this host, its process (pid and start
+    time) is alive; elsewhere, the job's lease is held, unexpired, by that run's process."""
+    if record.host == socket.gethostname() and record.pid is not None and record.pid_started is not None:
+        return process_started(record.pid) == record.pid_started
+    if lease is None:
+        return False
+    return lease.holder == f"{record.host}:{record.pid}" and lease.expires_at > datetime.now(timezone.utc)
 
 
 def _append(log: RunLog, record: RunRecord) -> None:

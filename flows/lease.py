@@ -167,7 +167,7 @@ def _acquire(uri: str, job: str, settings: LeaseSettings, command: str, options:
                     logger.warning("taking over the %s lease of job %r from %s", "dead holder's" if gone else "expired",
                                    job, current.describe())
                 mine = LeaseRecord(job=job, token=secrets.token_hex(8), command=command,
-                                   holder=f"{socket.gethostname()}:{os.getpid()}", started=_started(os.getpid()),
+                                   holder=f"{socket.gethostname()}:{os.getpid()}", started=process_started(os.getpid()),
                                    acquired_at=_now(),
                                    expires_at=_now() + timedelta(seconds=settings.ttl))
                 write_json(uri, mine.model_dump(mode="json"), options)
@@ -192,7 +192,7 @@ def _acquire(uri: str, job: str, settings: LeaseSettings, command: str, options:
         time.sleep(min(POLL_S, max(0.1, deadline - time.monotonic())))
 
 
-def _started(pid: int) -> str | None:
+def process_started(pid: int) -> str | None:
     """A process's start time in clock ticks since boot (Linux), or None where /proc does not say."""
     try:
         with open(f"/proc/{pid}/stat", "rb") as fh:
@@ -206,7 +206,7 @@ def _holder_gone(record: LeaseRecord) -> bool:
     host, _, pid = record.holder.rpartition(":")
     if host != socket.gethostname() or not pid.isdigit() or record.started is None:
         return False
-    return _started(int(pid)) != record.started
+    return process_started(int(pid)) != record.started
 
 
 def _is_local(uri: str) -> bool:
@@ -227,6 +227,11 @@ def _local_lock(uri: str) -> Iterator[None]:
         yield
     finally:
         os.close(fd)  # closing releases the lock
+
+
+def read_lease(output_uri: str, job: str, options: StorageOptions | None = None) -> LeaseRecord | None:
+    """The job's lease as it stands, or None when no run holds it."""
+    return _read(lease_uri(output_uri, job), options)
 
 
 def _read(uri: str, options: StorageOptions | None) -> LeaseRecord | None:

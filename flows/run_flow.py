@@ -31,7 +31,7 @@ from reembed.flows.errors import JOB_LEVEL_ERRORS, retry_unless_job_level
 from reembed.flows.gate import GateFailed, check_gate
 from reembed.flows.guards import (GuardBlocked, delete_check, empty_check, enforce, first_reasons,
                                   quarantine_check)
-from reembed.flows.history import Trigger, recorded_run
+from reembed.flows.history import Trigger, recorded_run, skipped_when_held
 from reembed.flows.lease import JobLease, job_lease
 from reembed.flows.planning import RunPlan, live_collection, plan_run, up_to_date_summary
 from reembed.flows.progress import ProgressMode, RunProgress, start_board
@@ -74,8 +74,10 @@ def run_job(job: JobConfig, force_reason: str | None = None, limit: int | None =
     ``limit`` embeds only the first N input rows into a trial version that never becomes live.
     """
     opts = job.output.storage_options
-    with job_lease(job.output.uri, job.name, job.lease, "reembed flow", opts) as lease, \
-            recorded_run(job.output.uri, job.name, _trigger(), opts) as record:
+    trigger = _trigger()
+    with skipped_when_held(job.output.uri, job.name, trigger, opts), \
+            job_lease(job.output.uri, job.name, job.lease, "reembed flow", opts) as lease, \
+            recorded_run(job.output.uri, job.name, trigger, opts) as record:
         record.summary = _run(job, force_reason, limit, progress, plan, lease)
         return record.summary
 

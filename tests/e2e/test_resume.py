@@ -300,7 +300,8 @@ def _wait_for(path: Path, proc: subprocess.Popen, seconds: float = 120) -> None:
 
 def test_two_runs_of_one_job_at_once(tmp_path, kill_reference) -> None:
     """The first holds the lease; a second without --wait exits 3 naming it; a third waits, then finds nothing
-    to do; the run log holds both runs that ran; the index equals a single clean run."""
+    to do; the run log holds both runs that ran and the refused one as skipped; the index equals a single clean
+    run."""
     docs, ref_vectors, ref_points = kill_reference
     write_jsonl(tmp_path / "corpus.jsonl", docs)
     job_path = _job(tmp_path, "killed")
@@ -325,7 +326,9 @@ def test_two_runs_of_one_job_at_once(tmp_path, kill_reference) -> None:
     history = run_cli("history", str(job_path), "--json")
     assert history.returncode == 0, history.stderr[-3000:]
     runs = last_json(history.stdout)
-    assert [(r["status"], r["trigger"]) for r in runs] == [("ok", "cli"), ("up-to-date", "cli")]
+    # both runs that ran, and the refused one as skipped, naming the holder
+    assert [(r["status"], r["trigger"]) for r in runs] == [("ok", "cli"), ("skipped", "cli"), ("up-to-date", "cli")]
+    assert "another run of job 'killed' is in progress: reembed run on" in runs[1]["error"]
     assert (runs[0]["encoded"], runs[0]["points"], runs[0]["reused"]) == (len(docs), len(docs), 0)
     assert runs[0]["tokens_per_s"] > 0 and runs[0]["model"] == summaries[0]["model"]
     status = last_json(run_cli("status", str(job_path), "--json").stdout)
@@ -352,6 +355,8 @@ def test_the_lease_of_a_sigkilled_run_is_taken_over_after_it_expires(tmp_path, k
     lease.write_text(json.dumps({**held, "holder": "another-host:" + held["holder"].rsplit(":", 1)[1]}))
     refused = run_cli("run", str(job_path))
     assert refused.returncode == 3 and "another run of job 'killed' is in progress" in refused.stderr
+    runs = last_json(run_cli("history", str(job_path), "--json").stdout)
+    assert [r["status"] for r in runs] == ["interrupted", "skipped"]  # the killed run's process is gone
     started = time.time()
     res = run_cli("run", str(job_path), "--json", "--wait", "120")
     assert res.returncode == 0, res.stderr[-3000:]

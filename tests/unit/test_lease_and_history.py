@@ -130,3 +130,67 @@ def test_a_dead_holder_on_this_host_is_taken_over_at_once(tmp_path) -> None:
     started = time.monotonic()
     with job_lease(output, "docs", LeaseSettings(), "next run") as lease:
         assert lease.record.command == "next run" and time.monotonic() - started < 5
+
+
+def _run_then_hang(output: str, ready) -> None:
+    with job_lease(output, "docs", LeaseSettings(ttl=30), "reembed run"), recorded_run(output, "docs", "cli"):
+        ready.set()
+        time.sleep(600)  # killed long before
+
+
+def test_a_killed_run_shows_interrupted_and_a_refused_one_skipped(tmp_path) -> None:
+    import os
+    import signal
+
+    from reembed.flows.history import skipped_when_held
+
+    output = str(tmp_path / "vectors")
+    ctx = multiprocessing.get_context("spawn")
+    ready = ctx.Event()
+    run = ctx.Process(target=_run_then_hang, args=(output, ready))
+    run.start()
+    try:
+        assert ready.wait(60)
+        log = RunLog(output, "docs")
+        (record,) = log.records()
+        assert record.status == "running" and record.pid == run.pid  # written when the run took the lease
+        with pytest.raises(LeaseHeld):
+            with skipped_when_held(output, "docs", "schedule"), job_lease(output, "docs", LeaseSettings(), "second"):
+                pass
+        skipped = log.records()[-1]
+        assert skipped.status == "skipped" and skipped.trigger == "schedule"
+        assert "reembed run on" in skipped.error and f":{run.pid}" in skipped.error  # names the holder
+    finally:
+        os.kill(run.pid, signal.SIGKILL)
+        run.join(30)
+    first, second = RunLog(output, "docs").records()
+    assert first.status == "interrupted" and "without a final record" in first.error  # its process is gone
+    assert second.status == "skipped"
+    last, success = RunLog(output, "docs").latest()
+    assert last.status == "skipped" and success is None
+
+
+def test_a_running_record_elsewhere_is_judged_by_the_lease(tmp_path) -> None:
+    from reembed.flows.history import still_running
+
+    now = datetime.now(timezone.utc)
+    record = RunRecord(run_id="r", job="docs", trigger="cli", status="running", started_at=now, finished_at=now,
+                       seconds=0, host="otherhost", pid=4242, pid_started="1")
+    lease = LeaseRecord(job="docs", token="t", holder="otherhost:4242", command="reembed run", acquired_at=now,
+                        expires_at=now + timedelta(seconds=60))
+    assert still_running(record, lease)
+    assert not still_running(record, lease.model_copy(update={"expires_at": now - timedelta(seconds=1)}))
+    assert not still_running(record, lease.model_copy(update={"holder": "otherhost:999"}))  # taken over
+    assert not still_running(record, None)  # released, never finished
+
+
+def test_a_torn_run_record_is_skipped_with_a_warning(tmp_path, caplog) -> None:
+    output = str(tmp_path / "vectors")
+    with recorded_run(output, "docs", "cli") as run:
+        run.summary = None
+    folder = tmp_path / "vectors" / "_runs" / "docs"
+    (folder / "20990101T000000000000-torn.parquet").write_bytes(b"PAR1 not a whole file")
+    with caplog.at_level("WARNING"):
+        records = RunLog(output, "docs").records()
+    assert [r.status for r in records] == ["failed"]
+    assert "skipping unreadable run record" in caplog.text and "torn.parquet" in caplog.text
