@@ -145,9 +145,11 @@ def _kill_group(proc: subprocess.Popen) -> None:
 
 
 def _markers(job) -> dict[str, dict]:
+    """The shard markers as stored, each part resolved under the store's root (markers name it relatively)."""
     store = VectorStore(job.output.uri, job.collection_name(384))
     fs_root = Path(store.root) / "shards"
-    return {p.stem: json.loads(p.read_text()) for p in fs_root.glob("*.json")} if fs_root.exists() else {}
+    markers = {p.stem: json.loads(p.read_text()) for p in fs_root.glob("*.json")} if fs_root.exists() else {}
+    return {k: {**m, "part_uri": store.locate(m["part_uri"])} for k, m in markers.items()}
 
 
 @pytest.fixture(scope="module")
