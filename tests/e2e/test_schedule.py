@@ -83,6 +83,44 @@ def test_schedule_commands_need_a_server(job_file) -> None:
     assert res.returncode == 2 and "needs a Prefect server" in res.stderr
 
 
+def _stop_group(proc, log) -> None:
+    """Stop a worker (or `reembed serve`) and the flow-run processes it started: SIGTERM to its process group,
+    then SIGKILL to whatever is left after 30 s (a loaded machine can keep Prefect's graceful shutdown busy)."""
+    import os
+    import signal
+    import subprocess
+
+    try:
+        os.killpg(proc.pid, signal.SIGTERM)
+        proc.wait(timeout=30)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait(timeout=60)
+    except ProcessLookupError:
+        pass
+    log.close()
+
+
+def _wait_idle(prefect_server: str, deployment_id, deadline_s: float = 420) -> None:
+    """Wait until no run of the deployment is pending or running (after its schedule was removed), so stopping
+    the worker interrupts nothing."""
+    import time
+
+    from prefect.client.orchestration import SyncPrefectClient
+    from prefect.client.schemas.filters import (DeploymentFilter, DeploymentFilterId, FlowRunFilter,
+                                                FlowRunFilterState, FlowRunFilterStateType)
+    from prefect.client.schemas.objects import StateType
+
+    active = FlowRunFilter(state=FlowRunFilterState(type=FlowRunFilterStateType(
+        any_=[StateType.PENDING, StateType.RUNNING])))
+    deadline = time.monotonic() + deadline_s
+    with SyncPrefectClient(prefect_server) as client:
+        while client.read_flow_runs(deployment_filter=DeploymentFilter(id=DeploymentFilterId(any_=[deployment_id])),
+                                    flow_run_filter=active, limit=1):
+            assert time.monotonic() < deadline, f"runs of {deployment_id} still active after {deadline_s} s"
+            time.sleep(2)
+
+
 def _wait_final(prefect_server: str, flow_run_id, deadline_s: float = 420):
     """The flow run once it reaches a final state (completed, failed, cancelled, crashed)."""
     import time
@@ -116,8 +154,6 @@ def test_a_worker_runs_the_schedule_and_api_triggers(prefect_server, job_file, t
     """`reembed worker` runs a run started through the API (with an override) and the runs the schedule fires
     every minute; after a document changes, the next scheduled run encodes exactly that document; the run log
     records each run with its trigger."""
-    import os
-    import signal
     import subprocess
     import time
     from datetime import datetime, timezone
@@ -155,10 +191,11 @@ def test_a_worker_runs_the_schedule_and_api_triggers(prefect_server, job_file, t
         changed_at = datetime.now(timezone.utc)
         _completed_scheduled(prefect_server, deployment["id"], changed_at, tmp_path)
     finally:
-        os.killpg(worker.pid, signal.SIGTERM)  # the worker and the flow-run subprocesses it started
-        worker.wait(timeout=60)
-        log.close()
-        run_cli("undeploy", "every-minute")
+        run_cli("undeploy", "every-minute")  # no more scheduled runs; the one in flight, if any, finishes
+        try:
+            _wait_idle(prefect_server, deployment["id"])
+        finally:
+            _stop_group(worker, log)
 
     job = load_job(job_file)
     records = RunLog(job.output.uri, job.name).records(limit=50)
@@ -194,8 +231,6 @@ def _completed_scheduled(prefect_server: str, deployment_id, after, tmp_path, de
 
 
 def test_serve_runs_the_schedule_in_one_process(prefect_server, job_file, tmp_path) -> None:
-    import os
-    import signal
     import subprocess
     import time
 
@@ -222,9 +257,7 @@ def test_serve_runs_the_schedule_in_one_process(prefect_server, job_file, tmp_pa
         run = _completed_scheduled(prefect_server, deployment.id, None, tmp_path)
         assert run.state.is_completed()
     finally:
-        os.killpg(server.pid, signal.SIGTERM)
-        server.wait(timeout=60)
-        log.close()
+        _stop_group(server, log)
     job = load_job(job_file)
     records = RunLog(job.output.uri, job.name).records(limit=10)
     assert [(r.trigger, r.status, r.points) for r in records][:1] == [("schedule", "ok", 40)]
@@ -233,8 +266,6 @@ def test_serve_runs_the_schedule_in_one_process(prefect_server, job_file, tmp_pa
 def test_two_triggers_at_once_write_once(prefect_server, job_file, tmp_path) -> None:
     """Two runs of one deployment triggered together: one writes, the other is cancelled by the deployment's
     concurrency limit (or, had it started after, finds nothing to do); the collection equals one clean run."""
-    import os
-    import signal
     import subprocess
 
     import numpy as np
@@ -259,9 +290,7 @@ def test_two_triggers_at_once_write_once(prefect_server, job_file, tmp_path) -> 
             runs = [run_deployment("reembed-job/twice", timeout=0) for _ in range(2)]
         finals = [_wait_final(prefect_server, r.id) for r in runs]
     finally:
-        os.killpg(worker.pid, signal.SIGTERM)
-        worker.wait(timeout=60)
-        log.close()
+        _stop_group(worker, log)
         run_cli("undeploy", "twice")
     states = sorted(f.state.type.value for f in finals)
     assert states in (["CANCELLED", "COMPLETED"], ["COMPLETED", "COMPLETED"]), (
