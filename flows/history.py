@@ -116,6 +116,7 @@ class RunLog:
 
     def __init__(self, output_uri: str, job: str, options: StorageOptions | None = None) -> None:
         self.root = join(output_uri, "_runs", job)
+        self.output_uri = output_uri
         self.job = job
         self.options = options
 
@@ -180,9 +181,8 @@ class RunLog:
         return last, None
 
     def _lease(self) -> LeaseRecord | None:
-        output_uri = self.root.rsplit("/_runs/", 1)[0]
         try:
-            return read_lease(output_uri, self.job, self.options)
+            return read_lease(self.output_uri, self.job, self.options)
         except Exception as exc:  # an unreadable lease: judge by the process alone
             logger.warning("could not read the lease of %s: %s", self.job, exc)
             return None

@@ -92,7 +92,7 @@ def run_job_file(job_file: str, overrides: list[str] | None = None) -> RunSummar
 
     job = load_job(job_file, list(overrides or []))
     preflight(job)
-    return run_job.fn(job, None, None, "log", plan_task(job, None))
+    return run_job.fn(job, progress="log")  # plans inside the lease, as the CLI does
 
 
 def _run(job: JobConfig, force_reason: str | None, limit: int | None, progress: ProgressMode,

@@ -184,7 +184,8 @@ def reindex(job: JobConfig, index: VectorIndex, version: str | None, activate: b
     if current is None:
         index.remove_alias(version)  # a version alias left pointing at a collection that is gone
     new = physical_name(version, generation_of(current) + 1 if current else 1)
-    written = _build(job, index, store, manifest, version, new, current)
+    parts = store.current_parts(manifest)
+    written = _build(job, index, store, manifest, parts, version, new, current)
     moves = {}
     serving = current is not None and live_target == current  # the alias must follow: its collection goes
     if serving or activate or (activate is None and live_target is None):
@@ -198,29 +199,29 @@ def reindex(job: JobConfig, index: VectorIndex, version: str | None, activate: b
         index.drop(current)
     if new != version and not version_is_alias:
         index.point_alias(version, new)  # the first build's name is free only now that it is dropped
-    logger.info("rebuilt %s as %s from %d part(s): %d points%s", version, new, len(store.current_parts(manifest)),
+    logger.info("rebuilt %s as %s from %d part(s): %d points%s", version, new, len(parts),
                 written, f", alias {job.name} moved to it" if job.name in moves else "")
     return ReindexResult(collection=version, physical=new, previous=current, points=index.count(new),
                          upserted=written, live=live_version(index, job.name) == version,
                          source=join(job.output.uri, version))
 
 
-def _build(job: JobConfig, index: VectorIndex, store: VectorStore, manifest: Manifest, version: str, new: str,
-           current: str | None) -> int:
+def _build(job: JobConfig, index: VectorIndex, store: VectorStore, manifest: Manifest, parts: list[str],
+           version: str, new: str, current: str | None) -> int:
     """Fill ``new`` from the version's parts and check it; on any failure drop it and raise ``ReindexFailed``."""
     where = "the live collection is untouched" if current else "nothing was changed"
     part = None
     try:
         index.ensure_collection(new, manifest.dim, job.corpus.payload)
         written = 0
-        for part in store.current_parts(manifest):
+        for part in parts:
             written += upsert_part(index, store, new, part)
         part = None
         index.finish_bulk_load(new)
         points = index.count(new)
         if points != manifest.vector_rows:
             raise ReindexFailed(f"{points} points rebuilt but the manifest lists {manifest.vector_rows} vector rows")
-        _check_sample(index, store, new, store.current_parts(manifest))
+        _check_sample(index, store, new, parts, manifest.chunked)
         return written
     except BaseException as exc:
         try:
@@ -235,11 +236,13 @@ def _build(job: JobConfig, index: VectorIndex, store: VectorStore, manifest: Man
                             f"{where}") from exc
 
 
-def _check_sample(index: VectorIndex, store: VectorStore, collection: str, parts: list[str]) -> None:
-    """Read back up to ``SAMPLE_POINTS`` points spread over the parts and compare them with Parquet."""
+def _check_sample(index: VectorIndex, store: VectorStore, collection: str, parts: list[str], chunked: bool) -> None:
+    """Read back up to ``SAMPLE_POINTS`` points spread over the parts and compare them with Parquet (only the
+    id and vector columns are read again: text and payload are not part of the check)."""
     per_part = max(1, SAMPLE_POINTS // max(1, len(parts)))
+    columns = ["doc_id", "vector", *(["chunk_index"] if chunked else [])]
     for part in parts:
-        table = store.read_part(part)
+        table = store.read_part(part, columns)
         if table.num_rows == 0:
             continue
         rows = np.unique(np.linspace(0, table.num_rows - 1, min(per_part, table.num_rows)).astype(int)).tolist()
