@@ -37,7 +37,7 @@ def _user_errors() -> tuple[type[BaseException], ...]:
     from reembed.flows.ray_pool import RayError
     from reembed.flows.gate import GateFailed
     from reembed.flows.guards import GuardBlocked
-    from reembed.flows.lease import LeaseHeld, LeaseLost
+    from reembed.flows.operations.lease import LeaseHeld, LeaseLost
     from reembed.flows.versions import ReindexFailed
     from reembed.workers.model_loader import ModelUnreachable
 
@@ -53,8 +53,8 @@ def _exit_code(exc: BaseException) -> int:
     """1: the run worked but was stopped (failed shards, gate, guards, its lease lost, a rebuild that did not
     check out, a model hub that did not answer); 2: the job or its input is wrong; 3: another run of the job
     holds it."""
-    from reembed.flows.history import BLOCKED
-    from reembed.flows.lease import LeaseHeld, LeaseLost
+    from reembed.flows.operations.run_log import BLOCKED
+    from reembed.flows.operations.lease import LeaseHeld, LeaseLost
     from reembed.flows.versions import ReindexFailed
     from reembed.workers.model_loader import ModelUnreachable
 
@@ -149,15 +149,15 @@ def run(job: str, overrides: tuple[str, ...], verbose: bool, as_json: bool, forc
     started = time.perf_counter()
     try:
         from reembed.flows.config import load_job
-        from reembed.flows.history import recorded_run, skipped_when_held
-        from reembed.flows.lease import job_lease
+        from reembed.flows.operations.run_log import recorded_run, skipped_when_held
+        from reembed.flows.operations.lease import job_lease
         from reembed.flows.planning import live_collection, plan_run, preflight, up_to_date_summary
 
         cfg = load_job(job, list(overrides))
         out_opts = cfg.output.storage_options
-        with skipped_when_held(cfg.output.uri, cfg.name, "cli", out_opts), \
+        with skipped_when_held(cfg.output.uri, cfg.name, "cli", out_opts, list(overrides)), \
                 job_lease(cfg.output.uri, cfg.name, cfg.lease, "reembed run", out_opts, wait), \
-                recorded_run(cfg.output.uri, cfg.name, "cli", out_opts) as record:
+                recorded_run(cfg.output.uri, cfg.name, "cli", out_opts, overrides=list(overrides)) as record:
             preflight(cfg)
             plan = plan_run(cfg, limit, live_collection(cfg))
             plan_s = time.perf_counter() - started
@@ -401,7 +401,7 @@ def _run_log_status(cfg: Any) -> dict[str, Any]:
     """`status` fields from the job's run log: the last run, the last success and its age."""
     from datetime import datetime, timezone
 
-    from reembed.flows.history import RunLog
+    from reembed.flows.operations.run_log import RunLog
 
     last, success = RunLog(cfg.output.uri, cfg.name, cfg.output.storage_options).latest()
     return {
@@ -427,7 +427,7 @@ def history(job: str, overrides: tuple[str, ...], verbose: bool, limit: int, as_
     _setup_logging(verbose)
     try:
         from reembed.flows.config import load_job
-        from reembed.flows.history import RunLog
+        from reembed.flows.operations.run_log import RunLog
 
         cfg = load_job(job, list(overrides))
         log = RunLog(cfg.output.uri, cfg.name, cfg.output.storage_options)
@@ -438,14 +438,15 @@ def history(job: str, overrides: tuple[str, ...], verbose: bool, limit: int, as_
         _fail(exc, verbose, as_json)
         return
     table = Table(title=f"reembed history: {cfg.name} (latest {len(rows)})")
-    columns = ("started_at", "trigger", "status", "mode", "seconds", "encoded", "reused", "deleted", "quarantined",
-               "points", "docs_per_s", "error")
+    columns = ("started_at", "trigger", "overrides", "status", "mode", "seconds", "encoded", "reused", "deleted",
+               "quarantined", "points", "docs_per_s", "error")
     for col in columns:
         table.add_column(col, overflow="fold")
     for r in reversed(rows):
         values = r.model_dump(mode="json")
         values["started_at"] = f"{r.started_at:%Y-%m-%d %H:%M:%S}"
         values["error"] = (r.error or "")[:80]
+        values["overrides"] = " ".join(r.overrides or [])
         table.add_row(*("" if values[c] is None else str(values[c]) for c in columns))
     (err if as_json else out).print(table)
     if as_json:
@@ -508,7 +509,7 @@ def rollback(job: str, version: str | None, overrides: tuple[str, ...], verbose:
     _setup_logging(verbose)
     try:
         from reembed.flows.config import load_job
-        from reembed.flows.lease import job_lease
+        from reembed.flows.operations.lease import job_lease
         from reembed.flows.versions import rollback as do_rollback
         from reembed.indexing.index import open_index
 
@@ -548,7 +549,7 @@ def reindex(job: str, version: str | None, overrides: tuple[str, ...], verbose: 
     _setup_logging(verbose)
     try:
         from reembed.flows.config import load_job
-        from reembed.flows.lease import job_lease
+        from reembed.flows.operations.lease import job_lease
         from reembed.flows.versions import reindex as do_reindex
         from reembed.indexing.index import open_index
 
@@ -567,13 +568,13 @@ def reindex(job: str, version: str | None, overrides: tuple[str, ...], verbose: 
         _print_json_last(result)
 
 
-# --- scheduling on a Prefect server (reembed.flows.schedule) -------------------------------------------------
+# --- scheduling on a Prefect server (reembed.flows.operations.scheduling) ---------------------------------
 
 
 def _schedule_errors() -> tuple[type[BaseException], ...]:
     from prefect.exceptions import PrefectHTTPStatusError
 
-    from reembed.flows.schedule import PrefectServerMissing
+    from reembed.flows.operations.scheduling import PrefectServerMissing
 
     return (*_user_errors(), PrefectServerMissing, PrefectHTTPStatusError, ConnectionError)
 
@@ -622,7 +623,7 @@ def deploy(job: str, overrides: tuple[str, ...], verbose: bool, cron: str, pool:
     """
     _setup_logging(verbose)
     try:
-        from reembed.flows.schedule import deploy as register
+        from reembed.flows.operations.scheduling import deploy as register
 
         info = register(job, list(overrides), cron, pool, name, timezone)
     except _schedule_errors() as exc:
@@ -643,7 +644,7 @@ def undeploy(name: str, verbose: bool) -> None:
     """Remove the deployment NAME (the job's alias, unless it was deployed with --name) from the Prefect server."""
     _setup_logging(verbose)
     try:
-        from reembed.flows.schedule import undeploy as remove
+        from reembed.flows.operations.scheduling import undeploy as remove
 
         full = remove(name)
     except _schedule_errors() as exc:
@@ -660,7 +661,7 @@ def deployments(as_json: bool, verbose: bool) -> None:
     """List reembed's deployments on the Prefect server: alias, job file, schedule, pool, next and last run."""
     _setup_logging(verbose)
     try:
-        from reembed.flows.schedule import list_deployments
+        from reembed.flows.operations.scheduling import list_deployments
 
         rows = list_deployments()
     except _schedule_errors() as exc:
@@ -684,7 +685,7 @@ def worker(pool: str, limit: int | None, verbose: bool) -> None:
     embedding). Logs go to stderr. Needs PREFECT_API_URL."""
     _setup_logging(verbose)
     try:
-        from reembed.flows.schedule import start_worker
+        from reembed.flows.operations.scheduling import start_worker
 
         start_worker(pool, limit)
     except _schedule_errors() as exc:
@@ -702,7 +703,7 @@ def serve(job: str, overrides: tuple[str, ...], verbose: bool, cron: str, name: 
     same flow a deployment runs. Runs until stopped (Ctrl-C). Needs PREFECT_API_URL."""
     _setup_logging(verbose)
     try:
-        from reembed.flows.schedule import serve as serve_job
+        from reembed.flows.operations.scheduling import serve as serve_job
 
         serve_job(job, list(overrides), cron, name, timezone)
     except _schedule_errors() as exc:

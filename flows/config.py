@@ -19,7 +19,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict, YamlConfigSettingsSource
 
-from reembed.flows.lease import LeaseSettings
+from reembed.flows.operations.lease import LeaseSettings
 from reembed.indexing.corpus import CorpusSettings
 from reembed.indexing.index import IndexSettings
 from reembed.indexing.records import RESERVED_COLUMNS

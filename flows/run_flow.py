@@ -31,8 +31,8 @@ from reembed.flows.errors import JOB_LEVEL_ERRORS, retry_unless_job_level
 from reembed.flows.gate import GateFailed, check_gate
 from reembed.flows.guards import (GuardBlocked, delete_check, empty_check, enforce, first_reasons,
                                   quarantine_check)
-from reembed.flows.history import Trigger, recorded_run, skipped_when_held
-from reembed.flows.lease import JobLease, job_lease
+from reembed.flows.operations.run_log import Trigger, recorded_run, skipped_when_held
+from reembed.flows.operations.lease import JobLease, job_lease
 from reembed.flows.planning import RunPlan, live_collection, plan_run, up_to_date_summary
 from reembed.flows.progress import ProgressMode, RunProgress, start_board
 from reembed.flows.ray_pool import ActorPool, init_ray
@@ -74,10 +74,10 @@ def run_job(job: JobConfig, force_reason: str | None = None, limit: int | None =
     ``limit`` embeds only the first N input rows into a trial version that never becomes live.
     """
     opts = job.output.storage_options
-    trigger = _trigger()
-    with skipped_when_held(job.output.uri, job.name, trigger, opts), \
+    trigger, overrides = _origin()
+    with skipped_when_held(job.output.uri, job.name, trigger, opts, overrides), \
             job_lease(job.output.uri, job.name, job.lease, "reembed flow", opts) as lease, \
-            recorded_run(job.output.uri, job.name, trigger, opts) as record:
+            recorded_run(job.output.uri, job.name, trigger, opts, overrides=overrides) as record:
         record.summary = _run(job, force_reason, limit, progress, plan, lease)
         return record.summary
 
@@ -124,20 +124,23 @@ def _run(job: JobConfig, force_reason: str | None, limit: int | None, progress: 
                                            gate, retired))
 
 
-def _trigger() -> Trigger:
-    """How this flow run started: a deployment's schedule, a deployment started by hand or through the API,
-    or a plain call (the CLI records its own runs as ``cli``)."""
+def _origin() -> tuple[Trigger, list[str] | None]:
+    """How this flow run started, for the run log: a deployment's schedule, or a deployment run started by hand
+    or through the API (with the ``overrides`` it was given), or a plain call (the CLI records its own runs as
+    ``cli``, with its ``--set`` pairs)."""
     from prefect.client.orchestration import get_client
     from prefect.runtime import deployment, flow_run
 
     if deployment.id is None:
-        return "flow"
+        return "flow", None
+    overrides = [str(o) for o in (flow_run.parameters or {}).get("overrides") or []] or None
     try:
         with get_client(sync_client=True) as client:
-            return "schedule" if client.read_flow_run(flow_run.id).auto_scheduled else "deployment"
+            scheduled = client.read_flow_run(flow_run.id).auto_scheduled
+        return ("schedule" if scheduled else "deployment"), overrides
     except Exception as exc:  # the record still says it came from a deployment
         _log().warning("could not tell whether this run was scheduled: %s", exc)
-        return "deployment"
+        return "deployment", overrides
 
 
 # --- what the flow carries between steps (in-process only; records cross the boundaries) ---------------------

@@ -18,8 +18,8 @@ import s3fs
 
 from conftest import free_port, last_json, run_cli, write_jsonl
 from reembed.flows.config import load_job
-from reembed.flows.history import RunLog
-from reembed.flows.lease import LeaseSettings, job_lease
+from reembed.flows.operations.run_log import RunLog
+from reembed.flows.operations.lease import LeaseSettings, job_lease
 from reembed.flows.run_flow import run_job
 from reembed.indexing.storage import StorageOptions
 from reembed.indexing.vector_store import VectorStore, arrow_to_vectors
@@ -93,7 +93,7 @@ def test_the_job_lease_on_s3(s3_server) -> None:
     with job_lease("s3://reembed/lease-test", "docs", LeaseSettings(), "first run", options) as lease:
         lease.check()
         script = ("import sys\n"
-                  "from reembed.flows.lease import LeaseHeld, LeaseSettings, job_lease\n"
+                  "from reembed.flows.operations.lease import LeaseHeld, LeaseSettings, job_lease\n"
                   "from reembed.indexing.storage import StorageOptions\n"
                   "opts = StorageOptions(endpoint_url=sys.argv[1], key=sys.argv[2], secret=sys.argv[3])\n"
                   "try:\n"

@@ -162,7 +162,7 @@ def test_a_worker_runs_the_schedule_and_api_triggers(prefect_server, job_file, t
 
     from conftest import reembed_cli
     from reembed.flows.config import load_job
-    from reembed.flows.history import RunLog
+    from reembed.flows.operations.run_log import RunLog
 
     corpus = tmp_path / "corpus.jsonl"
     corpus.write_text((SAMPLE / "corpus.jsonl").read_text())
@@ -203,6 +203,7 @@ def test_a_worker_runs_the_schedule_and_api_triggers(prefect_server, job_file, t
     for r in records:
         by_trigger.setdefault(r.trigger, []).append(r)
     assert [r.status for r in by_trigger["deployment"]] == ["ok"] and by_trigger["deployment"][0].encoded == 40
+    assert by_trigger["deployment"][0].overrides == ["runtime.progress_seconds=2"]  # the API run's override
     scheduled = sorted(by_trigger["schedule"], key=lambda r: r.started_at)
     assert scheduled and all(r.status in ("ok", "up-to-date") for r in scheduled)
     last = [r for r in scheduled if r.started_at > changed_at]
@@ -238,7 +239,7 @@ def test_serve_runs_the_schedule_in_one_process(prefect_server, job_file, tmp_pa
 
     from conftest import reembed_cli
     from reembed.flows.config import load_job
-    from reembed.flows.history import RunLog
+    from reembed.flows.operations.run_log import RunLog
 
     log = (tmp_path / "serve.log").open("w")
     server = subprocess.Popen([*reembed_cli(), "serve", str(job_file), "--cron", "* * * * *", "--name", "served"],
@@ -274,7 +275,7 @@ def test_two_triggers_at_once_write_once(prefect_server, job_file, tmp_path) -> 
 
     from conftest import reembed_cli
     from reembed.flows.config import load_job
-    from reembed.flows.history import RunLog
+    from reembed.flows.operations.run_log import RunLog
     from reembed.indexing.index import open_index
     from reembed.indexing.records import point_id
     from reembed.indexing.vector_store import VectorStore, arrow_to_vectors

@@ -9,8 +9,8 @@ from datetime import datetime, timedelta, timezone
 
 import pytest
 
-from reembed.flows.history import RunLog, RunRecord, recorded_run
-from reembed.flows.lease import LeaseHeld, LeaseLost, LeaseRecord, LeaseSettings, job_lease, lease_uri
+from reembed.flows.operations.run_log import RunLog, RunRecord, recorded_run
+from reembed.flows.operations.lease import LeaseHeld, LeaseLost, LeaseRecord, LeaseSettings, job_lease, lease_uri
 from reembed.indexing.records import RunSummary
 from reembed.indexing.storage import write_json
 
@@ -122,6 +122,30 @@ def test_every_run_is_recorded_successful_blocked_or_failed(tmp_path) -> None:
     assert all(isinstance(r, RunRecord) and r.finished_at >= r.started_at for r in records)
 
 
+def test_a_runs_overrides_are_recorded_and_older_records_still_read(tmp_path) -> None:
+    """A deployment run's `overrides` (or the CLI's `--set` pairs) are in its record; a record written before the
+    log had the column reads with none."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    output = str(tmp_path / "vectors")
+    with recorded_run(output, "docs", "deployment", overrides=["runtime.progress_seconds=2", "corpus.limit=5"]) as run:
+        run.summary = _summary()
+    log = RunLog(output, "docs")
+    (record,) = log.records()
+    assert (record.trigger, record.overrides) == ("deployment", ["runtime.progress_seconds=2", "corpus.limit=5"])
+
+    old = record.model_copy(update={"run_id": "0ld0ld", "started_at": record.started_at.replace(year=2020)})
+    row = old.model_dump()
+    row.pop("overrides")
+    schema = pq.read_schema(log._files()[0])
+    schema = schema.remove(schema.get_field_index("overrides"))
+    pq.write_table(pa.Table.from_pylist([row], schema=schema),
+                   f"{log.root}/{old.started_at:%Y%m%dT%H%M%S%f}-0ld0ld.parquet")
+    first, second = log.records()
+    assert (first.run_id, first.overrides, first.encoded) == ("0ld0ld", None, 3) and second.run_id == record.run_id
+
+
 def test_a_dead_holder_on_this_host_is_taken_over_at_once(tmp_path) -> None:
     output = str(tmp_path / "vectors")
     holder = _holder(output, 600)
@@ -142,7 +166,7 @@ def test_a_killed_run_shows_interrupted_and_a_refused_one_skipped(tmp_path) -> N
     import os
     import signal
 
-    from reembed.flows.history import skipped_when_held
+    from reembed.flows.operations.run_log import skipped_when_held
 
     output = str(tmp_path / "vectors")
     ctx = multiprocessing.get_context("spawn")
@@ -171,7 +195,7 @@ def test_a_killed_run_shows_interrupted_and_a_refused_one_skipped(tmp_path) -> N
 
 
 def test_a_running_record_elsewhere_is_judged_by_the_lease(tmp_path) -> None:
-    from reembed.flows.history import still_running
+    from reembed.flows.operations.run_log import still_running
 
     now = datetime.now(timezone.utc)
     record = RunRecord(run_id="r", job="docs", trigger="cli", status="running", started_at=now, finished_at=now,

@@ -22,7 +22,8 @@ def test_wheel_has_only_the_reembed_namespace(tmp_path) -> None:
     names = zipfile.ZipFile(wheel).namelist()
     top = {n.split("/")[0] for n in names if not n.split("/")[0].endswith(".dist-info")}
     assert top == {"reembed"}, top  # no top-level flows/, workers/ or indexing/ to shadow other projects
-    assert {"reembed/flows/run_flow.py", "reembed/workers/encoder.py", "reembed/indexing/records.py"} <= set(names)
+    assert {"reembed/flows/run_flow.py", "reembed/flows/operations/run_log.py", "reembed/workers/encoder.py",
+            "reembed/indexing/records.py"} <= set(names)
     assert not any(n.startswith("reembed/") and n.count("/") == 1 for n in names)  # a namespace: no __init__.py
     entry = next(n for n in names if n.endswith("entry_points.txt"))
     assert "reembed = reembed.flows.cli:main" in zipfile.ZipFile(wheel).read(entry).decode()

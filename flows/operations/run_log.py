@@ -32,7 +32,7 @@ import pyarrow.parquet as pq
 
 from reembed.flows.gate import GateFailed
 from reembed.flows.guards import GuardBlocked
-from reembed.flows.lease import LeaseHeld, LeaseRecord, process_started, read_lease
+from reembed.flows.operations.lease import LeaseHeld, LeaseRecord, process_started, read_lease
 from reembed.indexing.records import Record, RunSummary, Status
 from reembed.indexing.storage import StorageOptions, filesystem, join, protocol_of, write_local_atomic
 
@@ -50,6 +50,7 @@ class RunRecord(Record):
     run_id: str
     job: str
     trigger: Trigger
+    overrides: list[str] | None = None  # the run's `--set` pairs (CLI) or its deployment run's `overrides`
     status: RunStatus
     mode: str | None = None
     started_at: datetime
@@ -77,7 +78,7 @@ class RunRecord(Record):
 
     @classmethod
     def from_run(cls, run_id: str, job: str, trigger: Trigger, started_at: datetime, summary: RunSummary | None,
-                 status: RunStatus, error: str | None = None) -> "RunRecord":
+                 status: RunStatus, error: str | None = None, overrides: list[str] | None = None) -> "RunRecord":
         finished = datetime.now(timezone.utc)
         seconds = (finished - started_at).total_seconds()
         counts = {}
@@ -90,7 +91,8 @@ class RunRecord(Record):
             if summary.gate is not None:
                 counts.update(gate_metric=summary.gate.metric, gate_new_score=summary.gate.new_score,
                               gate_live_score=summary.gate.live_score)
-        return cls(run_id=run_id, job=job, trigger=trigger, status=status, started_at=started_at,
+        return cls(run_id=run_id, job=job, trigger=trigger, overrides=overrides or None, status=status,
+                   started_at=started_at,
                    finished_at=finished, seconds=round(seconds, 3), error=error, host=socket.gethostname(),
                    pid=os.getpid(), pid_started=process_started(os.getpid()), **counts)
 
@@ -99,6 +101,8 @@ def _arrow_type(annotation: object) -> pa.DataType:
     args = [a for a in typing.get_args(annotation) if a is not type(None)]
     if isinstance(annotation, types.UnionType) or typing.get_origin(annotation) is typing.Union:
         return _arrow_type(args[0])
+    if typing.get_origin(annotation) is list:
+        return pa.list_(_arrow_type(typing.get_args(annotation)[0]))
     if annotation is int:
         return pa.int64()
     if annotation is float:
@@ -205,7 +209,8 @@ class RecordedRun:
 
 @contextmanager
 def recorded_run(output_uri: str, job: str, trigger: Trigger, options: StorageOptions | None = None,
-                 blocked: tuple[type[BaseException], ...] = BLOCKED) -> Iterator[RecordedRun]:
+                 blocked: tuple[type[BaseException], ...] = BLOCKED, overrides: list[str] | None = None
+                 ) -> Iterator[RecordedRun]:
     """Append one record when the block ends, however it ends: its summary's status, ``blocked`` for the
     ``blocked`` exception types (the gate, the guards), ``failed`` for any other error. Re-entrant within a
     process."""
@@ -218,7 +223,7 @@ def recorded_run(output_uri: str, job: str, trigger: Trigger, options: StorageOp
         yield run
         return
     started = datetime.now(timezone.utc)
-    running = RunRecord.from_run(run.run_id, job, trigger, started, None, "running")
+    running = RunRecord.from_run(run.run_id, job, trigger, started, None, "running", overrides=overrides)
     _append(log, running.model_copy(update={"finished_at": started, "seconds": 0.0}))
     try:
         yield run
@@ -226,35 +231,35 @@ def recorded_run(output_uri: str, job: str, trigger: Trigger, options: StorageOp
         summary = getattr(exc, "summary", None) or run.summary
         status: Status = "blocked" if isinstance(exc, blocked) else "failed"
         error = f"{type(exc).__name__}: {exc}" if not isinstance(exc, KeyboardInterrupt) else "interrupted"
-        _append(log, RunRecord.from_run(run.run_id, job, trigger, started, summary, status, error[:2000]))
+        _append(log, RunRecord.from_run(run.run_id, job, trigger, started, summary, status, error[:2000], overrides))
         raise
     else:
         summary = run.summary
         status = summary.status if summary is not None else "failed"
         error = None if summary is not None else "the run ended without a summary"
-        _append(log, RunRecord.from_run(run.run_id, job, trigger, started, summary, status, error))
+        _append(log, RunRecord.from_run(run.run_id, job, trigger, started, summary, status, error, overrides))
     finally:
         with _ACTIVE_LOCK:
             _ACTIVE.discard(log.root)
 
 
 @contextmanager
-def skipped_when_held(output_uri: str, job: str, trigger: Trigger, options: StorageOptions | None = None
-                      ) -> Iterator[None]:
+def skipped_when_held(output_uri: str, job: str, trigger: Trigger, options: StorageOptions | None = None,
+                      overrides: list[str] | None = None) -> Iterator[None]:
     """Around taking the job's lease: a run refused because another run holds it is recorded as ``skipped``."""
     try:
         yield
     except LeaseHeld as exc:
-        record_skipped(output_uri, job, trigger, str(exc), options)
+        record_skipped(output_uri, job, trigger, str(exc), options, overrides)
         raise
 
 
 def record_skipped(output_uri: str, job: str, trigger: Trigger, reason: str,
-                   options: StorageOptions | None = None) -> None:
+                   options: StorageOptions | None = None, overrides: list[str] | None = None) -> None:
     """Record a run that did not start because another run of the job held its lease (``reason`` names it)."""
     now = datetime.now(timezone.utc)
     _append(RunLog(output_uri, job, options),
-            RunRecord.from_run(secrets.token_hex(6), job, trigger, now, None, "skipped", reason[:2000]))
+            RunRecord.from_run(secrets.token_hex(6), job, trigger, now, None, "skipped", reason[:2000], overrides))
 
 
 def still_running(record: RunRecord, lease: LeaseRecord | None) -> bool:
