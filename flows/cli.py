@@ -149,15 +149,17 @@ def run(job: str, overrides: tuple[str, ...], verbose: bool, as_json: bool, forc
     started = time.perf_counter()
     try:
         from reembed.flows.config import load_job
-        from reembed.flows.operations.run_log import recorded_run, skipped_when_held
+        from reembed.flows.operations.run_log import listeners_for, recorded_run, skipped_when_held
         from reembed.flows.operations.lease import job_lease
         from reembed.flows.planning import live_collection, plan_run, preflight, up_to_date_summary
 
         cfg = load_job(job, list(overrides))
         out_opts = cfg.output.storage_options
-        with skipped_when_held(cfg.output.uri, cfg.name, "cli", out_opts, list(overrides)), \
+        listeners = [*listeners_for(cfg), ConsoleSummary(as_json)]
+        with skipped_when_held(cfg.output.uri, cfg.name, "cli", out_opts, list(overrides), listeners), \
                 job_lease(cfg.output.uri, cfg.name, cfg.lease, "reembed run", out_opts, wait), \
-                recorded_run(cfg.output.uri, cfg.name, "cli", out_opts, overrides=list(overrides)) as record:
+                recorded_run(cfg.output.uri, cfg.name, "cli", out_opts, overrides=list(overrides),
+                             listeners=listeners) as record:
             preflight(cfg)
             plan = plan_run(cfg, limit, live_collection(cfg))
             plan_s = time.perf_counter() - started
@@ -166,10 +168,7 @@ def run(job: str, overrides: tuple[str, ...], verbose: bool, as_json: bool, forc
 
                 with open_index(cfg.index) as index:
                     points = index.count(plan.collection)
-                summary = record.summary = up_to_date_summary(cfg, plan, points, time.perf_counter() - started)
-                err.print(f"{summary.message} [{summary.seconds:.1f} s]", highlight=False)
-                if as_json:
-                    _print_json_last(summary)
+                record.summary = up_to_date_summary(cfg, plan, points, time.perf_counter() - started)
                 return
             from reembed.flows.errors import quiet_prefect_tracebacks
             from reembed.flows.run_flow import run_job
@@ -181,10 +180,24 @@ def run(job: str, overrides: tuple[str, ...], verbose: bool, as_json: bool, forc
             record.summary = summary
     except _user_errors() as exc:
         _fail(exc, verbose, as_json)
-        return
-    _print_summary(summary)
-    if as_json:
-        _print_json_last(summary)
+
+
+class ConsoleSummary:
+    """The CLI's listener of its run: the summary on the console (and ``--json``'s last line) for a run that
+    finished; a run that did not is reported by ``_fail``, from its exception."""
+
+    def __init__(self, as_json: bool) -> None:
+        self.as_json = as_json
+
+    def finished(self, record: Any, summary: RunSummary | None) -> None:
+        if summary is None or record.status not in ("ok", "up-to-date", "trial"):
+            return
+        if record.status == "up-to-date":
+            err.print(f"{summary.message} [{summary.seconds:.1f} s]", highlight=False)
+        else:
+            _print_summary(summary)
+        if self.as_json:
+            _print_json_last(summary)
 
 
 def _print_summary(summary: RunSummary) -> None:

@@ -20,6 +20,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict, YamlConfigSettingsSource
 
 from reembed.flows.operations.lease import LeaseSettings
+from reembed.flows.operations.metrics import MetricsSettings
 from reembed.indexing.corpus import CorpusSettings
 from reembed.indexing.index import IndexSettings
 from reembed.indexing.records import RESERVED_COLUMNS
@@ -123,6 +124,7 @@ class JobConfig(BaseSettings):
     index: IndexSettings = Field(default_factory=IndexSettings)
     runtime: RuntimeSettings = Field(default_factory=RuntimeSettings)
     lease: LeaseSettings = Field(default_factory=LeaseSettings)
+    metrics: MetricsSettings = Field(default_factory=MetricsSettings)
 
     @field_validator("name")
     @classmethod

@@ -62,7 +62,8 @@ class RunProgress:
     """
 
     def __init__(self, shards: list[Shard], mode: ProgressMode, interval: float, emit: Callable[[str], None],
-                 board: Any | None = None, console: Any | None = None) -> None:
+                 board: Any | None = None, console: Any | None = None,
+                 listener: Callable[..., None] | None = None) -> None:
         self.shards = {s.shard_id: s for s in shards}
         self.exact: dict[str, int] = {s.shard_id: s.rows_hint for s in shards if s.rows_hint is not None}
         self.board = board
@@ -80,6 +81,7 @@ class RunProgress:
         self._task: Any = None
         self._last_state: tuple[int, int] = (-1, -1)
         self._console = console
+        self.listener = listener  # called as listener(done, total) every tick, listener(..., final=True) at the end
 
     def total(self) -> tuple[int, bool]:
         """(documents in this run's shards, whether that is exact)."""
@@ -134,10 +136,23 @@ class RunProgress:
                 self._last_state = state
                 self.emit(self.line())
 
+    def counts(self) -> tuple[int, int]:
+        """(documents done, documents in this run's shards, the estimate where not yet exact)."""
+        done = sum(self.done.values())
+        return done, max(self.total()[0], done)
+
+    def _tell(self, final: bool = False) -> None:
+        if self.listener is not None:
+            try:
+                self.listener(*self.counts(), final=final)
+            except Exception as exc:  # a listener (metrics) never fails a run
+                logger.warning("progress listener failed: %s", exc)
+
     def _loop(self) -> None:
         last = 0.0
         while not self._stop.wait(min(1.0, self.interval)):
             self.poll()
+            self._tell()
             now = time.monotonic()
             if self.mode == "bar" or now - last >= self.interval:
                 last = now
@@ -168,6 +183,7 @@ class RunProgress:
         if self.mode == "off" or not self.shards:
             return
         self.poll()
+        self._tell(final=True)
         self._render(only_if_changed=True)
         if self._bar is not None:
             self._bar.stop()

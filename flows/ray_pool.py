@@ -127,6 +127,8 @@ class ActorPool:
             self.shutdown()
             raise RayError(f"embedding actors failed to start: {type(exc).__name__}: {exc}") from None
         self.dim = self.infos[0].dim
+        self.ready_timeout = rt.ray_init_timeout
+        self._gone: set[int] = set()  # actors that died and did not come back
         self.slots = slots * n  # shards in flight at once: the flow sizes its task runner from this one number
         self._idle: queue.Queue = queue.Queue()
         for _ in range(slots):  # an actor is lent out once per slot: that many shards run in it at once
@@ -138,7 +140,8 @@ class ActorPool:
     def process_shard(self, task: ShardTask, board: Any | None = None) -> ShardResult:
         import ray
 
-        actor = self._idle.get()
+        actor = self._borrow()
+        usable = True
         try:
             return ray.get(actor.process_shard.remote(task, board))
         except ray.exceptions.RayTaskError as exc:
@@ -147,8 +150,40 @@ class ActorPool:
             if isinstance(cause, Exception):
                 raise cause from None
             raise
+        except ray.exceptions.ActorUnavailableError:
+            # Its process died (killed, out of memory) and Ray is restarting it (max_restarts): the shard's retry
+            # must not find it mid-restart, so it is lent out again only once it answers.
+            usable = self._answers(actor)
+            raise
         finally:
-            self._idle.put(actor)
+            if usable:
+                self._idle.put(actor)
+
+    def _borrow(self) -> Any:
+        """An idle actor slot; a clear error, not a wait forever, once no actor is left."""
+        while True:
+            if len(self._gone) == len(self.actors):
+                raise RayError("no embedding actor is left: each died and did not come back (see the Ray logs)")
+            try:
+                actor = self._idle.get(timeout=1)
+            except queue.Empty:
+                continue
+            if id(actor) not in self._gone:  # a slot of an actor that is gone is dropped
+                return actor
+
+    def _answers(self, actor: Any) -> bool:
+        """Wait (up to ``runtime.ray_init_timeout``) for a restarting actor to load its model again."""
+        import ray
+
+        try:
+            ray.get(actor.ready.remote(), timeout=self.ready_timeout)
+            logger.warning("an embedding actor was restarted; it takes shards again")
+            return True
+        except Exception as exc:  # gone for good: the other actors take its shards
+            logger.warning("an embedding actor did not come back (%s: %s); carrying on without it",
+                           type(exc).__name__, exc)
+            self._gone.add(id(actor))
+            return False
 
     def shutdown(self) -> None:
         import ray

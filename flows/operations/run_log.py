@@ -10,7 +10,8 @@ its final record when it ends: ``ok``, ``up-to-date``, ``trial``, ``blocked`` or
 outright (``kill -9``, the OOM killer, a lost node) never writes its final record; readers show its ``running``
 record as ``interrupted`` once its process is gone (on the host it ran on, by pid and start time) or the job's
 lease is no longer its own. A run refused because another run held the lease is recorded as ``skipped``, with
-the holder.
+the holder. The same record then goes to the run's listeners (``listeners_for``: the pushed metrics), so the
+log and what dashboards show never disagree.
 """
 
 from __future__ import annotations
@@ -22,10 +23,10 @@ import socket
 import threading
 import types
 import typing
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from datetime import datetime, timezone
-from typing import Literal
+from typing import TYPE_CHECKING, Literal, Protocol
 
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -35,6 +36,9 @@ from reembed.flows.guards import GuardBlocked
 from reembed.flows.operations.lease import LeaseHeld, LeaseRecord, process_started, read_lease
 from reembed.indexing.records import Record, RunSummary, Status
 from reembed.indexing.storage import StorageOptions, filesystem, join, protocol_of, write_local_atomic
+
+if TYPE_CHECKING:
+    from reembed.flows.config import JobConfig
 
 logger = logging.getLogger(__name__)
 
@@ -72,6 +76,7 @@ class RunRecord(Record):
     gate_new_score: float | None = None
     gate_live_score: float | None = None
     error: str | None = None
+    blocked_by: str | None = None  # a blocked run: "gate" (the quality gate) or "guards"
     host: str
     pid: int | None = None
     pid_started: str | None = None  # the process's start time (/proc), so a reused pid is not taken for it
@@ -195,32 +200,53 @@ class RunLog:
         return self.latest()[1]
 
 
-_ACTIVE: set[str] = set()  # run logs with a run being recorded in this process (the CLI, then its flow)
+class RecordedRun:
+    """What the block tells the recorder: the summary once there is one; and who hears of the outcome."""
+
+    def __init__(self, run_id: str, listeners: Sequence[RunListener] = ()) -> None:
+        self.run_id = run_id
+        self.summary: RunSummary | None = None
+        self.listeners: list[RunListener] = list(listeners)
+
+    def listen(self, listeners: Sequence[RunListener]) -> None:
+        """Add listeners of a kind not yet listening (the flow inside the CLI brings its own)."""
+        kinds = {type(listener) for listener in self.listeners}
+        self.listeners += [listener for listener in listeners if type(listener) not in kinds]
+
+
+_ACTIVE: dict[str, RecordedRun] = {}  # run logs with a run being recorded in this process (the CLI, then its flow)
 _ACTIVE_LOCK = threading.Lock()
 
 
-class RecordedRun:
-    """What the block tells the recorder: the summary once there is one."""
+class RunListener(Protocol):
+    """Told of every run's outcome, from the record the run log keeps (the pushed metrics are one)."""
 
-    def __init__(self, run_id: str) -> None:
-        self.run_id = run_id
-        self.summary: RunSummary | None = None
+    def finished(self, record: RunRecord, summary: RunSummary | None) -> None: ...
+
+
+def listeners_for(job: "JobConfig") -> list[RunListener]:
+    """Who besides the run log hears of the job's runs: the Pushgateway, when the job names one."""
+    from reembed.flows.operations.metrics import pusher_for
+
+    return [p for p in (pusher_for(job),) if p is not None]
 
 
 @contextmanager
 def recorded_run(output_uri: str, job: str, trigger: Trigger, options: StorageOptions | None = None,
-                 blocked: tuple[type[BaseException], ...] = BLOCKED, overrides: list[str] | None = None
-                 ) -> Iterator[RecordedRun]:
+                 blocked: tuple[type[BaseException], ...] = BLOCKED, overrides: list[str] | None = None,
+                 listeners: Sequence[RunListener] = ()) -> Iterator[RecordedRun]:
     """Append one record when the block ends, however it ends: its summary's status, ``blocked`` for the
-    ``blocked`` exception types (the gate, the guards), ``failed`` for any other error. Re-entrant within a
-    process."""
+    ``blocked`` exception types (the gate, the guards), ``failed`` for any other error; then tell the
+    ``listeners`` from that same record. This is the one place a run's outcome is published. Re-entrant
+    within a process (the flow inside the CLI publishes nothing of its own)."""
     log = RunLog(output_uri, job, options)
     with _ACTIVE_LOCK:
-        nested = log.root in _ACTIVE
-        _ACTIVE.add(log.root)
-    run = RecordedRun(secrets.token_hex(6))
-    if nested:
-        yield run
+        outer = _ACTIVE.get(log.root)
+        run = outer or RecordedRun(secrets.token_hex(6), listeners)
+        _ACTIVE[log.root] = run
+    if outer is not None:  # the flow inside the CLI: one record, published by the outer block, to both's listeners
+        outer.listen(listeners)
+        yield outer
         return
     started = datetime.now(timezone.utc)
     running = RunRecord.from_run(run.run_id, job, trigger, started, None, "running", overrides=overrides)
@@ -231,35 +257,42 @@ def recorded_run(output_uri: str, job: str, trigger: Trigger, options: StorageOp
         summary = getattr(exc, "summary", None) or run.summary
         status: Status = "blocked" if isinstance(exc, blocked) else "failed"
         error = f"{type(exc).__name__}: {exc}" if not isinstance(exc, KeyboardInterrupt) else "interrupted"
-        _append(log, RunRecord.from_run(run.run_id, job, trigger, started, summary, status, error[:2000], overrides))
+        record = RunRecord.from_run(run.run_id, job, trigger, started, summary, status, error[:2000], overrides)
+        if status == "blocked":
+            record.blocked_by = "gate" if isinstance(exc, GateFailed) else "guards" if isinstance(
+                exc, GuardBlocked) else type(exc).__name__
+        _publish(log, record, summary, run.listeners)
         raise
     else:
         summary = run.summary
         status = summary.status if summary is not None else "failed"
         error = None if summary is not None else "the run ended without a summary"
-        _append(log, RunRecord.from_run(run.run_id, job, trigger, started, summary, status, error, overrides))
+        _publish(log, RunRecord.from_run(run.run_id, job, trigger, started, summary, status, error, overrides),
+                 summary, run.listeners)
     finally:
         with _ACTIVE_LOCK:
-            _ACTIVE.discard(log.root)
+            _ACTIVE.pop(log.root, None)
 
 
 @contextmanager
 def skipped_when_held(output_uri: str, job: str, trigger: Trigger, options: StorageOptions | None = None,
-                      overrides: list[str] | None = None) -> Iterator[None]:
+                      overrides: list[str] | None = None, listeners: Sequence[RunListener] = ()) -> Iterator[None]:
     """Around taking the job's lease: a run refused because another run holds it is recorded as ``skipped``."""
     try:
         yield
     except LeaseHeld as exc:
-        record_skipped(output_uri, job, trigger, str(exc), options, overrides)
+        record_skipped(output_uri, job, trigger, str(exc), options, overrides, listeners)
         raise
 
 
 def record_skipped(output_uri: str, job: str, trigger: Trigger, reason: str,
-                   options: StorageOptions | None = None, overrides: list[str] | None = None) -> None:
+                   options: StorageOptions | None = None, overrides: list[str] | None = None,
+                   listeners: Sequence[RunListener] = ()) -> None:
     """Record a run that did not start because another run of the job held its lease (``reason`` names it)."""
     now = datetime.now(timezone.utc)
-    _append(RunLog(output_uri, job, options),
-            RunRecord.from_run(secrets.token_hex(6), job, trigger, now, None, "skipped", reason[:2000], overrides))
+    _publish(RunLog(output_uri, job, options),
+             RunRecord.from_run(secrets.token_hex(6), job, trigger, now, None, "skipped", reason[:2000], overrides),
+             None, listeners)
 
 
 def still_running(record: RunRecord, lease: LeaseRecord | None) -> bool:
@@ -270,6 +303,16 @@ def still_running(record: RunRecord, lease: LeaseRecord | None) -> bool:
     if lease is None:
         return False
     return lease.holder == f"{record.host}:{record.pid}" and lease.expires_at > datetime.now(timezone.utc)
+
+
+def _publish(log: RunLog, record: RunRecord, summary: RunSummary | None, listeners: Sequence[RunListener]) -> None:
+    """The run log first (it is what `history` and `status` read), then every listener; none can fail the run."""
+    _append(log, record)
+    for listener in listeners:
+        try:
+            listener.finished(record, summary)
+        except Exception as exc:
+            logger.warning("run listener %s failed: %s", type(listener).__name__, exc)
 
 
 def _append(log: RunLog, record: RunRecord) -> None:

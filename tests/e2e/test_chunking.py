@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from conftest import last_json, run_cli, write_jsonl
+from conftest import cli_in_process, last_json, run_cli, write_jsonl
 from reembed.flows.config import load_job
 
 FILLER = " ".join(["The committee reviewed quarterly budgets, staffing plans and office logistics in detail."] * 40)
@@ -29,8 +29,8 @@ def test_long_document_truncated_then_chunked(tmp_path) -> None:
     assert c["truncated_docs"] == 0 and c["indexed"] == 4 and c["vector_rows"] == c["points"] > 4
 
     query = "how do octopuses open jars"
-    found = run_cli("search", job, query, "-k", "2", "--set", "chunking.max_tokens=64",
-                    "--set", "chunking.overlap=8", "--json")
+    found = cli_in_process("search", job, query, "-k", "2", "--set", "chunking.max_tokens=64",
+                           "--set", "chunking.overlap=8", "--json")
     hits = last_json(found.stdout)
     assert hits[0]["doc_id"] == "long" and hits[0]["chunk_index"] > 0
     assert "octopuses" in docs[0]["text"][hits[0]["char_start"]:hits[0]["char_end"]]

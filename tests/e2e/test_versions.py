@@ -6,7 +6,7 @@ import shutil
 
 import pytest
 
-from conftest import ROOT, last_json, no_encoding, run_cli
+from conftest import ROOT, cli_in_process, last_json, no_encoding, run_cli
 from reembed.flows.config import ConfigError, load_job
 from reembed.flows.run_flow import run_job
 from reembed.flows.versions import list_versions, reindex, rollback
@@ -53,32 +53,32 @@ def test_versions_rollback_and_reindex(tmp_path, ray_session, engine) -> None:
 def test_versions_cli_json(tmp_path) -> None:
     sets = ["--set", f"output.uri={tmp_path / 'v'}", "--set", f"index.path={tmp_path / 'q'}"]
     assert run_cli("run", str(SAMPLE), *sets).returncode == 0
-    res = run_cli("versions", str(SAMPLE), *sets, "--json")
+    res = cli_in_process("versions", str(SAMPLE), *sets, "--json")
     assert res.returncode == 0, res.stderr[-2000:]
     rows = last_json(res.stdout)
     assert len(rows) == 1 and rows[0]["live"] and rows[0]["points"] == 40
     assert set(rows[0]) >= {"collection", "model", "live", "points", "score"}
-    res = run_cli("rollback", str(SAMPLE), *sets)
+    res = cli_in_process("rollback", str(SAMPLE), *sets)
     assert res.returncode == 2 and "no earlier version" in res.stderr
-    res = run_cli("reindex", str(SAMPLE), *sets, "--json")
+    res = cli_in_process("reindex", str(SAMPLE), *sets, "--json")
     assert res.returncode == 0 and last_json(res.stdout)["points"] == 40
     rebuilt = last_json(res.stdout)
     assert rebuilt["physical"] == f"{rows[0]['collection']}-r2" and rebuilt["previous"] == rows[0]["collection"]
-    res = run_cli("status", str(SAMPLE), *sets, "--json")
+    res = cli_in_process("status", str(SAMPLE), *sets, "--json")
     assert last_json(res.stdout)["physical"] == rebuilt["physical"] and last_json(res.stdout)["in_sync"]
 
     # A corrupt Parquet part: the rebuild stops with one error line naming it; what users search is unchanged.
-    before = run_cli("search", str(SAMPLE), "why does bread rise", *sets, "--json")
+    before = cli_in_process("search", str(SAMPLE), "why does bread rise", *sets, "--json")
     part = sorted((tmp_path / "v").glob("sample-*/vectors/part-*.parquet"))[-1]
     part.write_bytes(b"garbage\n")
-    res = run_cli("reindex", str(SAMPLE), *sets)
+    res = cli_in_process("reindex", str(SAMPLE), *sets)
     assert res.returncode == 1, res.stderr[-2000:]
     errors = [line for line in res.stderr.splitlines() if line.startswith("error:")]
     assert len(errors) == 1 and str(part) in errors[0] and "the live collection is untouched" in errors[0], errors
     assert "Traceback" not in res.stderr
-    after = run_cli("search", str(SAMPLE), "why does bread rise", *sets, "--json")
+    after = cli_in_process("search", str(SAMPLE), "why does bread rise", *sets, "--json")
     assert before.returncode == after.returncode == 0 and last_json(after.stdout) == last_json(before.stdout)
-    res = run_cli("versions", str(SAMPLE), *sets, "--json")
+    res = cli_in_process("versions", str(SAMPLE), *sets, "--json")
     assert [(v["physical"], v["points"]) for v in last_json(res.stdout)] == [(rebuilt["physical"], 40)]
 
 

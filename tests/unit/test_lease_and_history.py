@@ -15,34 +15,59 @@ from reembed.indexing.records import RunSummary
 from reembed.indexing.storage import write_json
 
 
-def _hold(output: str, seconds: float, ready) -> None:
+def _hold(output: str, release, ready) -> None:
     with job_lease(output, "docs", LeaseSettings(ttl=30), "holder process"):
         ready.set()
-        time.sleep(seconds)
+        release.wait(600)
 
 
-def _holder(output: str, seconds: float) -> multiprocessing.Process:
-    """Another process holding the job's lease for ``seconds``; returned once it holds it."""
+def _holder(output: str, release=None) -> multiprocessing.Process:
+    """Another process holding the job's lease until ``release`` is set (never, without one); returned once it
+    holds it."""
     ctx = multiprocessing.get_context("spawn")
     ready = ctx.Event()
-    holder = ctx.Process(target=_hold, args=(output, seconds, ready))
+    release = release or ctx.Event()
+    holder = ctx.Process(target=_hold, args=(output, release, ready))
+    holder.release = release  # kept alive here: start() drops its args, and the child still needs the event
     holder.start()
     assert ready.wait(60)
     return holder
 
 
-def test_a_second_process_is_refused_then_waits_for_the_holder(tmp_path) -> None:
+def _wait_until(condition, what: str, deadline_s: float = 120) -> None:
+    deadline = time.monotonic() + deadline_s
+    while not condition():
+        assert time.monotonic() < deadline, f"gave up waiting for {what} after {deadline_s} s"
+        time.sleep(0.05)
+
+
+def test_a_second_process_is_refused_then_waits_for_the_holder(tmp_path, caplog) -> None:
+    import threading
+
     output = str(tmp_path / "vectors")
-    holder = _holder(output, 4)
+    release = multiprocessing.get_context("spawn").Event()
+    holder = _holder(output, release)
     try:
         with pytest.raises(LeaseHeld, match=r"another run of job 'docs' is in progress: holder process on .*:\d+ since"):
             with job_lease(output, "docs", LeaseSettings(), "second"):
                 pass
-        started = time.monotonic()
-        with job_lease(output, "docs", LeaseSettings(wait=60), "third"):
-            assert time.monotonic() - started > 1  # it waited for the holder to finish
-            assert json.loads(open(lease_uri(output, "docs")).read())["command"] == "third"
+        got: dict = {}
+
+        def third() -> None:
+            with job_lease(output, "docs", LeaseSettings(wait=300), "third"):
+                got["released_first"] = release.is_set()  # it waited for the holder, however long that took
+                got["command"] = json.loads(open(lease_uri(output, "docs")).read())["command"]
+
+        waiting = threading.Thread(target=third)
+        with caplog.at_level("WARNING", logger="reembed.flows.operations.lease"):
+            waiting.start()
+            _wait_until(lambda: "waiting up to 300 s" in caplog.text, "the third run to start waiting")
+        assert waiting.is_alive() and not got  # still waiting: the holder holds it
+        release.set()
+        waiting.join(300)
+        assert got == {"released_first": True, "command": "third"}
     finally:
+        release.set()
         holder.join(30)
     assert not (tmp_path / "vectors" / "_leases" / "docs.json").exists()  # released at the end
 
@@ -61,9 +86,9 @@ def test_a_killed_runs_lease_is_taken_over_once_it_expires(tmp_path) -> None:
         with job_lease(output, "docs", LeaseSettings(), "next run"):
             pass
     _left_by_a_killed_run(output, expires_in=2)
-    started = time.monotonic()
-    with job_lease(output, "docs", LeaseSettings(wait=30), "next run") as lease:
-        assert 1 < time.monotonic() - started < 10
+    expires_at = LeaseRecord.model_validate_json(open(lease_uri(output, "docs")).read()).expires_at
+    with job_lease(output, "docs", LeaseSettings(wait=300), "next run") as lease:
+        assert datetime.now(timezone.utc) >= expires_at  # taken over once expired, not before
         assert lease.record.command == "next run"
 
 
@@ -148,12 +173,13 @@ def test_a_runs_overrides_are_recorded_and_older_records_still_read(tmp_path) ->
 
 def test_a_dead_holder_on_this_host_is_taken_over_at_once(tmp_path) -> None:
     output = str(tmp_path / "vectors")
-    holder = _holder(output, 600)
+    holder = _holder(output)
     holder.kill()  # SIGKILL: it never releases
     holder.join(30)
-    started = time.monotonic()
-    with job_lease(output, "docs", LeaseSettings(), "next run") as lease:
-        assert lease.record.command == "next run" and time.monotonic() - started < 5
+    expires_at = LeaseRecord.model_validate_json(open(lease_uri(output, "docs")).read()).expires_at
+    with job_lease(output, "docs", LeaseSettings(wait=0), "next run") as lease:  # no waiting allowed
+        assert lease.record.command == "next run"
+        assert datetime.now(timezone.utc) < expires_at  # at once: long before the dead holder's lease expired
 
 
 def _run_then_hang(output: str, ready) -> None:

@@ -1,0 +1,112 @@
+"""What the resume tests share: the job they run, how a run is started and SIGKILLed, how the index and the
+vectors are compared. The reference run the killed runs must end up equal to is ``kill_reference``
+(tests/conftest.py, built once per session)."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import time
+from pathlib import Path
+
+import numpy as np
+
+from conftest import ROOT, reembed_cli
+from reembed.indexing.index import open_index
+from reembed.indexing.vector_store import VectorStore, arrow_to_vectors
+
+
+def _vectors(job) -> dict[str, np.ndarray]:
+    with open_index(job.index) as index:
+        collection = index.alias_target(job.name)
+    table = VectorStore(job.output.uri, collection, job.output.storage_options).read_all(["doc_id", "vector"])
+    return dict(zip(table.column("doc_id").to_pylist(), arrow_to_vectors(table.column("vector"))))
+
+
+def _points(job) -> dict[str, str]:
+    with open_index(job.index) as index:
+        return {p.id: p.payload["doc_id"] for p in index.scroll(job.name, ["doc_id"])}
+
+
+def _assert_same(a: dict[str, np.ndarray], b: dict[str, np.ndarray]) -> None:
+    assert sorted(a) == sorted(b)
+    worst = min(float(np.dot(a[k], b[k])) for k in a)
+    assert worst >= 0.99999, worst
+
+
+def _job(folder: Path, name: str, extra: str = "") -> Path:
+    (folder / "job.yaml").write_text(
+        f"name: {name}\ncorpus: {{uri: corpus.jsonl, id: _id, text: '{{title}} {{text}}'}}\n"
+        f"runtime: {{shard_rows: 25}}\n{extra}"
+    )
+    return folder / "job.yaml"
+
+
+def _indexed(job) -> dict[str, tuple[str, np.ndarray]]:
+    """Every point's payload and vector, read back from the index."""
+    with open_index(job.index) as index:
+        return {p.id: (json.dumps(p.payload, sort_keys=True), np.asarray(p.vector, dtype=np.float32))
+                for p in index.scroll(job.name, ["doc_id", "text_sha256", "model", "text", "source_row", "title"],
+                                      with_vectors=True)}
+
+
+def _descendants(pid: int) -> list[int]:
+    children: dict[int, list[int]] = {}
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                ppid = int(Path(f"/proc/{entry}/stat").read_text().rsplit(")", 1)[1].split()[1])
+            except (OSError, IndexError, ValueError):
+                continue
+            children.setdefault(ppid, []).append(int(entry))
+    out, todo = [], [pid]
+    while todo:
+        for child in children.get(todo.pop(), []):
+            out.append(child)
+            todo.append(child)
+    return out
+
+
+def _cmdline(pid: int) -> str:
+    try:
+        return Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+    except OSError:
+        return ""
+
+
+def _start(job: Path, *sets: str) -> subprocess.Popen:
+    return subprocess.Popen([*reembed_cli(), "run", str(job), "--json", *sets], cwd=ROOT, start_new_session=True,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+
+
+def _kill_group(proc: subprocess.Popen) -> None:
+    """SIGKILL the flow process and everything it started (its temporary Prefect server, its local Ray)."""
+    pids = _descendants(proc.pid)
+    try:
+        os.killpg(proc.pid, signal.SIGKILL)
+    except ProcessLookupError:
+        pass
+    for pid in pids:
+        try:
+            os.kill(pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+    proc.wait(timeout=30)
+
+
+def _markers(job) -> dict[str, dict]:
+    """The shard markers as stored, each part resolved under the store's root (markers name it relatively)."""
+    store = VectorStore(job.output.uri, job.collection_name(384))
+    fs_root = Path(store.root) / "shards"
+    markers = {p.stem: json.loads(p.read_text()) for p in fs_root.glob("*.json")} if fs_root.exists() else {}
+    return {k: {**m, "part_uri": store.locate(m["part_uri"])} for k, m in markers.items()}
+
+
+def _wait_for(path: Path, proc: subprocess.Popen, seconds: float = 120) -> None:
+    deadline = time.time() + seconds
+    while not path.exists():
+        assert proc.poll() is None, proc.stdout.read()[-3000:]
+        assert time.time() < deadline, f"{path} never appeared"
+        time.sleep(0.05)
