@@ -38,6 +38,16 @@ def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
             item.add_marker(pytest.mark.slow)
 
 
+def _stop(proc: subprocess.Popen, timeout: float = 20) -> None:
+    """Stop a service this session started, by its PID: SIGTERM, then SIGKILL if it lingers."""
+    proc.terminate()
+    try:
+        proc.wait(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait(timeout=timeout)
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -194,12 +204,7 @@ def prefect_server(tmp_path_factory):
         os.environ.pop("PREFECT_API_URL", None)
     else:
         os.environ["PREFECT_API_URL"] = previous
-    proc.terminate()
-    try:
-        proc.wait(timeout=30)
-    except subprocess.TimeoutExpired:
-        proc.kill()
-        proc.wait(timeout=30)
+    _stop(proc, timeout=30)
     log.close()
 
 
@@ -253,11 +258,7 @@ def s3_server(tmp_path_factory):
         proc.kill()
         raise RuntimeError(f"S3 server did not come up: {last_exc}\n{(data / 'weed.log').read_text()[-3000:]}")
     yield {"endpoint": endpoint, "bucket": "reembed", **creds}
-    proc.terminate()
-    try:
-        proc.wait(timeout=20)
-    except subprocess.TimeoutExpired:
-        proc.kill()
+    _stop(proc)
 
 
 def _binary(name: str) -> str:
@@ -287,15 +288,6 @@ def _serve(cmd: list[str], ready_url: str, log_path: Path, what: str) -> subproc
                 proc.kill()
                 raise RuntimeError(f"{what} did not answer in 60 s: {log_path.read_text()[-3000:]}")
             time.sleep(0.2)
-
-
-def _stop(proc: subprocess.Popen) -> None:
-    proc.terminate()
-    try:
-        proc.wait(timeout=20)
-    except subprocess.TimeoutExpired:
-        proc.kill()
-        proc.wait(timeout=20)
 
 
 @pytest.fixture(scope="session")

@@ -33,7 +33,6 @@ logger = logging.getLogger(__name__)
 
 JOB_LABEL = "reembed"
 DOCUMENT_KINDS = ("input", "encoded", "reused", "upserted", "deleted", "quarantined")
-LIVE_AFTER = ("ok", "up-to-date")  # statuses after which the run's collection and points are the live ones
 
 
 class MetricsSettings(BaseModel):
@@ -65,6 +64,8 @@ def outcome_registry(record: RunRecord, engine: str, budget_s: float) -> Collect
     run that did not leave its own collection live."""
     from prometheus_client import CollectorRegistry, Gauge
 
+    from reembed.flows.operations.run_log import SUCCESS  # after these the run's collection is the live one
+
     registry = CollectorRegistry()
 
     def gauge(name: str, doc: str, labels: tuple[str, ...] = ()) -> Gauge:
@@ -77,7 +78,7 @@ def outcome_registry(record: RunRecord, engine: str, budget_s: float) -> Collect
                    ("status",))
     for name in _statuses():
         status.labels(name).set(1 if record.status == name else 0)
-    if record.status in LIVE_AFTER:
+    if record.status in SUCCESS:
         gauge("reembed_last_success_timestamp_seconds",
               "when a run last left the alias fresh (status ok or up-to-date; Unix time)").set(
             record.finished_at.timestamp())
@@ -92,7 +93,7 @@ def outcome_registry(record: RunRecord, engine: str, budget_s: float) -> Collect
     gauge("reembed_last_run_tokens", "tokens the last run encoded").set(record.tokens or 0)
     gauge("reembed_last_run_docs_per_second", "documents the last run encoded per second").set(
         record.docs_per_s or 0)
-    if record.status in LIVE_AFTER and record.points is not None:
+    if record.status in SUCCESS and record.points is not None:
         gauge("reembed_points", "points in the live collection behind the alias").set(record.points)
         gauge("reembed_info", "always 1: the model, collection and engine behind the alias",
               ("model", "collection", "engine")).labels(record.model or "", record.collection or "", engine).set(1)

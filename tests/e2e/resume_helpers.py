@@ -9,6 +9,7 @@ import os
 import signal
 import subprocess
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -102,6 +103,19 @@ def _markers(job) -> dict[str, dict]:
     fs_root = Path(store.root) / "shards"
     markers = {p.stem: json.loads(p.read_text()) for p in fs_root.glob("*.json")} if fs_root.exists() else {}
     return {k: {**m, "part_uri": store.locate(m["part_uri"])} for k, m in markers.items()}
+
+
+def _kill_when(proc: subprocess.Popen, ready: Callable[[], bool], poll_s: float = 0.05, what: str = "run",
+               deadline_s: float = 300) -> None:
+    """SIGKILL the run and what it started once ``ready()`` holds (or at the deadline); a run that had already
+    ended tested nothing, which fails the test with the run's output."""
+    deadline = time.time() + deadline_s
+    while time.time() < deadline and proc.poll() is None and not ready():
+        time.sleep(poll_s)
+    finished_before_kill = proc.poll() is not None
+    _kill_group(proc)
+    assert not finished_before_kill, (f"the {what} ended before the kill: the trial tested nothing",
+                                      proc.stdout.read()[-3000:])
 
 
 def _wait_for(path: Path, proc: subprocess.Popen, seconds: float = 120) -> None:

@@ -12,7 +12,7 @@ from conftest import last_json, run_cli, write_jsonl
 from reembed.flows.config import load_job
 from reembed.flows.run_flow import run_job
 from reembed.indexing.vector_store import VectorStore
-from resume_helpers import (_assert_same, _cmdline, _descendants, _indexed, _job, _kill_group, _markers, _points,
+from resume_helpers import (_assert_same, _cmdline, _descendants, _indexed, _job, _kill_when, _markers, _points,
                             _start, _vectors)
 
 
@@ -53,17 +53,11 @@ def test_sigkill_then_resume_on_s3(tmp_path, kill_reference, s3_server) -> None:
         f"storage_options: {opts}}}\noutput: {{uri: s3://reembed/killed-out, storage_options: {opts}}}\n"
         "runtime: {shard_rows: 25}\n"
     )
-    proc = _start(job_path)
-    deadline = time.time() + 300
-    while time.time() < deadline and proc.poll() is None:  # kill once the first shard's marker is on S3
+    def first_marker_on_s3() -> bool:
         fs.invalidate_cache()
-        if fs.glob("reembed/killed-out/*/shards/*.json"):
-            break
-        time.sleep(0.2)
-    finished_before_kill = proc.poll() is not None
-    _kill_group(proc)
-    assert not finished_before_kill, ("the run ended before the kill: the trial tested nothing",
-                                      proc.stdout.read()[-3000:])
+        return bool(fs.glob("reembed/killed-out/*/shards/*.json"))
+
+    _kill_when(_start(job_path), first_marker_on_s3, poll_s=0.2)
     fs.invalidate_cache()
     killed = fs.glob("reembed/killed-out/*/shards/*.json")
     assert killed, "no shard finished before the kill: the resume would test nothing"
@@ -92,15 +86,9 @@ def test_sigkill_during_a_refresh_upsert_then_rerun_heals_the_collection(tmp_pat
     old = {k: m["input_fingerprint"] for k, m in _markers(job).items()}
     store = VectorStore(job.output.uri, job.collection_name(384))
 
-    proc = _start(job_path)
-    deadline = time.time() + 300
-    while time.time() < deadline and proc.poll() is None:  # kill once a re-embedded shard's points are upserted
-        if any(m["stage"] == "indexed" and m["input_fingerprint"] != old.get(k) for k, m in _markers(job).items()):
-            break
-        time.sleep(0.02)
-    finished_before_kill = proc.poll() is not None
-    _kill_group(proc)
-    assert not finished_before_kill, "the refresh ended before the kill: the trial tested nothing"
+    _kill_when(_start(job_path), lambda: any(  # once a re-embedded shard's points are upserted
+        m["stage"] == "indexed" and m["input_fingerprint"] != old.get(k) for k, m in _markers(job).items()),
+        poll_s=0.02, what="refresh")
     assert store.writing() is not None, "killed after the commit: the trial tested nothing"
 
     res = run_cli("run", str(job_path), "--json")
