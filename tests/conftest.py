@@ -290,6 +290,30 @@ def _serve(cmd: list[str], ready_url: str, log_path: Path, what: str) -> subproc
             time.sleep(0.2)
 
 
+def ray_node(args: list[str], log: Path) -> subprocess.Popen:
+    """`ray start --block` with ``args`` (a test cluster's head or worker node), output to ``log``; stop it by
+    PID (``proc.terminate()``), never with `ray stop`."""
+    ray_bin = shutil.which("ray", path=str(Path(sys.executable).parent)) or "ray"
+    env = {**os.environ, "RAY_AUTH_MODE": "disabled"}
+    return subprocess.Popen([ray_bin, "start", "--block", "--disable-usage-stats", *args],
+                            stdout=log.open("w"), stderr=subprocess.STDOUT, env=env)
+
+
+def wait_nodes(address: str, count: int, timeout: float = 120) -> None:
+    """Wait until the Ray cluster at ``address`` has ``count`` alive nodes."""
+    code = ("import ray,sys; ray.init(address=sys.argv[1], logging_level='ERROR'); "
+            "print(sum(1 for n in ray.nodes() if n['Alive']))")
+    deadline = time.time() + timeout
+    alive = 0
+    while time.time() < deadline:
+        res = subprocess.run([sys.executable, "-c", code, address], capture_output=True, text=True, timeout=60)
+        if res.returncode == 0 and res.stdout.strip().splitlines()[-1] == str(count):
+            return
+        alive = res.stdout.strip()
+        time.sleep(2)
+    raise RuntimeError(f"Ray cluster at {address} has {alive!r} alive nodes, wanted {count}")
+
+
 @pytest.fixture(scope="session")
 def pushgateway(tmp_path_factory) -> str:
     """A real Pushgateway (Debian prometheus-pushgateway) on 127.0.0.1; its URL. Stopped by PID."""

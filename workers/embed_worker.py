@@ -22,6 +22,7 @@ import pyarrow.compute as pc
 from reembed.indexing.corpus import read_shard
 from reembed.indexing.records import ActorInfo, ShardMarker, ShardResult, ShardTask, part_schema
 from reembed.indexing.vector_store import SNIPPET_CHARS, VectorStore, arrow_to_vectors, text_sha256, vectors_to_arrow
+from reembed.workers.actor_metrics import actor_metrics
 from reembed.workers.encoder import Encoder
 from reembed.workers.settings import ModelSettings
 
@@ -48,6 +49,7 @@ class EmbedWorker:
         self.encoder = Encoder(model, cpu_threads=cpu_threads)
         self.model_id = self.encoder.profile.model_id
         self.dim = self.encoder.dim
+        self.metrics = actor_metrics(self.model_id, self.encoder.device)  # None outside a Ray actor
 
     def ready(self) -> ActorInfo:
         """Cheap call the flow uses to wait until the model is loaded, and to learn where the actor lives."""
@@ -76,6 +78,7 @@ class EmbedWorker:
         fresh, stats = self.encoder.encode(
             [rows.texts[d][a:b] for d, _, (a, b) in pieces],
             progress=lambda n: report(settled + len(todo) * n // max(len(pieces), 1)),
+            observe=self.metrics.batch if self.metrics is not None else None,
         )
         encoded: dict[int, list[tuple[int, tuple[int, int], Any]]] = {}
         for (d, n, span), vec in zip(pieces, fresh):
@@ -154,6 +157,8 @@ class EmbedWorker:
             pid=os.getpid(),
         )
         store.write_marker(ShardMarker(**result.model_dump(), stage="written"))
+        if self.metrics is not None:
+            self.metrics.encoded(len(todo))
         report(rows.input_rows, final=True)
         return result
 

@@ -268,8 +268,8 @@ class Encoder:
             features = {k: v.pin_memory() for k, v in features.items()}
         return features
 
-    def _produce(self, texts: list[str], prompt: str, stats: EncodeStats) -> Iterator[tuple[np.ndarray, Any]]:
-        """Tokenize block by block, plan each block's batches, and yield (input positions, host batch)."""
+    def _produce(self, texts: list[str], prompt: str, stats: EncodeStats) -> Iterator[tuple[np.ndarray, Any, int]]:
+        """Tokenize block by block, plan each block's batches, and yield (input positions, host batch, tokens)."""
         for offset in range(0, len(texts), self.block_docs):
             ids, block = self.tokenize(texts[offset : offset + self.block_docs], prompt)
             stats.truncated_rows.extend(offset + r for r in block.truncated_rows)
@@ -281,7 +281,7 @@ class Encoder:
                 stats.batches += 1
                 stats.tokens += tokens
                 stats.padded_tokens += tokens if self.packed is not None else max(len(s) for s in seqs) * len(seqs)
-                yield offset + np.asarray(batch, dtype=np.int64), self._host_batch(seqs)
+                yield offset + np.asarray(batch, dtype=np.int64), self._host_batch(seqs), tokens
 
     @torch.inference_mode()
     def _forward(self, batch: PackedBatch | dict[str, torch.Tensor], prompt_length: int) -> torch.Tensor:
@@ -311,13 +311,16 @@ class Encoder:
         return emb
 
     def encode(self, texts: list[str], *, prompt: str | None = None, kind: str = "document",
-               progress: Callable[[int], None] | None = None) -> tuple[np.ndarray, EncodeStats]:
+               progress: Callable[[int], None] | None = None,
+               observe: Callable[[int, float, int], None] | None = None) -> tuple[np.ndarray, EncodeStats]:
         """Encode texts as documents (default) or queries; returns [n, dim] float32 in input order.
 
         Vectors stay on the device until a flush, so the host never waits for the GPU between batches
         while the next batches are tokenized (in a background thread with ``tokenize_ahead``).
         ``progress`` is called after every batch with the number of texts encoded so far (on a GPU, queued
         for the device: the count runs ahead of the kernels by at most the queue); callers throttle it.
+        ``observe`` hears each batch as (tokens, seconds of its forward pass, tokenized batches still queued):
+        the actor's metrics, kept out of this class so that it stays free of Ray.
         """
         if prompt is None:
             prompt = self.profile.query_prompt if kind == "query" else self.profile.document_prompt
@@ -330,9 +333,12 @@ class Encoder:
         rows = done = 0
         # The producer tokenizes a whole block before it yields that block's batches; 16 queued batches (a few
         # MB of host memory) keep a BERT-base-sized GPU busy while it does.
-        with _ahead(batches, depth=16) if self.tokenize_ahead else contextlib.nullcontext(batches) as stream:
-            for index, batch in stream:
+        with _ahead(batches, depth=16) if self.tokenize_ahead else contextlib.nullcontext(_Stream(batches)) as stream:
+            for index, batch, tokens in stream:
+                began = time.perf_counter()
                 pending.append((index, self._forward(batch, prompt_length)))
+                if observe is not None:
+                    observe(tokens, time.perf_counter() - began, stream.queued())
                 rows += len(index)
                 done += len(index)
                 if progress is not None:
@@ -366,8 +372,22 @@ def _flush(pending: list[tuple[np.ndarray, torch.Tensor]], out: np.ndarray) -> N
 _DONE = object()
 
 
+class _Stream:
+    """Batches as the encode loop reads them, and how many are tokenized and waiting (the queue's depth)."""
+
+    def __init__(self, items: Iterator[Any], buffer: queue.Queue | None = None) -> None:
+        self.items = items
+        self.buffer = buffer
+
+    def __iter__(self) -> Iterator[Any]:
+        return self.items
+
+    def queued(self) -> int:
+        return self.buffer.qsize() if self.buffer is not None else 0
+
+
 @contextlib.contextmanager
-def _ahead(items: Iterator[Any], depth: int) -> Iterator[Iterator[Any]]:
+def _ahead(items: Iterator[Any], depth: int) -> Iterator[_Stream]:
     """Run a generator in a background thread, at most ``depth`` items ahead of its consumer.
 
     The Rust tokenizer releases the GIL, so tokenizing and collating the next batches overlaps the model's
@@ -407,7 +427,7 @@ def _ahead(items: Iterator[Any], depth: int) -> Iterator[Iterator[Any]]:
             yield item
 
     try:
-        yield consume()
+        yield _Stream(consume(), buffer)
     finally:
         stop.set()
         thread.join()

@@ -170,3 +170,107 @@ def test_every_bad_ending_keeps_the_last_success_and_says_how_it_ended(tmp_path,
         assert pushed["reembed_points"] == {(): 10}, error  # the live collection is the good run's
         if blocked_by == "gate":
             assert pushed["reembed_gate_score"] == {(("version", "candidate"),): 0.4, (("version", "live"),): 0.6}
+
+
+def test_actor_counters_add_up_to_the_run_and_the_grafana_queries_hold(tmp_path, pushgateway) -> None:
+    """A Ray head with a metrics export port and its dashboard (which writes the file of scrape targets), a
+    Prometheus running infra/prometheus/prometheus.yml (the Pushgateway's address and the targets file moved
+    here), and a run on that head with two actors: the actors' counters, summed over actors, are the run's
+    tokens, encoded documents and batches. Then every query of infra/grafana/reembed.json is accepted by that
+    Prometheus and names only metrics it has scraped."""
+    import tempfile
+
+    from conftest import _binary, _serve, _stop, free_port, ray_node, run_cli, wait_nodes
+
+    temp = Path(tempfile.mkdtemp(prefix="ray-", dir="/tmp"))  # short: Ray's socket paths must fit in 107 bytes
+    port, export_port, dashboard_port = free_port(), free_port(), free_port()
+    address = f"127.0.0.1:{port}"
+    head = ray_node(["--head", f"--port={port}", "--node-ip-address=127.0.0.1", "--num-cpus=2",
+                     f"--metrics-export-port={export_port}", "--include-dashboard=true",
+                     "--dashboard-host=127.0.0.1", f"--dashboard-port={dashboard_port}", f"--temp-dir={temp}"],
+                    tmp_path / "head.log")
+    prom = None
+    try:
+        wait_nodes(address, 1)
+        targets = temp / "prom_metrics_service_discovery.json"
+        _until(lambda: targets.exists() and json.loads(targets.read_text()), "Ray to write its scrape targets")
+        config = (ROOT / "infra" / "prometheus" / "prometheus.yml").read_text()
+        assert "/tmp/ray/prom_metrics_service_discovery.json" in config
+        config = config.replace("/tmp/ray/prom_metrics_service_discovery.json", str(targets))
+        config = config.replace("scrape_interval: 15s", "scrape_interval: 1s").replace("  - alerts.yml\n", "")
+        assert "127.0.0.1:9091" in config
+        config = config.replace("127.0.0.1:9091", pushgateway.removeprefix("http://"))
+        (tmp_path / "prometheus.yml").write_text(config)
+        prom_port = free_port()
+        prom = _serve([_binary("prometheus"), f"--config.file={tmp_path / 'prometheus.yml'}",
+                       f"--storage.tsdb.path={tmp_path / 'prom-data'}", f"--web.listen-address=127.0.0.1:{prom_port}"],
+                      f"http://127.0.0.1:{prom_port}/-/ready", tmp_path / "prometheus.log", "Prometheus")
+        prometheus = f"http://127.0.0.1:{prom_port}"
+
+        job_path, sets = _job(tmp_path, "actor-metrics", pushgateway)
+        res = run_cli("run", str(job_path), *sets, "--json", "--set", f"runtime.ray_address={address}",
+                      "--set", "runtime.num_actors=2", "--set", "runtime.shard_rows=10")
+        assert res.returncode == 0, res.stderr[-4000:]
+        summary = last_json(res.stdout)
+        assert summary["actors"] == 2 and summary["encoded"] == 40 and summary["tokens"] > 0
+
+        model = f'{{model="{summary["model"]}"}}'
+
+        def totals() -> dict[str, float] | None:
+            got = {name: _one(prometheus, f"sum(ray_reembed_actor_{name}{model})")
+                   for name in ("tokens_total", "documents_total", "batches_total", "encode_seconds_count")}
+            return got if got["tokens_total"] == summary["tokens"] and got["documents_total"] == 40 else None
+
+        got = _until(totals, "Prometheus to scrape the actors' counters")
+        assert got["batches_total"] == got["encode_seconds_count"] >= 4  # four shards, one batch or more each
+        per_actor = _query(prometheus, f"ray_reembed_actor_tokens_total{model}")
+        assert len({dict(k)["WorkerId"] for k in per_actor}) == 2  # one series per actor, both did work
+        assert all(v > 0 for v in per_actor.values())
+        assert _query(prometheus, f"ray_reembed_actor_tokenize_queue_depth{model}")
+        _grafana_queries_hold(prometheus, pushgateway, tmp_path)
+    finally:
+        if prom is not None:
+            _stop(prom)
+        head.terminate()
+        try:
+            head.wait(timeout=30)
+        except Exception:
+            head.kill()
+        shutil.rmtree(temp, ignore_errors=True)
+
+
+def _grafana_queries_hold(prometheus: str, pushgateway: str, tmp_path: Path) -> None:
+    """Every PromQL expression of the Grafana dashboard (its variables given values, as Grafana would) is
+    accepted by Prometheus' query API and names only metrics Prometheus has scraped; a gate-blocked run is
+    pushed first, so the gate's scores are among them."""
+    import re
+
+    gate = GateResult(metric="ndcg@10", new="gated-2", live="gated-1", new_score=0.4, live_score=0.6,
+                      tolerance=0.01, passed=False)
+    pusher = MetricsPusher(MetricsSettings(pushgateway=pushgateway), "gated", "edge")
+    with pytest.raises(GateFailed):
+        with recorded_run(str(tmp_path / "gated"), "gated", "cli", listeners=[pusher]):
+            raise GateFailed(gate, _summary("ok").model_copy(update={"gate": gate}))
+
+    dashboard = json.loads((ROOT / "infra" / "grafana" / "reembed.json").read_text())
+    exprs = [t["expr"] for panel in dashboard["panels"] for t in panel["targets"]]
+    exprs += [v["query"]["query"] for v in dashboard["templating"]["list"] if isinstance(v.get("query"), dict)]
+    named = {m for e in exprs for m in re.findall(r"\b(?:ray_)?reembed_[a-z_]+", e)}
+    assert len(exprs) >= 12 and "ray_reembed_actor_tokens_total" in named and "reembed_gate_score" in named
+
+    def scraped() -> set[str] | None:
+        with urllib.request.urlopen(f"{prometheus}/api/v1/label/__name__/values", timeout=10) as response:
+            names = set(json.load(response)["data"])
+        return names if named <= names else None
+
+    _until(scraped, f"Prometheus to have scraped every metric the dashboard names: {sorted(named)}")
+    for expr in exprs:
+        if expr.startswith("label_values("):  # Grafana's own function: ask for the label's values instead
+            metric, label = re.fullmatch(r"label_values\((\w+), (\w+)\)", expr).groups()
+            url = f"{prometheus}/api/v1/label/{label}/values?{urllib.parse.urlencode({'match[]': metric})}"
+            with urllib.request.urlopen(url, timeout=10) as response:
+                assert "actor-metrics" in json.load(response)["data"], expr
+            continue
+        promql = expr.replace('"$alias"', '".*"').replace("$__rate_interval", "1m")
+        assert "$" not in promql, expr  # a Grafana variable this test does not know how to fill
+        _query(prometheus, promql)  # raises unless Prometheus accepted it

@@ -5,8 +5,6 @@ Both must reproduce a local run of the same corpus: same documents, same counts,
 
 from __future__ import annotations
 
-import os
-import shutil
 import subprocess
 import sys
 import time
@@ -16,7 +14,7 @@ import numpy as np
 import pytest
 import s3fs
 
-from conftest import free_port, last_json, run_cli, write_jsonl
+from conftest import free_port, last_json, ray_node, run_cli, wait_nodes, write_jsonl
 from reembed.flows.config import load_job
 from reembed.flows.operations.run_log import RunLog
 from reembed.flows.operations.lease import LeaseSettings, job_lease
@@ -121,38 +119,17 @@ def test_wrong_s3_credentials_fail_fast(s3_server, tmp_path: Path) -> None:
     assert "wrong-secret-value" not in res.stderr
 
 
-def _ray_node(args: list[str], log: Path) -> subprocess.Popen:
-    ray_bin = shutil.which("ray", path=str(Path(sys.executable).parent)) or "ray"
-    env = {**os.environ, "RAY_AUTH_MODE": "disabled"}
-    return subprocess.Popen([ray_bin, "start", "--block", "--disable-usage-stats", *args],
-                            stdout=log.open("w"), stderr=subprocess.STDOUT, env=env)
-
-
-def _wait_nodes(address: str, count: int, timeout: float = 120) -> None:
-    code = ("import ray,sys; ray.init(address=sys.argv[1], logging_level='ERROR'); "
-            "print(sum(1 for n in ray.nodes() if n['Alive']))")
-    deadline = time.time() + timeout
-    alive = 0
-    while time.time() < deadline:
-        res = subprocess.run([sys.executable, "-c", code, address], capture_output=True, text=True, timeout=60)
-        if res.returncode == 0 and res.stdout.strip().splitlines()[-1] == str(count):
-            return
-        alive = res.stdout.strip()
-        time.sleep(2)
-    raise RuntimeError(f"Ray cluster at {address} has {alive!r} alive nodes, wanted {count}")
-
-
 def test_two_node_ray_cluster_matches_local_run(local_reference, tmp_path: Path) -> None:
     port = free_port()
     address = f"127.0.0.1:{port}"
-    head = _ray_node(["--head", f"--port={port}", "--node-ip-address=127.0.0.1", "--num-cpus=1",
+    head = ray_node(["--head", f"--port={port}", "--node-ip-address=127.0.0.1", "--num-cpus=1",
                       "--include-dashboard=false", "--resources={\"node_a\": 1}"], tmp_path / "head.log")
     worker = None
     try:
         time.sleep(3)
-        worker = _ray_node([f"--address={address}", "--node-ip-address=127.0.0.1", "--num-cpus=1",
+        worker = ray_node([f"--address={address}", "--node-ip-address=127.0.0.1", "--num-cpus=1",
                             "--resources={\"node_b\": 1}"], tmp_path / "worker.log")
-        _wait_nodes(address, 2)
+        wait_nodes(address, 2)
         res = run_cli("run", str(local_reference["folder"] / "job.yaml"), "--json",
                       "--set", f"runtime.ray_address={address}", "--set", "runtime.shard_rows=25",
                       "--set", f"output.uri={tmp_path / 'vectors'}", "--set", f"index.path={tmp_path / 'qdrant'}")

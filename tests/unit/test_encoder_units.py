@@ -40,3 +40,19 @@ def test_batches_fit_the_token_budget_longest_first(tmp_path, attention) -> None
     batches = enc.plan_batches(lengths)
     assert sorted(i for b in batches for i in b) == list(range(len(lengths)))  # every row exactly once
     assert [[lengths[i] for i in b] for b in batches] == EXPECTED_BATCHES[attention]
+
+
+@pytest.mark.parametrize("ahead", [True, False])
+def test_encode_tells_its_observer_every_batch(tmp_path, ahead) -> None:
+    """The hook the actor metrics hang on: one call per batch, whose tokens add up to the encode's own count."""
+    from reembed.workers.actor_metrics import actor_metrics
+
+    model = tiny_models.bert(tmp_path, "mean")
+    enc = Encoder(ModelSettings(name=str(model), max_batch_tokens=64, tokenize_ahead=ahead))
+    seen: list[tuple[int, float, int]] = []
+    texts = [" ".join(["word"] * (n % 17 + 1)) for n in range(60)]
+    _, stats = enc.encode(texts, observe=lambda *batch: seen.append(batch))
+    assert len(seen) == stats.batches > 1
+    assert sum(tokens for tokens, _, _ in seen) == stats.tokens
+    assert all(seconds >= 0 and 0 <= queued <= 16 for _, seconds, queued in seen)
+    assert actor_metrics(enc.profile.model_id) is None  # not a Ray actor: nothing to report to
