@@ -321,32 +321,16 @@ def status(job: str, overrides: tuple[str, ...], verbose: bool, as_json: bool) -
     _setup_logging(verbose)
     try:
         from reembed.flows.config import load_job
+        from reembed.flows.versions import job_status
         from reembed.indexing.index import open_index
-        from reembed.indexing.records import StatusInfo
-        from reembed.indexing.vector_store import VectorStore
-
-        from reembed.indexing.index import version_of
 
         cfg = load_job(job, list(overrides))
         with open_index(cfg.index) as index:
-            physical = index.alias_target(cfg.name)
-            points = index.count(physical) if physical else 0
-        collection = version_of(physical) if physical else None
-        manifest = VectorStore(cfg.output.uri, collection, cfg.output.storage_options).read_manifest() if collection else None
+            info = job_status(cfg, index)
     except _user_errors() as exc:
         _fail(exc, verbose)
         return
-    info = StatusInfo(
-        alias=cfg.name, collection=collection, physical=physical, points=points, vector_rows=manifest.vector_rows if manifest else 0,
-        dim=manifest and manifest.dim, model=manifest and manifest.model, shards=len(manifest.shards) if manifest else 0,
-        input_rows=manifest and manifest.input_rows, quarantined=manifest and manifest.quarantined,
-        finished_at=manifest and manifest.finished_at,
-        output=VectorStore(cfg.output.uri, collection).root if collection else None,
-        index=cfg.index.where,
-        in_sync=collection is not None and manifest is not None and points == manifest.vector_rows,
-        **_run_log_status(cfg),
-    )
-    if not collection:
+    if not info.collection:
         if as_json:
             _print_json_last(info)
         _fail(NothingYet(f"alias {cfg.name!r} not found in {info.index}: nothing indexed yet; "
@@ -408,22 +392,6 @@ def evaluate(job: str, overrides: tuple[str, ...], verbose: bool, queries: str |
     (err if as_json else out).print(table)
     if as_json:
         _print_json_last(metrics)
-
-
-def _run_log_status(cfg: Any) -> dict[str, Any]:
-    """`status` fields from the job's run log: the last run, the last success and its age."""
-    from datetime import datetime, timezone
-
-    from reembed.flows.operations.run_log import RunLog
-
-    last, success = RunLog(cfg.output.uri, cfg.name, cfg.output.storage_options).latest()
-    return {
-        "last_run_status": last.status if last else None,
-        "last_run_at": last.finished_at if last else None,
-        "last_success_at": success.finished_at if success else None,
-        "last_success_age_s": round((datetime.now(timezone.utc) - success.finished_at).total_seconds(), 1)
-        if success else None,
-    }
 
 
 @cli.command()
@@ -720,6 +688,29 @@ def serve(job: str, overrides: tuple[str, ...], verbose: bool, cron: str, name: 
 
         serve_job(job, list(overrides), cron, name, timezone)
     except _schedule_errors() as exc:
+        _fail(exc, verbose)
+
+
+@cli.command()
+@click.argument("jobs", nargs=-1, required=True, type=click.Path(dir_okay=False), metavar="JOB...")
+@click.option("--host", default="127.0.0.1", show_default=True, show_envvar=True,
+              help="address to listen on (0.0.0.0 for every interface: the page has no login)")
+@click.option("--port", type=click.IntRange(1, 65535), default=8765, show_default=True, show_envvar=True)
+@click.option("--prometheus", metavar="URL", default=None, show_envvar=True,
+              help="a Prometheus that scrapes the Ray nodes: adds the actors' live tokens/s and encode times")
+@click.option("--set", "overrides", multiple=True, metavar="KEY=VALUE", help=_SET_HELP, show_envvar=True)
+@click.option("-v", "--verbose", is_flag=True, help="more logging, and tracebacks on errors", show_envvar=True)
+def dashboard(jobs: tuple[str, ...], host: str, port: int, prometheus: str | None, overrides: tuple[str, ...],
+              verbose: bool) -> None:
+    """Serve a read-only web page over one or more JOBs: freshness against the budget, the last runs, trends,
+    quarantine, versions with their gate verdicts, live points. /api/status has the same data as JSON. It reads
+    the run logs, manifests and indexes; while a run holds an embedded index it says so and shows the rest."""
+    _setup_logging(verbose)
+    try:
+        from reembed.flows.operations.dashboard import serve as serve_dashboard
+
+        serve_dashboard(list(jobs), host, port, list(overrides), prometheus)
+    except _user_errors() as exc:
         _fail(exc, verbose)
 
 

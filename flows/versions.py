@@ -17,7 +17,7 @@ import numpy as np
 
 from reembed.flows.config import ConfigError, JobConfig
 from reembed.indexing.index import IndexError_, VectorIndex, generation_of, physical_name, version_of
-from reembed.indexing.records import Manifest, ReindexResult, RollbackResult, VersionInfo, point_id
+from reembed.indexing.records import Manifest, ReindexResult, RollbackResult, StatusInfo, VersionInfo, point_id
 from reembed.indexing.upload import upsert_part
 from reembed.indexing.storage import filesystem, full_uri, join, read_json
 from reembed.indexing.vector_store import VectorStore, arrow_to_vectors
@@ -53,11 +53,15 @@ def drop_version(index: VectorIndex, version: str) -> None:
     index.remove_alias(version)
 
 
-def list_versions(job: JobConfig, index: VectorIndex) -> list[VersionInfo]:
-    """Every version with a committed vector set, newest first, with its point count and whether it is live."""
+def list_versions(job: JobConfig, index: VectorIndex | None, live: str | None = None) -> list[VersionInfo]:
+    """Every version with a committed vector set, newest first, with its point count and whether it is live.
+
+    Without an index (a dashboard while a run holds the embedded one) the versions come from the manifests
+    alone: no point counts, and ``live`` names the version the caller believes live (the run log's)."""
     fs, root = filesystem(job.output.uri, job.output.storage_options)
     pattern = re.compile(rf"^{re.escape(job.name)}-[0-9a-f]{{12}}$")
-    live = live_version(index, job.name)
+    if index is not None:
+        live = live_version(index, job.name)
     versions = []
     for manifest_path in fs.glob(f"{root.rstrip('/')}/{job.name}-*/current.json"):
         collection = manifest_path.rstrip("/").split("/")[-2]
@@ -67,15 +71,45 @@ def list_versions(job: JobConfig, index: VectorIndex) -> list[VersionInfo]:
         manifest = Manifest.from_json(read_json(uri, job.output.storage_options), uri)
         if manifest is None:
             continue
-        physical = index.resolve(collection)
+        physical = index.resolve(collection) if index is not None else None
         versions.append(VersionInfo(
             collection=collection, physical=physical, model=manifest.model, dim=manifest.dim,
-            live=collection == live, points=index.count(physical) if physical else None,
+            live=collection == live, points=index.count(physical) if physical and index is not None else None,
             vector_rows=manifest.vector_rows, score=manifest.score, finished_at=manifest.finished_at,
             in_index=physical is not None, gate=manifest.gate_status,
         ))
     versions.sort(key=lambda v: v.finished_at or "", reverse=True)
     return versions
+
+
+def job_status(job: JobConfig, index: VectorIndex) -> StatusInfo:
+    """What the job has written (the live version's manifest) and indexed (the collection behind its alias),
+    with the run log's last run and last success: `reembed status` and the dashboard show this."""
+    from datetime import datetime, timezone
+
+    from reembed.flows.operations.run_log import RunLog
+
+    physical = index.alias_target(job.name)
+    points = index.count(physical) if physical else 0
+    collection = version_of(physical) if physical else None
+    store = VectorStore(job.output.uri, collection, job.output.storage_options) if collection else None
+    manifest = store.read_manifest() if store is not None else None
+    last, success = RunLog(job.output.uri, job.name, job.output.storage_options).latest()
+    return StatusInfo(
+        alias=job.name, collection=collection, physical=physical, points=points,
+        vector_rows=manifest.vector_rows if manifest else 0, dim=manifest and manifest.dim,
+        model=manifest and manifest.model, shards=len(manifest.shards) if manifest else 0,
+        input_rows=manifest and manifest.input_rows, quarantined=manifest and manifest.quarantined,
+        finished_at=manifest and manifest.finished_at,
+        output=VectorStore(job.output.uri, collection).root if collection else None,
+        index=job.index.where,
+        in_sync=collection is not None and manifest is not None and points == manifest.vector_rows,
+        last_run_status=last.status if last else None,
+        last_run_at=last.finished_at if last else None,
+        last_success_at=success.finished_at if success else None,
+        last_success_age_s=round((datetime.now(timezone.utc) - success.finished_at).total_seconds(), 1)
+        if success else None,
+    )
 
 
 def retained(versions: list[VersionInfo], keep: int) -> list[VersionInfo]:

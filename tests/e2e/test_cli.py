@@ -59,7 +59,7 @@ def test_every_command_fails_in_one_line_without_traceback(tmp_path: Path) -> No
     pairs.write_text('{"sentence1": "a", "sentence2": "b", "label": 1.0}\n')
     extra = {"run": [], "plan": [], "search": ["q"], "status": [], "eval": ["--pairs", str(pairs)],
              "versions": [], "rollback": [], "reindex": [], "history": [], "deploy": ["--cron", "0 3 * * *"],
-             "serve": ["--cron", "0 3 * * *"]}
+             "serve": ["--cron", "0 3 * * *"], "dashboard": []}
     no_job = {"undeploy": ["sample"], "deployments": [], "worker": []}  # commands about the Prefect server
     assert set(cli.commands) == set(extra) | set(no_job), "a new command must join this test"
     for command, args in no_job.items():
