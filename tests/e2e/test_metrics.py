@@ -227,6 +227,11 @@ def test_actor_counters_add_up_to_the_run_and_the_grafana_queries_hold(tmp_path,
         assert len({dict(k)["WorkerId"] for k in per_actor}) == 2  # one series per actor, both did work
         assert all(v > 0 for v in per_actor.values())
         assert _query(prometheus, f"ray_reembed_actor_tokenize_queue_depth{model}")
+        from reembed.flows.operations.dashboard import actor_figures  # `reembed dashboard --prometheus`
+
+        figures = actor_figures(prometheus)
+        assert figures.error is None and summary["model"] in figures.tokens_per_s
+        assert "did not answer" in actor_figures(f"http://127.0.0.1:{free_port()}").error
         _grafana_queries_hold(prometheus, pushgateway, tmp_path)
     finally:
         if prom is not None:
