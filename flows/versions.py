@@ -101,7 +101,7 @@ def job_status(job: JobConfig, index: VectorIndex) -> StatusInfo:
         model=manifest and manifest.model, shards=len(manifest.shards) if manifest else 0,
         input_rows=manifest and manifest.input_rows, quarantined=manifest and manifest.quarantined,
         finished_at=manifest and manifest.finished_at,
-        output=VectorStore(job.output.uri, collection).root if collection else None,
+        output=store.root if store is not None else None,
         index=job.index.where,
         in_sync=collection is not None and manifest is not None and points == manifest.vector_rows,
         last_run_status=last.status if last else None,

@@ -262,21 +262,22 @@ def s3_server(tmp_path_factory):
 
 
 def _binary(name: str) -> str:
-    """A Debian binary the metrics tests need; `infra/install.sh --test` installs them (CI does)."""
+    """A Debian binary the tests need (prometheus, prometheus-pushgateway, chromium: each its package's name);
+    `infra/install.sh --test` installs them (CI does)."""
     path = shutil.which(name)
     if path is None:
-        pytest.fail(f"{name} is not installed: `bash infra/install.sh --test` installs Debian's prometheus and "
-                    "prometheus-pushgateway (or: apt-get install prometheus prometheus-pushgateway)")
+        pytest.fail(f"{name} is not installed: `bash infra/install.sh --test` installs Debian's {name} "
+                    f"(or: apt-get install {name})")
     return path
 
 
-def _serve(cmd: list[str], ready_url: str, log_path: Path, what: str) -> subprocess.Popen:
+def _serve(cmd: list[str], ready_url: str, log_path: Path, what: str, deadline_s: float = 60) -> subprocess.Popen:
     """Start a service on 127.0.0.1 and wait until its readiness URL answers."""
     import urllib.request
 
     log = log_path.open("w")
     proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
-    deadline = time.monotonic() + 60
+    deadline = time.monotonic() + deadline_s
     while True:
         if proc.poll() is not None:
             raise RuntimeError(f"{what} exited: {log_path.read_text()[-3000:]}")
@@ -286,7 +287,7 @@ def _serve(cmd: list[str], ready_url: str, log_path: Path, what: str) -> subproc
         except OSError:
             if time.monotonic() > deadline:
                 proc.kill()
-                raise RuntimeError(f"{what} did not answer in 60 s: {log_path.read_text()[-3000:]}")
+                raise RuntimeError(f"{what} did not answer in {deadline_s:.0f} s: {log_path.read_text()[-3000:]}")
             time.sleep(0.2)
 
 

@@ -25,6 +25,7 @@ from pydantic import Field
 from reembed.flows.operations.run_log import SUCCESS, RunLog, RunRecord
 from reembed.indexing.index import IndexError_, open_index
 from reembed.indexing.records import Record, StatusInfo, VersionInfo
+from reembed.indexing.storage import join
 
 if TYPE_CHECKING:
     from fastapi import FastAPI
@@ -77,33 +78,28 @@ def alias_view(job: "JobConfig", job_file: str) -> AliasView:
 
     log = RunLog(job.output.uri, job.name, job.output.storage_options)
     runs = list(reversed(log.records(limit=RECENT_RUNS)))
-    now = datetime.now(timezone.utc)
     status = busy = None
     try:
         with open_index(job.index) as index:
-            status = job_status(job, index)
+            status = job_status(job, index)  # the live version's manifest and the run log's last success
             versions = list_versions(job, index)
-        live, points = status.collection, status.points
+        live, points, quarantined = status.collection, status.points, status.quarantined
+        success_at = status.last_success_at
     except IndexError_ as exc:  # a run holds the embedded index, or the server is away: the files still answer
         busy = str(exc)
         good = next((r for r in runs if r.status in SUCCESS and r.collection), None)
         live, points = (good.collection, good.points) if good else (None, None)
         versions = list_versions(job, None, live)
-    _, success = log.latest()
-    age = (now - success.finished_at).total_seconds() if success else None
+        manifest = VectorStore(job.output.uri, live, job.output.storage_options).read_manifest() if live else None
+        quarantined = manifest.quarantined if manifest is not None else None
+        _, success = log.latest()  # past the runs listed, when the latest RECENT_RUNS all failed
+        success_at = success.finished_at if success else None
+    age = (datetime.now(timezone.utc) - success_at).total_seconds() if success_at else None
     budget = job.metrics.max_age.total_seconds()
-    live_info = next((v for v in versions if v.collection == live), None)
-    quarantined = folder = None
-    if live:
-        store = VectorStore(job.output.uri, live, job.output.storage_options)
-        manifest = store.read_manifest()
-        if manifest is not None:
-            quarantined = manifest.quarantined
-        folder = f"{store.root.rstrip('/')}/quarantine"
+    folder = join(VectorStore(job.output.uri, live).root, "quarantine") if live else None
     return AliasView(
-        alias=job.name, job_file=job_file, status=status, index_busy=busy, live=live,
-        points=points if live_info is None or live_info.points is None else live_info.points,
-        freshness_budget_s=budget, last_success_at=success.finished_at if success else None,
+        alias=job.name, job_file=job_file, status=status, index_busy=busy, live=live, points=points,
+        freshness_budget_s=budget, last_success_at=success_at,
         last_success_age_s=round(age, 1) if age is not None else None, fresh=age is not None and age <= budget,
         quarantined=quarantined, quarantine_folder=folder, versions=versions, runs=runs,
     )

@@ -9,7 +9,6 @@ import json
 import shutil
 import subprocess
 import sys
-import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -127,29 +126,18 @@ def test_busy_index_is_shown_not_failed(two_jobs) -> None:
 
 
 @contextmanager
-def _served(*jobs: Path) -> Iterator[str]:
+def _served(log: Path, *jobs: Path) -> Iterator[str]:
     """`reembed dashboard JOB...` (the console script, default host 127.0.0.1) until the block ends; its URL."""
-    import urllib.request
-
-    from conftest import free_port, reembed_cli
+    from conftest import _serve, _stop, free_port, reembed_cli
 
     port = free_port()
-    proc = subprocess.Popen([*reembed_cli(), "dashboard", *map(str, jobs), "--port", str(port)],
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     url = f"http://127.0.0.1:{port}"
+    proc = _serve([*reembed_cli(), "dashboard", *map(str, jobs), "--port", str(port)], f"{url}/api/status", log,
+                  "reembed dashboard", deadline_s=120)
     try:
-        deadline = time.monotonic() + 120
-        while True:
-            try:
-                with urllib.request.urlopen(f"{url}/api/status", timeout=5):
-                    break
-            except OSError:
-                assert proc.poll() is None and time.monotonic() < deadline, proc.stdout.read()[-3000:]
-                time.sleep(0.5)
         yield url
     finally:
-        proc.terminate()
-        proc.wait(timeout=30)
+        _stop(proc, timeout=30)
 
 
 def test_dashboard_command_serves_and_refuses_duplicate_aliases(two_jobs, tmp_path) -> None:
@@ -161,7 +149,7 @@ def test_dashboard_command_serves_and_refuses_duplicate_aliases(two_jobs, tmp_pa
     twin.write_text(ok.read_text())
     refused = cli_in_process("dashboard", str(ok), str(twin))
     assert refused.returncode == 2 and "name the same alias" in refused.stderr
-    with _served(ok) as url:
+    with _served(tmp_path / "dashboard.log", ok) as url:
         with urllib.request.urlopen(f"{url}/api/status", timeout=10) as answer:
             body = json.load(answer)
     assert body["aliases"][0]["alias"] == "dash-ok" and body["aliases"][0]["points"] == 40
@@ -175,11 +163,12 @@ def test_chromium_shows_both_jobs_and_saves_a_screenshot(two_jobs, tmp_path) -> 
 
     from playwright.sync_api import sync_playwright
 
-    chromium = shutil.which("chromium")
-    assert chromium, "Debian's chromium is missing: `bash infra/install.sh --test` installs it"
+    from conftest import _binary
+
+    chromium = _binary("chromium")
     ok, blocked = two_jobs
     shot = tmp_path / "dashboard.png"
-    with _served(ok, blocked) as url, sync_playwright() as playwright:
+    with _served(tmp_path / "dashboard.log", ok, blocked) as url, sync_playwright() as playwright:
         browser = playwright.chromium.launch(executable_path=chromium, args=["--no-sandbox"])
         try:
             page = browser.new_page(viewport={"width": 1400, "height": 900})

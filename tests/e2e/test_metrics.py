@@ -236,11 +236,7 @@ def test_actor_counters_add_up_to_the_run_and_the_grafana_queries_hold(tmp_path,
     finally:
         if prom is not None:
             _stop(prom)
-        head.terminate()
-        try:
-            head.wait(timeout=30)
-        except Exception:
-            head.kill()
+        _stop(head, timeout=30)
         shutil.rmtree(temp, ignore_errors=True)
 
 

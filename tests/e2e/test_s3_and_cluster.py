@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 import s3fs
 
-from conftest import free_port, last_json, ray_node, run_cli, wait_nodes, write_jsonl
+from conftest import _stop, free_port, last_json, ray_node, run_cli, wait_nodes, write_jsonl
 from reembed.flows.config import load_job
 from reembed.flows.operations.run_log import RunLog
 from reembed.flows.operations.lease import LeaseSettings, job_lease
@@ -145,11 +145,7 @@ def test_two_node_ray_cluster_matches_local_run(local_reference, tmp_path: Path)
     finally:
         for proc in (worker, head):
             if proc is not None:
-                proc.terminate()
-                try:
-                    proc.wait(timeout=30)
-                except subprocess.TimeoutExpired:
-                    proc.kill()
+                _stop(proc, timeout=30)
 
 
 def test_gpu_actor_cpus_from_the_clusters_nodes(ray_session) -> None:
