@@ -17,7 +17,7 @@ from pydantic import BaseModel, Field
 from reembed.flows.config import JobConfig
 from reembed.indexing.corpus import (Shard, check_columns, file_fingerprint, limit_shards, list_files, plan_shards,
                              shard_fingerprint)
-from reembed.indexing.records import Manifest, Mode, RunSummary, ShardMarker
+from reembed.indexing.records import Manifest, Mode, RunSummary, ShardMarker, ShardRow
 from reembed.indexing.storage import StorageError, filesystem, protocol_of
 from reembed.indexing.vector_store import VectorStore
 from reembed.workers.model_loader import load_profile, resolve_model_path
@@ -170,7 +170,7 @@ def up_to_date_summary(job: JobConfig, plan: RunPlan, points: int, seconds: floa
         quarantined=manifest.quarantined, duplicates=manifest.duplicates, vector_rows=manifest.vector_rows,
         seconds=round(seconds, 3), shards_total=len(plan.shards), shards_done=len(plan.shards),
         shards_skipped=len(plan.shards), points=points, output=VectorStore(job.output.uri, plan.collection).root,
-        index=job.index.where,
+        index=job.index.where, shards=[ShardRow.of(plan.indexed[s.shard_id], "skipped") for s in plan.shards],
         message=f"nothing to do: {job.name} is up to date ({len(plan.shards)} shard(s) unchanged, "
                 f"{points} points in {plan.collection})",
     )

@@ -11,7 +11,7 @@ import logging
 import sys
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any, Literal
 
 from reembed.indexing.corpus import Shard
@@ -63,7 +63,7 @@ class RunProgress:
 
     def __init__(self, shards: list[Shard], mode: ProgressMode, interval: float, emit: Callable[[str], None],
                  board: Any | None = None, console: Any | None = None,
-                 listener: Callable[..., None] | None = None) -> None:
+                 listeners: Sequence[Callable[..., None]] = ()) -> None:
         self.shards = {s.shard_id: s for s in shards}
         self.exact: dict[str, int] = {s.shard_id: s.rows_hint for s in shards if s.rows_hint is not None}
         self.board = board
@@ -81,7 +81,9 @@ class RunProgress:
         self._task: Any = None
         self._last_state: tuple[int, int] = (-1, -1)
         self._console = console
-        self.listener = listener  # called as listener(done, total) every tick, listener(..., final=True) at the end
+        # each called as listener(done, total) every tick and listener(done, total, final=True) at the end:
+        # the Pushgateway's progress push, the Prefect progress artifact
+        self.listeners = list(listeners)
 
     def total(self) -> tuple[int, bool]:
         """(documents in this run's shards, whether that is exact)."""
@@ -142,10 +144,11 @@ class RunProgress:
         return done, max(self.total()[0], done)
 
     def _tell(self, final: bool = False) -> None:
-        if self.listener is not None:
+        counts = self.counts()
+        for listener in self.listeners:
             try:
-                self.listener(*self.counts(), final=final)
-            except Exception as exc:  # a listener (metrics) never fails a run
+                listener(*counts, final=final)
+            except Exception as exc:  # a listener (metrics, artifacts) never fails a run
                 logger.warning("progress listener failed: %s", exc)
 
     def _loop(self) -> None:

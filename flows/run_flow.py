@@ -41,7 +41,7 @@ from reembed.flows.vector_set import (VectorSet, build_vector_set, full_diff, pr
 from reembed.flows.versions import apply_retention
 from reembed.indexing.index import IndexError_, VectorIndex, open_index
 from reembed.indexing.records import (GateResult, GuardReport, Manifest, ManifestPart, RunSummary, ShardFailure,
-                                      ShardMarker, ShardResult, ShardTask, Status)
+                                      ShardMarker, ShardResult, ShardRow, ShardTask, Status)
 from reembed.indexing.upload import upsert_part
 from reembed.indexing.vector_store import VectorStore
 
@@ -135,13 +135,14 @@ def _told(summary: RunSummary) -> RunSummary:
     return summary
 
 
-def _progress_pusher(job: JobConfig):
-    """The job's progress push (documents done / total every ``metrics.push_seconds``), when it names a
-    Pushgateway."""
+def _progress_listeners(job: JobConfig) -> list[Any]:
+    """Who hears of the documents done while shards are embedded: the job's progress push (every
+    ``metrics.push_seconds``), when it names a Pushgateway, and the flow run's progress artifact."""
     from reembed.flows.operations.metrics import pusher_for
 
-    pusher = pusher_for(job)
-    return pusher.progress if pusher is not None else None
+    pusher, artifacts = pusher_for(job), PrefectArtifacts.of_this_flow_run()
+    return [*([pusher.progress] if pusher is not None else []),
+            *([artifacts.progress_for(job.name)] if artifacts is not None else [])]
 
 
 def _origin() -> tuple[Trigger, list[str] | None]:
@@ -345,7 +346,7 @@ def embed_shards(run: RunSession, upserts: Upserts, progress: ProgressMode, cloc
     clock.encode_started = time.perf_counter()
     with ThreadPoolTaskRunner(max_workers=pool.slots) as runner, \
             RunProgress(plan.todo, progress, job.runtime.progress_seconds, log.info, board,
-                        listener=_progress_pusher(job)) as tracker:
+                        listeners=_progress_listeners(job)) as tracker:
         futures = {runner.submit(embed_task, {"pool": pool, "task": t, "board": board}): sid
                    for sid, t in tasks.items()}
         for future in as_completed(list(futures)):
@@ -383,7 +384,7 @@ def upsert_shards(run: RunSession, upserts: Upserts, embedded: Embedded, force_r
         quarantines = [r.quarantine_uri for r in known if r.quarantine_uri]
         raise GuardBlocked(report, plan.live, run.store.quarantine_dir if quarantines else None,
                            first_reasons(quarantines, run.job.output.storage_options),
-                           summarize(run, embedded, known, clock, "blocked"))
+                           summarize(run, embedded, known, clock, "blocked", guards=report))
     upserts.release()
     markers, failures = upserts.wait()
     run.upserted += sum(m.points or 0 for m in markers)
@@ -433,7 +434,8 @@ def guard_task(run: RunSession, embedded: Embedded, results: list[ShardMarker], 
                                               "documents"))
     report.checks.append(empty_check(job.guards, vector_set.size, run.live_points))
     if not enforce(report, force_reason):
-        raise GuardBlocked(report, plan.live, None, [], summarize(run, embedded, results, clock, "blocked"))
+        raise GuardBlocked(report, plan.live, None, [],
+                           summarize(run, embedded, results, clock, "blocked", guards=report))
     return report
 
 
@@ -508,7 +510,8 @@ def gate_task(run: RunSession, manifest: Manifest, embedded: Embedded, results: 
     _log().info("quality gate: %s new %.4f vs live %s", gate.metric, gate.new_score, gate.live_score)
     if not gate.passed:
         if not force_reason:
-            raise GateFailed(gate, summarize(run, embedded, results, clock, "blocked"))
+            raise GateFailed(gate, summarize(run, embedded, results, clock, "blocked", guards=manifest.guards,
+                                             gate=gate))
         _log().warning("quality gate failed but --force was given: %s", force_reason)
     return gate
 
@@ -562,7 +565,29 @@ def summarize(run: RunSession, embedded: Embedded, results: Iterable[ShardResult
         points=reconciled.points if reconciled else points, output=run.store.root,
         index=job.index.where, index_status=reconciled.index_status if reconciled else None,
         guards=guards, gate=gate, retired_versions=retired or [], message=message,
+        shards=shard_rows(plan, embedded),
     )
+
+
+def shard_rows(plan: RunPlan, embedded: Embedded) -> list[ShardRow]:
+    """Every planned shard, in plan order, with what this run did to it (the per-shard table of its outcome)."""
+    fresh = {r.shard_id: r for r in embedded.fresh}
+    failed = {f.shard.removeprefix("upsert "): f.error for f in embedded.failures}
+    rows = []
+    for shard in plan.shards:
+        sid = shard.shard_id
+        if sid in fresh:
+            row = ShardRow.of(fresh[sid], "embedded")
+        elif sid in plan.indexed:
+            row = ShardRow.of(plan.indexed[sid], "skipped")
+        elif sid in plan.written:
+            row = ShardRow.of(plan.written[sid], "upserted")
+        else:  # failed before it had a result, or not reached (a run stopped early)
+            row = ShardRow(shard=sid, source=shard.uri, outcome="failed", rows=shard.rows_hint)
+        if sid in failed:
+            row = row.model_copy(update={"outcome": "failed", "error": failed[sid]})
+        rows.append(row)
+    return rows
 
 
 def _log() -> logging.Logger | logging.LoggerAdapter[logging.Logger]:

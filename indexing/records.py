@@ -154,6 +154,34 @@ class ShardMarker(ShardResult):
     points: int | None = None
 
 
+ShardOutcome = Literal["embedded", "skipped", "upserted", "failed"]
+
+
+class ShardRow(Record):
+    """One shard of a run, as the summary's per-shard table shows it: what this run did with it. ``skipped``:
+    indexed by an earlier run with the same input and model; ``upserted``: written (embedded) by an earlier run
+    that stopped before its points, indexed by this one; ``failed``: after its retries, with the error."""
+
+    shard: str
+    source: str | None = None
+    outcome: ShardOutcome
+    rows: int | None = None  # input rows of the shard
+    encoded: int = 0
+    reused: int = 0
+    quarantined: int | None = None
+    seconds: float = 0.0  # this run's seconds on the shard (read, encode, write), 0 when skipped
+    actor: str | None = None  # host:pid of the actor that embedded it
+    error: str | None = None
+
+    @classmethod
+    def of(cls, result: "ShardResult", outcome: ShardOutcome) -> "ShardRow":
+        done_here = outcome == "embedded"
+        return cls(shard=result.shard_id, source=result.source, outcome=outcome, rows=result.input_rows,
+                   encoded=result.encoded if done_here else 0, reused=result.reused if done_here else 0,
+                   quarantined=result.quarantined, seconds=round(result.seconds, 3) if done_here else 0.0,
+                   actor=f"{result.host or result.node or '?'}:{result.pid}" if done_here and result.pid else None)
+
+
 class ManifestPart(Record):
     shard_id: str
     part_uri: str
@@ -279,6 +307,7 @@ class RunSummary(Record):
     gate: GateResult | None = None
     retired_versions: list[str] = Field(default_factory=list)
     message: str | None = None
+    shards: list[ShardRow] = Field(default_factory=list)  # every shard of the plan, in plan order
 
 
 class VersionInfo(Record):

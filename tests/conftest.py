@@ -84,6 +84,23 @@ def last_json(stdout: str):
     return json.loads(stdout.strip().splitlines()[-1])
 
 
+
+def flow_run_artifacts(flow_run_id=None, key: str | None = None) -> dict[str, object]:
+    """Artifact key -> data of one flow run, read back from the Prefect API this process talks to; with ``key``
+    instead of an id, of the flow run that published the latest artifact under that key."""
+    from prefect import get_client
+    from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterFlowRunId, ArtifactFilterKey
+    from prefect.client.schemas.sorting import ArtifactSort
+
+    with get_client(sync_client=True) as client:
+        if flow_run_id is None:
+            (latest,) = client.read_artifacts(artifact_filter=ArtifactFilter(key=ArtifactFilterKey(any_=[key])),
+                                              sort=ArtifactSort.CREATED_DESC, limit=1)
+            flow_run_id = latest.flow_run_id
+        found = client.read_artifacts(artifact_filter=ArtifactFilter(
+            flow_run_id=ArtifactFilterFlowRunId(any_=[flow_run_id])))
+    return {a.key: a.data for a in found}
+
 @pytest.fixture(scope="session")
 def scifact_docs() -> list[dict]:
     if not (SCIFACT / "corpus.jsonl").exists():
@@ -171,7 +188,8 @@ def prefect_server(tmp_path_factory):
     """One real ``prefect server start`` on 127.0.0.1 for the session; its URL goes into ``PREFECT_API_URL``, so
     every subprocess run talks to it instead of starting Prefect's temporary server (11-21 s each). The pytest
     process itself keeps the settings it imported Prefect with (its own temporary server, started once), so the
-    no-server path stays covered in-process. Stopped by PID."""
+    no-server path stays covered in-process. It serves Prefect's UI too (the dashboard test loads a flow run's
+    artifacts in it). Stopped by PID."""
     import urllib.request
 
     home = tmp_path_factory.mktemp("prefect-server")
@@ -181,7 +199,7 @@ def prefect_server(tmp_path_factory):
            "PREFECT_API_URL": url}
     log = (home / "server.log").open("w")
     proc = subprocess.Popen([str(Path(sys.executable).parent / "prefect"), "server", "start", "--host", "127.0.0.1",
-                             "--port", str(port), "--no-ui", "--analytics-off"],
+                             "--port", str(port), "--analytics-off"],
                             stdout=log, stderr=subprocess.STDOUT, env=env, cwd=home)
     deadline = time.time() + 180
     while True:

@@ -1,11 +1,12 @@
 """`reembed dashboard` over real runs of two jobs (one ok, one blocked by its guards): the page's text carries
 each alias, each last run's status and the live point count; ``/api/status`` agrees with `reembed status
 --json`; the page never writes; while another process holds an embedded index it says the index is busy and
-still shows the run log's and the manifests' figures."""
+still shows the run log's and the manifests' figures. And a run's Prefect artifacts, seen in Prefect's own UI."""
 
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import subprocess
 import sys
@@ -159,8 +160,6 @@ def test_chromium_shows_both_jobs_and_saves_a_screenshot(two_jobs, tmp_path) -> 
     """Headless Chromium (Debian's, driven by Playwright through executable_path) loads the served page; its
     text has each alias, each last run's status and the live points; the screenshot is the test's output
     (copied into $REEMBED_SCREENSHOTS when set: docs/dashboard.png is made that way)."""
-    import os
-
     from playwright.sync_api import sync_playwright
 
     from conftest import _binary
@@ -183,3 +182,51 @@ def test_chromium_shows_both_jobs_and_saves_a_screenshot(two_jobs, tmp_path) -> 
     assert shot.stat().st_size > 10_000 and shot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     if os.environ.get("REEMBED_SCREENSHOTS"):
         shutil.copy(shot, Path(os.environ["REEMBED_SCREENSHOTS"]) / "dashboard.png")
+
+
+def test_chromium_shows_the_summary_artifact_in_the_prefect_ui(tmp_path, prefect_server) -> None:
+    """A run through the console script publishes its artifacts to the session's `prefect server`; the same
+    browser loads that flow run's page in Prefect's UI: the Artifacts tab lists the summary, shards, headline
+    and progress artifacts, the summary's card and its table show the run's point count."""
+    import re
+    import urllib.request
+
+    from playwright.sync_api import sync_playwright
+
+    from conftest import _binary, run_cli
+
+    chromium = _binary("chromium")
+    job = _job(tmp_path / "ui", "ui-run")
+    res = run_cli("run", str(job), "--json")
+    assert res.returncode == 0, res.stderr[-3000:]
+    summary = last_json(res.stdout)
+    points, collection = summary["points"], summary["collection"]
+    assert points == 40
+    query = json.dumps({"artifacts": {"key": {"any_": ["reembed-ui-run-summary"]}}, "limit": 1}).encode()
+    request = urllib.request.Request(f"{prefect_server}/artifacts/filter", data=query,
+                                     headers={"Content-Type": "application/json"})
+    with urllib.request.urlopen(request, timeout=30) as answer:
+        (artifact,) = json.load(answer)
+    ui = prefect_server.removesuffix("/api")
+    shot = tmp_path / "prefect-artifacts.png"
+    with sync_playwright() as playwright:
+        browser = playwright.chromium.launch(executable_path=chromium, args=["--no-sandbox"])
+        try:
+            page = browser.new_page(viewport={"width": 1400, "height": 1000})
+            page.goto(f"{ui}/runs/flow-run/{artifact['flow_run_id']}", wait_until="networkidle")
+            page.get_by_text("Artifacts", exact=True).first.click()
+            page.get_by_text("reembed-ui-run-progress").wait_for()
+            cards = page.inner_text("body")
+            page.screenshot(path=str(shot), full_page=True)
+            page.get_by_text("reembed-ui-run-summary").click()  # the artifact's own page renders its table
+            page.get_by_text("index_status").wait_for()
+            table = page.inner_text("body")
+        finally:
+            browser.close()
+    for what in ("summary", "shards", "headline", "progress"):
+        assert f"reembed-ui-run-{what}" in cards
+    assert f"reembed run of ui-run: ok, {points} points in {collection}" in cards
+    assert "40/40 documents embedded (done)" in cards
+    assert re.search(rf"\bpoints\s+{points}\b", table), table[-3000:]
+    if os.environ.get("REEMBED_SCREENSHOTS"):
+        shutil.copy(shot, Path(os.environ["REEMBED_SCREENSHOTS"]) / "prefect-artifacts.png")

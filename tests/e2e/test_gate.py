@@ -3,14 +3,16 @@
 from __future__ import annotations
 
 import csv
+import json
 from pathlib import Path
 
 import pytest
 import torch
 
-from conftest import SCIFACT, write_jsonl
+from conftest import SCIFACT, flow_run_artifacts, write_jsonl
 from reembed.flows.config import load_job
 from reembed.flows.gate import GateFailed
+from reembed.flows.operations.run_log import RunLog
 from reembed.flows.run_flow import run_job
 from reembed.flows.versions import list_versions
 from reembed.indexing.index import open_index
@@ -64,6 +66,20 @@ def test_gate_blocks_a_worse_model_and_force_overrides(gated_job, ray_session, e
     gate = blocked.value.result
     assert gate.live == good.collection and gate.new_score < gate.live_score - 0.02
     assert f"{gate.new_score:.4f}" in str(blocked.value) and f"{gate.live_score:.4f}" in str(blocked.value)
+    # the blocked run's outcome carries the scores everywhere it is published: summary, run log, artifacts
+    assert blocked.value.summary.status == "blocked" and blocked.value.summary.gate == gate
+    record = RunLog(bad_job.output.uri, "gated").records()[-1]
+    assert (record.status, record.blocked_by) == ("blocked", "gate")
+    assert (record.gate_new_score, record.gate_live_score) == (gate.new_score, gate.live_score)
+    artifacts = flow_run_artifacts(key="reembed-gated-headline")
+    assert artifacts["reembed-gated-headline"].startswith("**blocked**") and "quality gate blocked the swap" in \
+        artifacts["reembed-gated-headline"]
+    scores = json.loads(artifacts["reembed-gated-gate"])
+    assert [(r["version"], r["collection"], r["passed"]) for r in scores] == [
+        ("candidate", gate.new, False), ("live", gate.live, False)]
+    assert (scores[0]["score"], scores[1]["score"]) == (gate.new_score, gate.live_score)
+    assert {"metric": "gate", "value": f"failed: ndcg@10 {gate.new_score:.4f} vs live {gate.live_score:.4f}"} in \
+        json.loads(artifacts["reembed-gated-summary"])
     with open_index(bad_job.index) as index:
         assert index.alias_target("gated") == good.collection  # still live
         versions = {v.collection: v for v in list_versions(bad_job, index)}

@@ -15,7 +15,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from conftest import ROOT, cli_in_process, last_json, no_actors, run_cli
+from conftest import ROOT, cli_in_process, flow_run_artifacts, last_json, no_actors, run_cli
 from reembed.flows.config import load_job
 from reembed.flows.planning import live_collection, plan_run
 from reembed.flows.run_flow import run_job
@@ -162,10 +162,19 @@ def test_plan_fresh_half_done_refresh_and_changed_model(tmp_path, ray_session) -
     assert not missing, (missing, steps)
     assert set(steps.values()) == {"COMPLETED"}, steps
     # the outcome is published as this flow run's artifacts, under the job's stable keys
-    artifacts = _artifacts(state.state_details.flow_run_id)
-    assert set(artifacts) == {"reembed-guarded-headline", "reembed-guarded-summary"}, artifacts
+    artifacts = flow_run_artifacts(state.state_details.flow_run_id)
+    assert set(artifacts) == {f"reembed-guarded-{what}" for what in ("headline", "summary", "shards", "progress")}
     assert artifacts["reembed-guarded-headline"].startswith("**ok** (resume): 40 points in")
-    assert {"metric": "encoded", "value": "20"} in json.loads(artifacts["reembed-guarded-summary"])
+    summary_table = json.loads(artifacts["reembed-guarded-summary"])
+    assert {"metric": "encoded", "value": "20"} in summary_table
+    assert {"metric": "guard max_quarantined_fraction", "value": "passed: 0 (limit 0.05)"} in summary_table
+    assert {"metric": "guard not_empty", "value": "passed: 40 (limit 1)"} in summary_table
+    # one row per shard, in plan order: the half-done one only upserted, the other embedded by an actor
+    shards = json.loads(artifacts["reembed-guarded-shards"])
+    assert [(s["shard"], s["outcome"], s["rows"], s["encoded"]) for s in shards] == [
+        (plan.shards[0].shard_id, "upserted", 20, 0), (plan.shards[1].shard_id, "embedded", 20, 20)]
+    assert shards[1]["actor"] and shards[1]["seconds"] > 0 and shards[0]["actor"] is None
+    assert artifacts["reembed-guarded-progress"] == 100.0  # 20 of the 20 documents this run embedded
     assert plan_run(job, None, live_collection(job)).mode == "up-to-date"
     docs = _docs(job_path.parent)
     docs[30]["text"] += " (revised)"
@@ -187,17 +196,6 @@ def _task_runs(flow_run_id) -> dict[str, str]:
     with get_client(sync_client=True) as client:
         runs = client.read_task_runs(flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[flow_run_id])))
     return {r.name: r.state_type.value for r in runs}
-
-
-def _artifacts(flow_run_id) -> dict[str, str]:
-    """Artifact key -> data of one flow run, read back from the Prefect API."""
-    from prefect import get_client
-    from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterFlowRunId
-
-    with get_client(sync_client=True) as client:
-        found = client.read_artifacts(artifact_filter=ArtifactFilter(
-            flow_run_id=ArtifactFilterFlowRunId(any_=[flow_run_id])))
-    return {a.key: a.data for a in found}
 
 
 def test_noop_rerun_says_so_and_trial_never_goes_live(live, monkeypatch) -> None:

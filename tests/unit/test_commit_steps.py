@@ -216,3 +216,59 @@ def test_stored_records_are_replaced_whole_even_by_writers_at_once(tmp_path) -> 
     final = read_json(target)
     assert final["i"] == 39 and final["pad"] == "x" * 4096
     assert sorted(p.name for p in tmp_path.iterdir()) == ["current.json"]
+
+
+def test_the_per_shard_table_says_what_this_run_did_to_every_shard() -> None:
+    """Plan order; an earlier run's work is not counted as this run's; a failed upsert marks its shard failed;
+    a shard that never produced a result is still listed, as failed."""
+    from reembed.flows.operations.artifacts import shard_table
+    from reembed.flows.run_flow import Embedded, shard_rows
+    from reembed.indexing.records import ShardFailure
+
+    def result(shard_id: str, **kw) -> ShardMarker:
+        return ShardMarker(shard_id=shard_id, source=f"{shard_id}.jsonl", model="m", model_fingerprint="mf", dim=DIM,
+                           rows=9, vector_rows=9, input_rows=10, quarantined=1, encoded=6, reused=3, seconds=1.23456,
+                           host="h", pid=7, part_uri=f"{shard_id}.parquet", stage="indexed", **kw)
+
+    shards = [Shard(s, f"{s}.jsonl", "jsonl", rows_hint=10) for s in "abcde"]
+    plan = RunPlan(collection="unit-000000000001", dim=DIM, model_fingerprint="mf", shards=shards,
+                   input_fps={s.shard_id: "fp" for s in shards}, indexed={"a": result("a")},
+                   written={"b": result("b", points=None).model_copy(update={"stage": "written"})})
+    embedded = Embedded(fresh=[result("c"), result("d")],
+                        failures=[ShardFailure(shard="upsert d", error="boom"), ShardFailure(shard="e", error="oom")])
+    rows = shard_table(shard_rows(plan, embedded))
+    assert [(r["shard"], r["outcome"], r["encoded"], r["reused"], r["seconds"], r["actor"], r["error"])
+            for r in rows] == [("a", "skipped", 0, 0, 0.0, None, None), ("b", "upserted", 0, 0, 0.0, None, None),
+                               ("c", "embedded", 6, 3, 1.235, "h:7", None), ("d", "failed", 6, 3, 1.235, "h:7", "boom"),
+                               ("e", "failed", 0, 0, 0.0, None, "oom")]
+    assert [r["rows"] for r in rows] == [10] * 5 and [r["quarantined"] for r in rows] == [1, 1, 1, 1, None]
+
+
+def test_the_summary_table_carries_the_guards_and_the_gate() -> None:
+    from datetime import datetime, timezone
+
+    from reembed.flows.operations.artifacts import gate_table, summary_rows
+    from reembed.flows.operations.run_log import RunRecord
+    from reembed.indexing.records import GateResult, GuardCheck, GuardReport, RunSummary
+
+    gate = GateResult(metric="ndcg@10", new="v2", live="v1", new_score=0.5, live_score=0.61, tolerance=0.02,
+                      passed=False)
+    guards = GuardReport(checks=[GuardCheck(name="max_deleted_fraction", value=0.5, limit=0.2, detail="20 of 40 "
+                                            "live points would be removed (50.0%) > guards.max_deleted_fraction "
+                                            "20.0%", passed=False),
+                                 GuardCheck(name="not_empty", value=40.0, limit=1.0, detail="-", passed=True)])
+    summary = RunSummary(alias="j", collection="v2", mode="new-version", status="blocked", model="m", dim=DIM,
+                         input_rows=40, indexed=40, seconds=1.0, shards_total=2, output="o", index="edge:q",
+                         guards=guards, gate=gate)
+    now = datetime.now(timezone.utc)
+    record = RunRecord(run_id="r", job="j", trigger="cli", status="blocked", started_at=now, finished_at=now,
+                       seconds=1.0, host="h")
+    rows = summary_rows(record, summary)
+    assert {"metric": "status", "value": "blocked"} in rows
+    assert {"metric": "guard max_deleted_fraction", "value": "failed: 20 of 40 live points would be removed "
+            "(50.0%) > guards.max_deleted_fraction 20.0%"} in rows
+    assert {"metric": "guard not_empty", "value": "passed: 40 (limit 1)"} in rows
+    assert rows[-1] == {"metric": "gate", "value": "failed: ndcg@10 0.5000 vs live 0.6100"}
+    assert not any(r["metric"] in ("guards", "gate_result", "shards") for r in rows)
+    assert [(r["version"], r["collection"], r["score"], r["passed"]) for r in gate_table(gate)] == [
+        ("candidate", "v2", 0.5, False), ("live", "v1", 0.61, False)]
