@@ -490,13 +490,13 @@ def rollback(job: str, version: str | None, overrides: tuple[str, ...], verbose:
     _setup_logging(verbose)
     try:
         from reembed.flows.config import load_job
-        from reembed.flows.operations.lease import job_lease
+        from reembed.flows.operations.lease import INDEX_WRITES, fenced, job_lease
         from reembed.flows.versions import rollback as do_rollback
         from reembed.indexing.index import open_index
 
         cfg = load_job(job, list(overrides))
-        with job_lease(cfg.output.uri, cfg.name, cfg.lease, "reembed rollback", cfg.output.storage_options), \
-                open_index(cfg.index) as index:
+        with job_lease(cfg.output.uri, cfg.name, cfg.lease, "reembed rollback", cfg.output.storage_options) as lease, \
+                fenced(open_index(cfg.index), lease, INDEX_WRITES) as index:
             result = do_rollback(cfg, index, version, force_reason)
     except _user_errors() as exc:
         _fail(exc, verbose)
@@ -530,13 +530,13 @@ def reindex(job: str, version: str | None, overrides: tuple[str, ...], verbose: 
     _setup_logging(verbose)
     try:
         from reembed.flows.config import load_job
-        from reembed.flows.operations.lease import job_lease
+        from reembed.flows.operations.lease import INDEX_WRITES, fenced, job_lease
         from reembed.flows.versions import reindex as do_reindex
         from reembed.indexing.index import open_index
 
         cfg = load_job(job, list(overrides))
-        with job_lease(cfg.output.uri, cfg.name, cfg.lease, "reembed reindex", cfg.output.storage_options), \
-                open_index(cfg.index) as index:
+        with job_lease(cfg.output.uri, cfg.name, cfg.lease, "reembed reindex", cfg.output.storage_options) as lease, \
+                fenced(open_index(cfg.index), lease, INDEX_WRITES) as index:
             result = do_reindex(cfg, index, version, activate)
     except _user_errors() as exc:
         _fail(exc, verbose)

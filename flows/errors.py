@@ -6,6 +6,7 @@ import logging
 from typing import Any
 
 from reembed.flows.config import ConfigError
+from reembed.flows.operations.lease import LeaseLost
 from reembed.indexing.corpus import CorpusError
 from reembed.indexing.index import IndexError_
 from reembed.indexing.storage import StorageError
@@ -13,6 +14,7 @@ from reembed.workers.model_loader import ModelNotFoundError
 
 JOB_LEVEL_ERRORS: tuple[type[BaseException], ...] = (
     ConfigError, CorpusError, StorageError, ModelNotFoundError, IndexError_, PermissionError,
+    LeaseLost,  # not the user's to fix, but no retry can help: another run owns the job now
 )
 
 

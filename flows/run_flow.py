@@ -32,7 +32,7 @@ from reembed.flows.guards import (GuardBlocked, delete_check, empty_check, enfor
                                   quarantine_check)
 from reembed.flows.operations.artifacts import PrefectArtifacts
 from reembed.flows.operations.run_log import Trigger, listeners_for, recorded_run, skipped_when_held
-from reembed.flows.operations.lease import JobLease, job_lease
+from reembed.flows.operations.lease import INDEX_WRITES, STORE_WRITES, JobLease, LeaseLost, fenced, job_lease
 from reembed.flows.planning import RunPlan, live_collection, plan_run, up_to_date_summary
 from reembed.flows.progress import ProgressMode, RunProgress, start_board
 from reembed.flows.ray_pool import ActorPool, init_ray
@@ -107,7 +107,7 @@ def _run(job: JobConfig, force_reason: str | None, limit: int | None, progress: 
     _log().info("planned %d shard(s) from %s into %s (%s): %d already indexed, %d written but not indexed, "
                 "%d to embed", len(plan.shards), job.corpus.uri, plan.collection, plan.mode, len(plan.indexed),
                 len(plan.written), len(plan.todo))
-    with RunSession(job, plan) as run:
+    with RunSession(job, plan, lease) as run:
         if plan.mode == "up-to-date":
             return up_to_date_summary(job, plan, run.index.count(plan.collection), clock.seconds())
         with Upserts(run) as upserts:
@@ -179,13 +179,17 @@ class Clock:
 
 class RunSession:
     """One flow run's live resources: the index client, Ray and the actor pool (started only when shards need
-    embedding), the progress board. Closed at the end of the run, whatever happened."""
+    embedding), the progress board. Closed at the end of the run, whatever happened. With the run's lease, the
+    index and the vector store are fenced by it: every write through them checks the lease first."""
 
-    def __init__(self, job: JobConfig, plan: RunPlan) -> None:
+    def __init__(self, job: JobConfig, plan: RunPlan, lease: JobLease | None = None) -> None:
         self.job = job
         self.plan = plan
-        self.store = VectorStore(job.output.uri, plan.collection, job.output.storage_options)
-        self.index = open_index(job.index)
+        self.lease = lease
+        store = VectorStore(job.output.uri, plan.collection, job.output.storage_options)
+        index = open_index(job.index)
+        self.store = fenced(store, lease, STORE_WRITES) if lease else store
+        self.index = fenced(index, lease, INDEX_WRITES) if lease else index
         self.pool: ActorPool | None = None
         self.owns_ray = False
         # Refreshing the live collection itself: hold every write to it until the quarantine guard has passed.
@@ -313,6 +317,8 @@ class Upserts:
         for result, future in self.started:
             try:
                 markers.append(future.result())
+            except LeaseLost:
+                raise  # the run stops: no shard of it may write again
             except Exception as exc:
                 failures.append(ShardFailure(shard=f"upsert {result.shard_id}", error=f"{type(exc).__name__}: {exc}"))
         return markers, failures
@@ -359,6 +365,8 @@ def embed_shards(run: RunSession, upserts: Upserts, progress: ProgressMode, cloc
                 embedded.failures.append(ShardFailure(shard=shard_id, error=f"{type(exc).__name__}: {exc}"))
                 log.error("shard %s failed after retries: %s", shard_id, exc)
                 continue
+            if run.lease is not None:
+                run.lease.fence()  # taken over while embedding: stop now rather than at the first upsert
             tracker.finish_shard(shard_id, result.input_rows)
             embedded.fresh.append(result)
             upserts.add(result)

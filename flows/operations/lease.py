@@ -11,7 +11,12 @@ the run waits ``SETTLE_S`` and reads the lease back: of two runs that wrote at o
 so exactly one sees its own token.
 
 A holder renews ``expires_at`` from a background thread every third of ``lease.ttl``; a run that was killed
-stops renewing, so its lease expires and the next run takes it over. On the host it ran on, a run whose
+stops renewing, so its lease expires and the next run takes it over. The lease fences the holder's writes:
+the index and the vector store a run writes through are wrapped (``fenced``), so every write (an upsert batch,
+a delete, a marker, the manifest, the alias move, retention's drops) first calls ``JobLease.fence``. That is
+an in-memory check while renewals are on time; once the renewal thread has seen a takeover, or renewals fell
+behind (a stalled process: a long GC pause, a suspended VM), the next write raises ``LeaseLost`` instead of
+writing. On the host it ran on, a run whose
 process is gone (its pid no longer runs with the same start time) is taken over at once. Commands that write
 (run, reindex, rollback) take it; within one process taking it again is a no-op, so the CLI and the flow it
 starts share one lease.
@@ -26,9 +31,10 @@ import secrets
 import socket
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from datetime import datetime, timedelta, timezone
+from typing import Any, TypeVar, cast
 
 from pydantic import BaseModel, ConfigDict, Field
 
@@ -86,6 +92,8 @@ class JobLease:
     def __init__(self, uri: str, record: LeaseRecord, ttl: float, options: StorageOptions | None) -> None:
         self.uri, self.record, self.ttl, self.options = uri, record, ttl, options
         self.lost: str | None = None
+        self.renewed = time.monotonic()  # when the lease was last known ours and renewed, on this process's clock
+        self._renew_lock = threading.Lock()
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._renew_loop, name=f"lease-{record.job}", daemon=True)
         self._thread.start()
@@ -95,26 +103,53 @@ class JobLease:
         if self.lost is None:
             current = _read(self.uri, self.options)
             if current is None or current.token != self.record.token:
-                self.lost = f"the lease of job {self.record.job!r} was taken over" + (
-                    f" by {current.describe()}" if current else " (its file was removed)")
+                seen = f"{_now():%Y-%m-%d %H:%M:%S} UTC"
+                self.lost = (f"lease lost to {current.holder} at {seen}: the lease of job {self.record.job!r} was "
+                             f"taken over by {current.describe()}" if current else
+                             f"lease lost at {seen}: the lease file of job {self.record.job!r} was removed")
         return self.lost is None
 
     def _renew_loop(self) -> None:
         while not self._stop.wait(self.ttl / 3):
             try:
-                with _local_lock(self.uri):
-                    if not self._still_ours():
-                        logger.error("%s; this run will not commit", self.lost)
-                        return
-                    self.record = self.record.model_copy(update={"expires_at": _now() + timedelta(seconds=self.ttl)})
-                    write_json(self.uri, self.record.model_dump(mode="json"), self.options)
+                if not self._renew():
+                    logger.error("%s; this run makes no further write", self.lost)
+                    return
             except Exception as exc:  # a storage hiccup: try again next time; expiry is ttl away
                 logger.warning("could not renew the lease %s: %s", self.uri, exc)
 
+    def _renew(self) -> bool:
+        """Read the lease and, while it is still ours, extend it; False (and ``lost`` says why) once it is not."""
+        with self._renew_lock, _local_lock(self.uri):
+            if not self._still_ours():
+                return False
+            started = time.monotonic()
+            self.record = self.record.model_copy(update={"expires_at": _now() + timedelta(seconds=self.ttl)})
+            write_json(self.uri, self.record.model_dump(mode="json"), self.options)
+            self.renewed = started
+            return True
+
     def check(self) -> None:
-        """Raise ``LeaseLost`` when another run took the lease over; called before anything is committed."""
+        """Raise ``LeaseLost`` when another run took the lease over (read now); called before committing."""
         if not self._still_ours():
-            raise LeaseLost(f"{self.lost}: this run stopped before committing; the other run owns the job now")
+            self._raise_lost()
+
+    def fence(self) -> None:
+        """Before each write made on the run's behalf: raise ``LeaseLost`` when the lease is known to be lost.
+        While renewals are on time this reads nothing; when the last one is older than two thirds of the ttl
+        (this process stalled, or storage failed to answer), the lease is read and renewed first, so a run
+        that was taken over while it stalled finds out before its next write, not after."""
+        if self.lost is None and time.monotonic() - self.renewed > self.ttl * 2 / 3:
+            try:
+                self._renew()
+            except Exception as exc:  # cannot tell whether it is still ours: do not write on a maybe
+                if time.monotonic() - self.renewed >= self.ttl:
+                    self.lost = f"the lease of job {self.record.job!r} could not be renewed for {self.ttl:.0f} s ({exc})"
+        if self.lost is not None:
+            self._raise_lost()
+
+    def _raise_lost(self) -> None:
+        raise LeaseLost(f"{self.lost}: this run stopped before its next write; the other run owns the job now")
 
     def release(self) -> None:
         self._stop.set()
@@ -126,6 +161,46 @@ class JobLease:
                 fs.rm(path)
         except Exception as exc:  # the lease then expires on its own
             logger.warning("could not release the lease %s: %s", self.uri, exc)
+
+
+# What writes, on the two kinds of object a run writes through (reembed.indexing.index.VectorIndex and
+# reembed.indexing.vector_store.VectorStore): each of these calls is fenced by the run's lease.
+INDEX_WRITES = frozenset({"ensure_collection", "upsert", "delete_points", "finish_bulk_load", "drop", "point_alias",
+                          "point_aliases", "remove_alias"})
+STORE_WRITES = frozenset({"write_part", "write_quarantine", "write_marker", "write_manifest", "mark_writing",
+                          "clear_writing", "remove_unreferenced"})
+
+T = TypeVar("T")
+
+
+class _Fenced:
+    """``target`` with every method named in ``writes`` preceded by ``fence()``; everything else passes through."""
+
+    def __init__(self, target: Any, fence: Callable[[], None], writes: frozenset[str]) -> None:
+        self._target, self._fence, self._writes = target, fence, writes
+
+    def __getattr__(self, name: str) -> Any:
+        attr = getattr(self._target, name)
+        if name not in self._writes:
+            return attr
+
+        def fenced_call(*args: Any, **kwargs: Any) -> Any:
+            self._fence()
+            return attr(*args, **kwargs)
+
+        return fenced_call
+
+    def __enter__(self) -> Any:
+        self._target.__enter__()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._target.__exit__(*exc)
+
+
+def fenced(target: T, lease: JobLease, writes: frozenset[str]) -> T:
+    """``target`` (an index or a vector store) whose writes ``lease`` fences: ``INDEX_WRITES`` or ``STORE_WRITES``."""
+    return cast(T, _Fenced(target, lease.fence, writes))
 
 
 _ACTIVE: dict[str, JobLease] = {}  # lease URI -> the lease this process holds (re-entrant within a process)
@@ -179,7 +254,11 @@ def _acquire(uri: str, job: str, settings: LeaseSettings, command: str, options:
                 if current is not None and current.token == mine.token:
                     logger.info("holding the lease of job %r (%s)", job, uri)
                     return JobLease(uri, mine, settings.ttl, options)
-        if current is None:
+        if current is None:  # written, then gone when read back: a rival took it and released it at once
+            if time.monotonic() >= deadline + 30 * SETTLE_S:
+                raise LeaseHeld(f"could not take the lease of job {job!r}: it vanished each time it was read "
+                                f"back ({uri})")
+            time.sleep(SETTLE_S / 4)
             continue
         if time.monotonic() >= deadline:
             raise LeaseHeld(f"another run of job {job!r} is in progress: {current.describe()}. Nothing was "

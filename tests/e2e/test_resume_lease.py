@@ -8,6 +8,7 @@ from datetime import datetime
 
 from conftest import cli_in_process, last_json, run_cli, write_jsonl
 from reembed.flows.config import load_job
+from reembed.indexing.index import open_index
 from resume_helpers import _assert_same, _job, _kill_group, _points, _start, _vectors, _wait_for
 
 
@@ -80,3 +81,69 @@ def test_the_lease_of_a_sigkilled_run_is_taken_over_after_it_expires(tmp_path, k
     assert _points(job) == ref_points
     _assert_same(_vectors(job), ref_vectors)
     assert not lease.exists()
+
+
+def test_a_run_taken_over_mid_upsert_makes_no_further_write(tmp_path, kill_reference, monkeypatch) -> None:
+    """The test steals the lease while the run's first upsert batch is in flight: once the run's renewal thread
+    has seen the takeover, no write reaches the index (no upsert batch, delete or alias move) and nothing is
+    committed; the run exits 1 naming the new holder and is recorded as failed with that reason. The new holder
+    (here: the next run, once the stolen lease is gone) ends equal to a clean build."""
+    from reembed.flows.operations import lease as lease_module
+    from reembed.flows.operations.run_log import RunLog
+    from reembed.indexing.edge_index import EdgeIndex
+    from reembed.indexing.vector_store import VectorStore
+
+    docs, ref_vectors, ref_points = kill_reference
+    write_jsonl(tmp_path / "corpus.jsonl", docs)
+    job_path = _job(tmp_path, "stolen", "lease: {ttl: 3}\nindex: {upsert_batch: 10}\n")
+    job = load_job(job_path)
+    lease_file = tmp_path / "reembed-data" / "vectors" / "_leases" / "stolen.json"
+    seen: dict[str, object] = {}
+    writes_after: list[str] = []
+
+    def steal_on_first_batch(original):
+        def upsert(self, *args, **kwargs):
+            if "lease" not in seen:
+                (held,) = lease_module._ACTIVE.values()
+                record = json.loads(lease_file.read_text())
+                lease_file.write_text(json.dumps({**record, "token": "stolen", "holder": "otherhost:4242",
+                                                  "command": "reembed run", "expires_at": "2999-01-01T00:00:00Z"}))
+                deadline = time.monotonic() + 120
+                while held.lost is None:  # the renewal thread (every ttl/3 = 1 s) sees the takeover
+                    assert time.monotonic() < deadline, "the takeover was never seen"
+                    time.sleep(0.05)
+                seen["lease"] = held
+            elif seen["lease"].lost is not None:
+                writes_after.append("upsert")
+            return original(self, *args, **kwargs)
+        return upsert
+
+    def counted(name, original):
+        def write(self, *args, **kwargs):
+            if "lease" in seen:
+                writes_after.append(name)
+            return original(self, *args, **kwargs)
+        return write
+
+    monkeypatch.setattr(EdgeIndex, "upsert", steal_on_first_batch(EdgeIndex.upsert))
+    for name in ("delete_points", "finish_bulk_load", "point_alias", "point_aliases", "drop"):
+        monkeypatch.setattr(EdgeIndex, name, counted(name, getattr(EdgeIndex, name)))
+    res = cli_in_process("run", str(job_path))
+    assert res.returncode == 1, res.stderr[-3000:]
+    assert "error:" in res.stderr and "lease lost to otherhost:4242" in res.stderr, res.stderr[-3000:]
+    assert writes_after == []  # the batch in flight finished; nothing was written after the takeover was seen
+    record = RunLog(job.output.uri, "stolen").records()[-1]
+    assert record.status == "failed" and "lease lost to otherhost:4242" in record.error
+    with open_index(job.index) as index:
+        assert index.alias_target("stolen") is None  # nothing went live
+        collections = index.collections()
+    assert all(VectorStore(job.output.uri, c).read_manifest() is None for c in collections)  # nothing committed
+    assert json.loads(lease_file.read_text())["token"] == "stolen"  # the new holder's lease is left alone
+
+    monkeypatch.undo()
+    lease_file.unlink()  # the new holder is done
+    again = cli_in_process("run", str(job_path), "--json")
+    assert again.returncode == 0, again.stderr[-3000:]
+    points = _points(job)
+    assert points == ref_points and len(points) == len(set(points.values())) == len(docs)
+    _assert_same(_vectors(job), ref_vectors)

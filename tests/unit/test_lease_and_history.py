@@ -102,6 +102,46 @@ def test_a_run_whose_lease_was_taken_over_stops_before_committing(tmp_path) -> N
     assert (tmp_path / "vectors" / "_leases" / "docs.json").exists()  # the new holder's lease is left alone
 
 
+def test_the_lease_fences_every_write_once_a_takeover_is_seen(tmp_path) -> None:
+    """The renewal thread sees the takeover and marks the lease lost: the next write through the fenced store
+    raises and writes nothing, while reads still pass through."""
+    from reembed.flows.operations.lease import STORE_WRITES, fenced
+    from reembed.indexing.vector_store import VectorStore
+
+    output = str(tmp_path / "vectors")
+    with job_lease(output, "docs", LeaseSettings(ttl=3), "stalled run") as lease:
+        store = fenced(VectorStore(output, "docs-000000000001"), lease, STORE_WRITES)
+        store.mark_writing({"collection": "docs-000000000001"})  # held: writes go through
+        assert store.writing() == {"collection": "docs-000000000001"}
+        _left_by_a_killed_run(output, expires_in=60)  # taken over
+        _wait_until(lambda: lease.lost is not None, "the renewal thread to see the takeover")
+        assert "lease lost to otherhost:4242 at" in lease.lost
+        with pytest.raises(LeaseLost, match="lease lost to otherhost:4242"):
+            store.clear_writing()
+        assert store.writing() == {"collection": "docs-000000000001"}  # not removed: the write never happened
+
+
+def test_a_stalled_run_reads_the_lease_before_its_next_write(tmp_path) -> None:
+    """A run whose renewals stopped (a stalled process: here its renewal thread is stopped and its last renewal
+    made to look a whole ttl old) reads the lease at its next write and finds the takeover before writing."""
+    from reembed.flows.operations.lease import INDEX_WRITES, fenced
+    from reembed.indexing.index import IndexSettings, open_index
+
+    output = str(tmp_path / "vectors")
+    with job_lease(output, "docs", LeaseSettings(ttl=3), "stalled run") as lease, \
+            fenced(open_index(IndexSettings(path=str(tmp_path / "qdrant"))), lease, INDEX_WRITES) as index:
+        index.ensure_collection("docs-000000000001", 4)
+        lease._stop.set()
+        lease._thread.join()
+        lease.fence()  # renewed on time: nothing is read, nothing raised
+        _left_by_a_killed_run(output, expires_in=60)
+        assert lease.lost is None  # nobody has looked yet
+        lease.renewed -= 3
+        with pytest.raises(LeaseLost, match="lease lost to otherhost:4242"):
+            index.point_alias("docs", "docs-000000000001")
+        assert index.alias_target("docs") is None and index.exists("docs-000000000001")  # reads pass
+
+
 def test_the_lease_is_reentrant_within_a_process(tmp_path) -> None:
     output = str(tmp_path / "vectors")
     with job_lease(output, "docs", LeaseSettings(), "cli") as outer:
