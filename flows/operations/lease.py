@@ -8,7 +8,16 @@ with no server of its own.
 Taking it: read it; when it is missing or expired, write our own (a random token). On a local disk the read and
 the write happen under an exclusive ``flock`` on a lock file beside it. Object stores have no locks, so there
 the run waits ``SETTLE_S`` and reads the lease back: of two runs that wrote at once, both read the later write,
-so exactly one sees its own token.
+so exactly one sees its own token. A renewal on an object store follows the same protocol: it writes within
+``SETTLE_S / 2`` of the read that showed the lease still its own (else it skips that renewal), then reads it
+back after ``SETTLE_S``; so a renewal never erases a takeover that a rival has already confirmed.
+
+Expiry is judged on the waiting run's own clock, not by comparing two hosts' clocks: the holder bumps a
+renewal sequence number (``seq``) each time it renews, and a waiting run takes the lease over once the
+holder's token and sequence have not changed for a whole ``ttl`` of its own monotonic clock. A lease whose
+``expires_at`` lies more than a ``ttl`` in the past by the reader's clock is taken at once (a run that was
+not waiting when its holder died need not watch it for a ttl; only a clock off by more than a ttl could
+misjudge it).
 
 A holder renews ``expires_at`` from a background thread every third of ``lease.ttl``; a run that was killed
 stops renewing, so its lease expires and the next run takes it over. The lease fences the holder's writes:
@@ -68,6 +77,8 @@ class LeaseRecord(Record):
     command: str
     acquired_at: datetime
     expires_at: datetime
+    seq: int = 0  # renewals so far: a reader that sees it stand still for a ttl knows the holder stopped
+    ttl: float | None = None  # the holder's lease.ttl
 
     def describe(self) -> str:
         return (f"{self.command} on {self.holder} since {self.acquired_at:%Y-%m-%d %H:%M:%S} UTC "
@@ -119,14 +130,31 @@ class JobLease:
                 logger.warning("could not renew the lease %s: %s", self.uri, exc)
 
     def _renew(self) -> bool:
-        """Read the lease and, while it is still ours, extend it; False (and ``lost`` says why) once it is not."""
+        """Read the lease and, while it is still ours, extend it; False (and ``lost`` says why) once it is not.
+
+        On an object store the write must follow the read within ``SETTLE_S / 2`` (a slower round skips this
+        renewal: the next one is a third of a ttl away), and the lease is read back ``SETTLE_S`` later: a rival
+        that took it over meanwhile either wrote after us (we read its token back: lost) or before our read
+        (we saw it: lost), or between our read and write, in which case its own read-back, ``SETTLE_S`` after
+        its write, shows our renewal and it backs off."""
         with self._renew_lock, _local_lock(self.uri):
+            read_at = time.monotonic()
             if not self._still_ours():
                 return False
-            started = time.monotonic()
-            self.record = self.record.model_copy(update={"expires_at": _now() + timedelta(seconds=self.ttl)})
-            write_json(self.uri, self.record.model_dump(mode="json"), self.options)
-            self.renewed = started
+            local = _is_local(self.uri)
+            if not local and time.monotonic() - read_at > SETTLE_S / 2:
+                logger.warning("reading the lease %s took over %.1f s: this renewal is skipped", self.uri,
+                               SETTLE_S / 2)
+                return True
+            renewed = self.record.model_copy(update={"expires_at": _now() + timedelta(seconds=self.ttl),
+                                                     "seq": self.record.seq + 1})
+            write_json(self.uri, renewed.model_dump(mode="json"), self.options)
+            self.record = renewed
+            if not local:
+                time.sleep(SETTLE_S)
+                if not self._still_ours():
+                    return False
+            self.renewed = read_at
             return True
 
     def check(self) -> None:
@@ -229,21 +257,40 @@ def job_lease(output_uri: str, job: str, settings: LeaseSettings, command: str,
         lease.release()
 
 
+class _Watch:
+    """What a waiting run has seen of the holder: its token and renewal sequence, since when (its own clock)."""
+
+    def __init__(self) -> None:
+        self.seen: tuple[str, int] | None = None
+        self.since = time.monotonic()
+
+    def verdict(self, current: LeaseRecord, ttl: float) -> str | None:
+        """Why the lease may be taken over (``dead holder's``, ``expired``), or None while its holder renews."""
+        if _holder_gone(current):
+            return "dead holder's"
+        ttl = current.ttl or ttl
+        if (current.token, current.seq) != self.seen:
+            self.seen, self.since = (current.token, current.seq), time.monotonic()
+        if time.monotonic() - self.since >= ttl or current.expires_at + timedelta(seconds=ttl) <= _now():
+            return "expired"
+        return None
+
+
 def _acquire(uri: str, job: str, settings: LeaseSettings, command: str, options: StorageOptions | None,
              wait: float) -> JobLease:
     deadline = time.monotonic() + wait
     announced = False
+    watch = _Watch()
     while True:
         with _local_lock(uri):
             current = _read(uri, options)
-            gone = current is not None and _holder_gone(current)
-            if current is None or current.expires_at <= _now() or gone:
+            why = watch.verdict(current, settings.ttl) if current is not None else None
+            if current is None or why:
                 if current is not None:
-                    logger.warning("taking over the %s lease of job %r from %s", "dead holder's" if gone else "expired",
-                                   job, current.describe())
+                    logger.warning("taking over the %s lease of job %r from %s", why, job, current.describe())
                 mine = LeaseRecord(job=job, token=secrets.token_hex(8), command=command,
                                    holder=f"{socket.gethostname()}:{os.getpid()}", started=process_started(os.getpid()),
-                                   acquired_at=_now(),
+                                   acquired_at=_now(), ttl=settings.ttl,
                                    expires_at=_now() + timedelta(seconds=settings.ttl))
                 write_json(uri, mine.model_dump(mode="json"), options)
                 if not _is_local(uri):
@@ -261,9 +308,12 @@ def _acquire(uri: str, job: str, settings: LeaseSettings, command: str, options:
             time.sleep(SETTLE_S / 4)
             continue
         if time.monotonic() >= deadline:
+            ttl = current.ttl or settings.ttl
             raise LeaseHeld(f"another run of job {job!r} is in progress: {current.describe()}. Nothing was "
                             f"changed. Wait for it (lease.wait / --wait SECONDS), or, if that run is gone, its "
-                            f"lease expires at {current.expires_at:%H:%M:%S} UTC ({uri})")
+                            f"lease expires at {current.expires_at:%H:%M:%S} UTC: a run waiting for it takes it "
+                            f"over once it has gone {ttl:.0f} s (lease.ttl) without renewal, any run after "
+                            f"{current.expires_at + timedelta(seconds=ttl):%H:%M:%S} UTC ({uri})")
         if not announced:
             logger.warning("another run of job %r is in progress (%s); waiting up to %.0f s", job,
                            current.describe(), wait)

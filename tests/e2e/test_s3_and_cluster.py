@@ -5,8 +5,11 @@ Both must reproduce a local run of the same corpus: same documents, same counts,
 
 from __future__ import annotations
 
+import os
+import signal
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -104,6 +107,85 @@ def test_the_job_lease_on_s3(s3_server) -> None:
         assert "another run of job 'docs' is in progress: first run on" in res.stdout, res.stdout + res.stderr
     with job_lease("s3://reembed/lease-test", "docs", LeaseSettings(), "after release", options):
         pass
+
+
+_WRITER = """\
+import sys
+from reembed.flows.operations.lease import LeaseLost, LeaseSettings, job_lease
+from reembed.indexing.storage import StorageOptions
+opts = StorageOptions(endpoint_url=sys.argv[1], key=sys.argv[2], secret=sys.argv[3])
+with job_lease(sys.argv[4], 'docs', LeaseSettings(ttl=3), 'writer a', opts) as lease:
+    print('held', lease.record.token, flush=True)
+    for _ in sys.stdin:  # each line asks: do you still hold it? (the answer a write would act on)
+        try:
+            lease.fence()
+            print('holds', flush=True)
+        except LeaseLost as exc:
+            print('lost', exc, flush=True)
+"""
+
+
+@pytest.mark.parametrize("resume_after", [1.5, 4.0, 4.3, 5.5])
+def test_two_writers_on_s3_never_both_hold_the_lease(s3_server, resume_after: float) -> None:
+    """Writer A (another process) holds the lease on a real SeaweedFS and is suspended (SIGSTOP: a stalled VM)
+    while writer B waits to take it over; A is resumed at a different moment in each case, before, around
+    and after B's takeover (B looks every 2 s and judges A's lease stale once its renewals stood still for
+    3 s, so it writes at about 4 s, settles 1 s and reads back). Whatever the interleaving, exactly one of
+    them holds it afterwards (A answers as its next write would: through ``fence``), the lease object names
+    that one, and A's renewal never erased B's takeover."""
+    from reembed.flows.operations.lease import _read, lease_uri
+
+    options = StorageOptions(endpoint_url=s3_server["endpoint"], key=s3_server["key"], secret=s3_server["secret"])
+    root = f"s3://reembed/lease-race-{str(resume_after).replace('.', '-')}"
+    writer = subprocess.Popen([sys.executable, "-c", _WRITER, s3_server["endpoint"], s3_server["key"],
+                               s3_server["secret"], root], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    try:
+        held, token_a = writer.stdout.readline().split()
+        assert held == "held"
+        os.kill(writer.pid, signal.SIGSTOP)
+        resume = threading.Timer(resume_after, os.kill, (writer.pid, signal.SIGCONT))
+        resume.start()
+        try:
+            b = _acquire_or_none(root, options)
+        finally:
+            resume.join()
+        writer.stdin.write("?\n")
+        writer.stdin.flush()
+        a_answer = writer.stdout.readline()
+        a_holds = a_answer.startswith("holds")
+        b_holds = b is not None and b.lost is None and _still_holds(b)
+        current = _read(lease_uri(root, "docs"), options)
+        assert a_holds != b_holds, (a_answer, b and b.lost)  # never both, never neither
+        assert current.token == (token_a if a_holds else b.record.token)
+        if b is not None and not b_holds:
+            assert "lease lost to" in b.lost
+        if not a_holds:
+            assert "lease lost to" in a_answer
+        if b is not None:
+            b.release()
+    finally:
+        writer.kill()
+        writer.wait(timeout=30)
+
+
+def _acquire_or_none(root: str, options: StorageOptions):
+    """Writer B: wait up to 8 s for the lease (taken once A's renewals have stood still for a ttl)."""
+    from reembed.flows.operations.lease import LeaseHeld, _acquire, lease_uri
+
+    try:
+        return _acquire(lease_uri(root, "docs"), "docs", LeaseSettings(ttl=3), "writer b", options, wait=8)
+    except LeaseHeld:
+        return None
+
+
+def _still_holds(lease) -> bool:
+    from reembed.flows.operations.lease import LeaseLost
+
+    try:
+        lease.check()  # read now
+        return True
+    except LeaseLost:
+        return False
 
 
 def test_wrong_s3_credentials_fail_fast(s3_server, tmp_path: Path) -> None:

@@ -87,9 +87,45 @@ def test_a_killed_runs_lease_is_taken_over_once_it_expires(tmp_path) -> None:
             pass
     _left_by_a_killed_run(output, expires_in=2)
     expires_at = LeaseRecord.model_validate_json(open(lease_uri(output, "docs")).read()).expires_at
-    with job_lease(output, "docs", LeaseSettings(wait=300), "next run") as lease:
+    with job_lease(output, "docs", LeaseSettings(wait=300, ttl=3), "next run") as lease:
         assert datetime.now(timezone.utc) >= expires_at  # taken over once expired, not before
         assert lease.record.command == "next run"
+
+
+def test_expiry_is_judged_by_the_holders_renewals_on_the_readers_clock(tmp_path) -> None:
+    """A holder whose clock runs an hour ahead (its lease 'expires' in an hour) but that stopped renewing is
+    taken over once a waiting run has seen its renewal sequence stand still for a ttl; a holder whose clock
+    is behind (its lease 'expired' a second ago) but that keeps renewing is not taken over."""
+    import threading
+
+    output = str(tmp_path / "vectors")
+    _left_by_a_killed_run(output, expires_in=3600)
+    started = time.monotonic()
+    with job_lease(output, "docs", LeaseSettings(wait=120, ttl=3), "next run") as lease:
+        assert lease.record.command == "next run" and time.monotonic() - started >= 3
+    stop, first = threading.Event(), threading.Event()
+
+    def renewing_behind() -> None:
+        seq = 0
+        while not stop.is_set():
+            seq += 1
+            now = datetime.now(timezone.utc)
+            record = LeaseRecord(job="docs", token="alive", holder="otherhost:4242", command="reembed run", seq=seq,
+                                 acquired_at=now - timedelta(minutes=5), expires_at=now - timedelta(seconds=1))
+            write_json(lease_uri(output, "docs"), record.model_dump(mode="json"))
+            first.set()
+            stop.wait(0.5)
+
+    holder = threading.Thread(target=renewing_behind)
+    holder.start()
+    assert first.wait(60)
+    try:
+        with pytest.raises(LeaseHeld, match="otherhost:4242"):
+            with job_lease(output, "docs", LeaseSettings(wait=5, ttl=3), "next run"):
+                pass
+    finally:
+        stop.set()
+        holder.join()
 
 
 def test_a_run_whose_lease_was_taken_over_stops_before_committing(tmp_path) -> None:
