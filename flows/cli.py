@@ -400,11 +400,17 @@ def evaluate(job: str, overrides: tuple[str, ...], verbose: bool, queries: str |
               show_default=True, show_envvar=True)
 @click.option("--json", "as_json", is_flag=True, help="print the runs as one JSON list on the last line",
               show_envvar=True)
-def history(job: str, overrides: tuple[str, ...], verbose: bool, limit: int, as_json: bool) -> None:
+@click.option("--prune-days", type=click.FloatRange(min=0, min_open=True), default=None, metavar="DAYS",
+              help="first remove the records of runs older than DAYS (the latest run and the latest success are "
+              "kept); `history.keep_days` in the job file does this after every run", show_envvar=True)
+def history(job: str, overrides: tuple[str, ...], verbose: bool, limit: int, as_json: bool,
+            prune_days: float | None) -> None:
     """List JOB's latest runs from its run log (beside the vectors): when, how started, outcome, counts, speed.
 
     Every `reembed run` and every flow run from a deployment appends one record, whether it succeeded, was
-    blocked (quality gate, guards) or failed; the log outlives any Prefect server."""
+    blocked (quality gate, guards) or failed; the log outlives any Prefect server. A run that was killed shows
+    as `interrupted` once its process is gone or its lease expired; a run refused by another's lease, as
+    `skipped` with the holder."""
     _setup_logging(verbose)
     try:
         from reembed.flows.config import load_job
@@ -412,6 +418,10 @@ def history(job: str, overrides: tuple[str, ...], verbose: bool, limit: int, as_
 
         cfg = load_job(job, list(overrides))
         log = RunLog(cfg.output.uri, cfg.name, cfg.output.storage_options)
+        if prune_days is not None:
+            removed = log.prune(prune_days)
+            err.print(f"removed {removed} run record(s) older than {prune_days:g} days from {log.root} (the latest "
+                      f"run and the latest success are kept)", highlight=False, soft_wrap=True)
         rows = log.records(limit=limit)
         if not rows:
             raise NothingYet(f"no runs of {cfg.name!r} recorded under {log.root}; run `reembed run {job}` first")

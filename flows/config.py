@@ -77,6 +77,16 @@ class GuardSettings(BaseModel):
     allow_empty: bool = Field(False, description="allow a run that leaves the collection with no points")
 
 
+class HistorySettings(BaseModel):
+    """The `history:` section of a job file: how long the run log keeps its records."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    keep_days: float | None = Field(
+        None, gt=0, description="after each run, remove run records older than this many days (the latest run "
+        "and the latest success are always kept); null = keep every record")
+
+
 class RuntimeSettings(BaseModel):
     """The `runtime:` section: Ray and sharding."""
 
@@ -125,6 +135,7 @@ class JobConfig(BaseSettings):
     runtime: RuntimeSettings = Field(default_factory=RuntimeSettings)
     lease: LeaseSettings = Field(default_factory=LeaseSettings)
     metrics: MetricsSettings = Field(default_factory=MetricsSettings)
+    history: HistorySettings = Field(default_factory=HistorySettings)
 
     @field_validator("name")
     @classmethod

@@ -25,7 +25,7 @@ import types
 import typing
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
-from datetime import datetime, timezone
+from datetime import datetime, timedelta, timezone
 from typing import TYPE_CHECKING, Literal, Protocol
 
 import pyarrow as pa
@@ -199,6 +199,44 @@ class RunLog:
     def last_success(self) -> RunRecord | None:
         return self.latest()[1]
 
+    def prune(self, keep_days: float) -> int:
+        """Remove the records of runs that started more than ``keep_days`` ago, except the latest run's and the
+        latest success's (freshness is measured from it); returns how many were removed. Ages come from the
+        file names (``<started>-<run id>.parquet``), so only the records kept as latest are read."""
+        files = self._files()
+        cutoff = datetime.now(timezone.utc) - timedelta(days=keep_days)
+        keep = set(files[-1:])
+        for name in reversed(files):
+            record = self._read(name)
+            if record is not None and record.status in SUCCESS:
+                keep.add(name)
+                break
+        old = [name for name in files if name not in keep and (_started(name) or cutoff) < cutoff]
+        if old:
+            fs, _ = filesystem(self.root, self.options)
+            fs.rm(old)
+            logger.info("removed %d run record(s) of %s older than %g days", len(old), self.job, keep_days)
+        return len(old)
+
+
+def _started(name: str) -> datetime | None:
+    """A record's start time from its file name; None for a name reembed did not write."""
+    try:
+        return datetime.strptime(name.rsplit("/", 1)[-1].split("-", 1)[0], "%Y%m%dT%H%M%S%f").replace(
+            tzinfo=timezone.utc)
+    except ValueError:
+        return None
+
+
+class HistoryPruner:
+    """A run's listener that applies ``history.keep_days`` once the run's own record is written."""
+
+    def __init__(self, log: RunLog, keep_days: float) -> None:
+        self.log, self.keep_days = log, keep_days
+
+    def finished(self, record: RunRecord, summary: RunSummary | None) -> None:
+        self.log.prune(self.keep_days)
+
 
 class RecordedRun:
     """What the block tells the recorder: the summary once there is one; and who hears of the outcome."""
@@ -225,10 +263,13 @@ class RunListener(Protocol):
 
 
 def listeners_for(job: "JobConfig") -> list[RunListener]:
-    """Who besides the run log hears of the job's runs: the Pushgateway, when the job names one."""
+    """Who besides the run log hears of the job's runs: the Pushgateway, when the job names one; the pruning
+    of old records, when ``history.keep_days`` is set."""
     from reembed.flows.operations.metrics import pusher_for
 
-    return [p for p in (pusher_for(job),) if p is not None]
+    pruner = (HistoryPruner(RunLog(job.output.uri, job.name, job.output.storage_options), job.history.keep_days)
+              if job.history.keep_days else None)
+    return [p for p in (pusher_for(job), pruner) if p is not None]
 
 
 @contextmanager

@@ -320,3 +320,36 @@ def test_a_torn_run_record_is_skipped_with_a_warning(tmp_path, caplog) -> None:
         records = RunLog(output, "docs").records()
     assert [r.status for r in records] == ["failed"]
     assert "skipping unreadable run record" in caplog.text and "torn.parquet" in caplog.text
+
+
+def _aged(output: str, days: float, status: str, run_id: str) -> None:
+    started = datetime.now(timezone.utc) - timedelta(days=days)
+    RunLog(output, "docs").append(RunRecord(run_id=run_id, job="docs", trigger="schedule", status=status,
+                                            started_at=started, finished_at=started, seconds=1.0, host="h"))
+
+
+def test_old_run_records_are_pruned_but_the_latest_run_and_success_stay(tmp_path) -> None:
+    """`history --prune-days` and `history.keep_days` (a listener of every run) remove records older than the
+    limit, never the latest run's or the latest success's: freshness is measured from that one."""
+    from conftest import cli_in_process, last_json
+    from reembed.flows.config import load_job
+    from reembed.flows.operations.run_log import HistoryPruner, listeners_for
+
+    output = str(tmp_path / "vectors")
+    for days, status, run_id in ((90, "ok", "old-ok"), (60, "failed", "old-failed"), (45, "ok", "last-ok"),
+                                 (40, "failed", "failed-1"), (35, "failed", "failed-2"), (1, "failed", "recent")):
+        _aged(output, days, status, run_id)
+    (tmp_path / "job.yaml").write_text(f"name: docs\ncorpus: {{uri: corpus.jsonl}}\noutput: {{uri: {output}}}\n")
+    res = cli_in_process("history", str(tmp_path / "job.yaml"), "--prune-days", "50", "--json")
+    assert res.returncode == 0, res.stderr
+    assert "removed 2 run record(s) older than 50 days" in res.stderr
+    assert [r["run_id"] for r in last_json(res.stdout)] == ["last-ok", "failed-1", "failed-2", "recent"]
+
+    job = load_job(tmp_path / "job.yaml", ["history.keep_days=30"])
+    (pruner,) = [p for p in listeners_for(job) if isinstance(p, HistoryPruner)]
+    with recorded_run(output, "docs", "cli", listeners=[pruner]) as run:  # a run with keep_days: 30
+        run.summary = None
+    kept = RunLog(output, "docs").records()
+    assert [r.run_id for r in kept[:2]] == ["last-ok", "recent"] and len(kept) == 3  # + this run's own record
+    assert kept[-1].status == "failed" and kept[-1].run_id == run.run_id
+    assert not [p for p in listeners_for(load_job(tmp_path / "job.yaml")) if isinstance(p, HistoryPruner)]
