@@ -27,6 +27,7 @@ from prefect.task_runners import ThreadPoolTaskRunner
 
 from reembed.flows.config import JobConfig
 from reembed.flows.errors import JOB_LEVEL_ERRORS, retry_unless_job_level
+from reembed.flows.failpoints import failpoint
 from reembed.flows.gate import GateFailed, check_gate
 from reembed.flows.guards import (GuardBlocked, delete_check, empty_check, enforce, first_reasons,
                                   quarantine_check)
@@ -280,6 +281,7 @@ def upsert_task(run: RunSession, result: ShardResult) -> ShardMarker:
     if result.changed_rows is not None and run.clean_since and result.changed_since == run.clean_since:
         rows = [i for start, end in result.changed_rows for i in range(start, end)]  # the rest is indexed as is
     points = upsert_part(run.index, run.store, run.plan.collection, result.part_uri, rows) if rows != [] else 0
+    failpoint("upsert")
     # The shard's commit marker: written after its Parquet part and its points, so a re-run can skip it.
     marker = ShardMarker(**result.model_dump(exclude={"stage", "points"}), stage="indexed", points=points)
     run.store.write_marker(marker)
@@ -458,6 +460,7 @@ def reconcile_task(run: RunSession, vector_set: VectorSet) -> Reconciled:
     for part, rows in vector_set.rewrite.items():
         run.upserted += upsert_part(run.index, run.store, collection, part, sorted(set(rows)))
     run.index.delete_points(collection, vector_set.stale)
+    failpoint("after-deletes")
     extra = run.store.write_quarantine("cross-shard-duplicates", vector_set.duplicates)
     status = run.index.finish_bulk_load(collection)
     return Reconciled(deleted=len(vector_set.stale), points=run.index.count(collection), index_status=status,
@@ -496,6 +499,7 @@ def manifest_task(run: RunSession, results: list[ShardMarker], vector_set: Vecto
         quarantined=sum(r.quarantined for r in results), duplicates=len(vector_set.duplicates), guards=guards,
         forced=guards.forced, trial=plan.trial, finished_at=datetime.now(timezone.utc).isoformat())
     run.store.write_manifest(manifest)
+    failpoint("after-manifest")
     run.store.clear_writing()  # the collection equals the manifest again
     removed = run.store.remove_unreferenced(manifest)
     if removed:
@@ -527,6 +531,7 @@ def gate_task(run: RunSession, manifest: Manifest, embedded: Embedded, results: 
 @task(name="move-alias", retries=2, retry_delay_seconds=[2, 10], **_RETRY)
 def alias_task(run: RunSession) -> None:
     run.index.point_alias(run.job.name, run.plan.collection)
+    failpoint("after-alias")
 
 
 @task(name="retention", retries=1, retry_delay_seconds=[5], **_RETRY)

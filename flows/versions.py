@@ -16,6 +16,7 @@ import re
 import numpy as np
 
 from reembed.flows.config import ConfigError, JobConfig
+from reembed.flows.failpoints import failpoint
 from reembed.indexing.index import IndexError_, VectorIndex, generation_of, physical_name, version_of
 from reembed.indexing.records import Manifest, ReindexResult, RollbackResult, StatusInfo, VersionInfo, point_id
 from reembed.indexing.upload import upsert_part
@@ -229,6 +230,7 @@ def reindex(job: JobConfig, index: VectorIndex, version: str | None, activate: b
         moves[version] = new
     if moves:
         index.point_aliases(moves)  # one alias update: searches go from the old generation to the new one
+    failpoint("reindex-swap")
     if current is not None and current != new:
         index.drop(current)
     if new != version and not version_is_alias:

@@ -184,6 +184,13 @@ def ray_session():
 
 
 @pytest.fixture(scope="session")
+def ray_address(ray_session) -> str:
+    """The session Ray's GCS address: subprocess runs join it (``REEMBED_RUNTIME__RAY_ADDRESS``) instead of
+    starting a Ray of their own, and a run SIGKILLed there leaves no orphaned Ray behind."""
+    return ray_session.get_runtime_context().gcs_address
+
+
+@pytest.fixture(scope="session")
 def prefect_server(tmp_path_factory):
     """One real ``prefect server start`` on 127.0.0.1 for the session; its URL goes into ``PREFECT_API_URL``, so
     every subprocess run talks to it instead of starting Prefect's temporary server (11-21 s each). The pytest
