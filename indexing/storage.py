@@ -142,7 +142,92 @@ def read_json(uri: str, options: StorageOptions | None = None) -> Any | None:
     """Read a JSON document, or ``None`` when it does not exist."""
     fs, path = filesystem(uri, options)
     try:
-        with fs.open(path, "rb") as fh:
-            return json.loads(fh.read())
+        # one GET (fs.open would HEAD first, then GET on that ETag: a document replaced in between, such as
+        # a lease being renewed, would fail with FileExpired instead of reading the newer version)
+        return json.loads(fs.cat_file(path))
     except FileNotFoundError:
         return None
+
+
+# --- conditional writes on object stores (the job lease) ----------------------------------------------------
+
+_PRECONDITION_CODES = ("PreconditionFailed", "412", "ConditionalRequestConflict", "409")
+_CONDITIONAL: dict[tuple[str, str], bool] = {}  # (endpoint, bucket) -> whether the store honours If-Match
+
+
+def _precondition_failed(exc: BaseException) -> bool:
+    """Whether an s3fs error is a refused condition (If-Match / If-None-Match), not a real failure."""
+    if isinstance(exc, FileExistsError):
+        return True
+    cause = getattr(exc, "__cause__", None)
+    code = str(getattr(cause, "response", {}).get("Error", {}).get("Code", ""))
+    return code in _PRECONDITION_CODES
+
+
+def read_json_tagged(uri: str, options: StorageOptions | None = None) -> tuple[Any | None, str | None]:
+    """An ``s3://`` JSON document and its ETag from one GET (``(None, None)`` when it does not exist), so a
+    conditional write can name exactly the version that was read."""
+    from fsspec.asyn import sync
+
+    fs, path = filesystem(uri, options)
+    bucket, key, _ = fs.split_path(path)
+
+    async def get() -> tuple[Any | None, str | None]:
+        try:
+            answer = await fs._call_s3("get_object", Bucket=bucket, Key=key)
+        except FileNotFoundError:
+            return None, None
+        body = await answer["Body"].read()
+        return json.loads(body), answer["ETag"]
+
+    return sync(fs.loop, get)
+
+
+def put_json_if(uri: str, data: Any, etag: str | None, options: StorageOptions | None = None) -> str | None:
+    """Write an ``s3://`` JSON document only if it still is the version ``etag`` names (``If-Match``), or, with
+    ``etag=None``, only if it does not exist (``If-None-Match: *``). Returns the new ETag, or None when the
+    store refused because someone else wrote first."""
+    from fsspec.asyn import sync
+
+    fs, path = filesystem(uri, options)
+    bucket, key, _ = fs.split_path(path)
+    condition = {"IfMatch": etag} if etag else {"IfNoneMatch": "*"}
+    payload = json.dumps(data, indent=2, sort_keys=True, default=str).encode()
+
+    async def put() -> str | None:
+        try:
+            answer = await fs._call_s3("put_object", Bucket=bucket, Key=key, Body=payload, **condition)
+        except Exception as exc:
+            if _precondition_failed(exc):
+                return None
+            raise
+        return answer["ETag"]
+
+    try:
+        return sync(fs.loop, put)
+    finally:
+        fs.invalidate_cache(path)
+
+
+def conditional_writes(uri: str, options: StorageOptions | None = None) -> bool:
+    """Whether the object store behind ``uri`` honours ``If-Match`` on PUT: probed once per endpoint and bucket
+    with a write that must be refused (a store that ignores the header would accept it). Local paths: False
+    (they use ``flock``)."""
+    if protocol_of(uri) in ("file", "local"):
+        return False
+    fs, path = filesystem(uri, options)
+    bucket = fs.split_path(path)[0]
+    endpoint = (options or StorageOptions()).endpoint_url or ""
+    if (endpoint, bucket) not in _CONDITIONAL:
+        probe = f"s3://{bucket}/.reembed-conditional-write-probe"
+        try:
+            etag = put_json_if(probe, {"probe": uuid.uuid4().hex}, None, options) or read_json_tagged(probe, options)[1]
+            honoured = etag is not None and put_json_if(probe, {"probe": "must be refused"}, '"00000000000000000000000000000000"', options) is None
+        except Exception as exc:  # a store that rejects the headers outright: no conditional writes
+            logger.info("conditional writes unavailable on %s (%s): the lease writes, settles and reads back",
+                        bucket, exc)
+            honoured = False
+        _CONDITIONAL[(endpoint, bucket)] = honoured
+        logger.info("conditional writes (If-Match) on %s%s: %s", endpoint and f"{endpoint}/", bucket,
+                    "honoured" if honoured else "not honoured")
+    return _CONDITIONAL[(endpoint, bucket)]

@@ -8,9 +8,13 @@ with no server of its own.
 Taking it: read it; when it is missing or expired, write our own (a random token). On a local disk the read and
 the write happen under an exclusive ``flock`` on a lock file beside it. Object stores have no locks, so there
 the run waits ``SETTLE_S`` and reads the lease back: of two runs that wrote at once, both read the later write,
-so exactly one sees its own token. A renewal on an object store follows the same protocol: it writes within
-``SETTLE_S / 2`` of the read that showed the lease still its own (else it skips that renewal), then reads it
-back after ``SETTLE_S``; so a renewal never erases a takeover that a rival has already confirmed.
+so exactly one sees its own token. Where the store honours conditional writes (probed once per bucket; S3,
+SeaweedFS, MinIO do), every write of the lease is conditional instead: ``If-None-Match: *`` to create it,
+``If-Match`` on the ETag that was read to take it over, on the ETag of its own last write to renew it; the
+store refuses a write when anyone wrote since, so no renewal can erase a takeover and no settle is needed.
+Elsewhere a renewal follows the settle protocol: it writes within ``SETTLE_S / 2`` of the read that showed
+the lease still its own (else it skips that renewal), then reads it back after ``SETTLE_S``; so a renewal
+never erases a takeover that a rival has already confirmed.
 
 Expiry is judged on the waiting run's own clock, not by comparing two hosts' clocks: the holder bumps a
 renewal sequence number (``seq``) each time it renews, and a waiting run takes the lease over once the
@@ -43,15 +47,17 @@ import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from datetime import datetime, timedelta, timezone
-from typing import Any, TypeVar, cast
+from typing import Any, Literal, TypeVar, cast
 
 from pydantic import BaseModel, ConfigDict, Field
 
 from reembed.indexing.records import Record
-from reembed.indexing.storage import StorageOptions, filesystem, join, protocol_of, read_json, write_json
+from reembed.indexing.storage import (StorageOptions, conditional_writes, filesystem, join, protocol_of, put_json_if,
+                                      read_json, read_json_tagged, write_json)
 
 logger = logging.getLogger(__name__)
 
+WriteMode = Literal["flock", "conditional", "settle"]  # how the lease file is written: see _write_mode
 SETTLE_S = 1.0  # between writing the lease and reading it back: longer than any read-then-write gap of a rival
 POLL_S = 2.0  # how often a waiting run looks at the lease again
 
@@ -65,6 +71,9 @@ class LeaseSettings(BaseModel):
                         "gives up (exit code 3); 0 = give up at once")
     ttl: float = Field(120, ge=3, description="seconds a lease lives without renewal: a killed run's lease is taken "
                        "over this long after it stopped (a live run renews every ttl/3)")
+    conditional_writes: bool | None = Field(
+        None, description="s3://: write the lease with If-Match / If-None-Match; null = when the store honours "
+        "them (probed once), false = write, settle and read back")
 
 
 class LeaseRecord(Record):
@@ -100,8 +109,10 @@ def lease_uri(output_uri: str, job: str) -> str:
 class JobLease:
     """A held lease: renewed in the background until released; ``check()`` before committing."""
 
-    def __init__(self, uri: str, record: LeaseRecord, ttl: float, options: StorageOptions | None) -> None:
+    def __init__(self, uri: str, record: LeaseRecord, ttl: float, options: StorageOptions | None,
+                 mode: WriteMode = "flock", etag: str | None = None) -> None:
         self.uri, self.record, self.ttl, self.options = uri, record, ttl, options
+        self.mode, self.etag = mode, etag
         self.lost: str | None = None
         self.renewed = time.monotonic()  # when the lease was last known ours and renewed, on this process's clock
         self._renew_lock = threading.Lock()
@@ -139,6 +150,8 @@ class JobLease:
         its write, shows our renewal and it backs off."""
         with self._renew_lock, _local_lock(self.uri):
             read_at = time.monotonic()
+            if self.mode == "conditional":
+                return self._renew_if_unchanged(read_at)
             if not self._still_ours():
                 return False
             local = _is_local(self.uri)
@@ -156,6 +169,23 @@ class JobLease:
                     return False
             self.renewed = read_at
             return True
+
+    def _renew_if_unchanged(self, started: float) -> bool:
+        """Renew with ``If-Match`` on the ETag of our last write: the store refuses it when anyone else wrote
+        since, so a renewal can never erase a takeover."""
+        if self.lost is not None:
+            return False
+        renewed = self.record.model_copy(update={"expires_at": _now() + timedelta(seconds=self.ttl),
+                                                 "seq": self.record.seq + 1})
+        etag = put_json_if(self.uri, renewed.model_dump(mode="json"), self.etag, self.options)
+        if etag is not None:
+            self.record, self.etag, self.renewed = renewed, etag, started
+            return True
+        current, etag = _read_tagged(self.uri, self.options, "conditional")
+        if current is not None and current.token == self.record.token:  # our own earlier write: carry on
+            self.etag = etag
+            return True
+        return self._still_ours()  # someone else's: sets ``lost`` naming them
 
     def check(self) -> None:
         """Raise ``LeaseLost`` when another run took the lease over (read now); called before committing."""
@@ -281,9 +311,10 @@ def _acquire(uri: str, job: str, settings: LeaseSettings, command: str, options:
     deadline = time.monotonic() + wait
     announced = False
     watch = _Watch()
+    mode = _write_mode(uri, settings, options)
     while True:
         with _local_lock(uri):
-            current = _read(uri, options)
+            current, etag = _read_tagged(uri, options, mode)
             why = watch.verdict(current, settings.ttl) if current is not None else None
             if current is None or why:
                 if current is not None:
@@ -292,15 +323,11 @@ def _acquire(uri: str, job: str, settings: LeaseSettings, command: str, options:
                                    holder=f"{socket.gethostname()}:{os.getpid()}", started=process_started(os.getpid()),
                                    acquired_at=_now(), ttl=settings.ttl,
                                    expires_at=_now() + timedelta(seconds=settings.ttl))
-                write_json(uri, mine.model_dump(mode="json"), options)
-                if not _is_local(uri):
-                    time.sleep(SETTLE_S)
-                    current = _read(uri, options)
-                else:
-                    current = mine
-                if current is not None and current.token == mine.token:
+                held, etag = _claim(uri, mine, etag, mode, options)
+                if held:
                     logger.info("holding the lease of job %r (%s)", job, uri)
-                    return JobLease(uri, mine, settings.ttl, options)
+                    return JobLease(uri, mine, settings.ttl, options, mode, etag)
+                current, _ = _read_tagged(uri, options, mode)
         if current is None:  # written, then gone when read back: a rival took it and released it at once
             if time.monotonic() >= deadline + 30 * SETTLE_S:
                 raise LeaseHeld(f"could not take the lease of job {job!r}: it vanished each time it was read "
@@ -366,6 +393,44 @@ def read_lease(output_uri: str, job: str, options: StorageOptions | None = None)
 def _read(uri: str, options: StorageOptions | None) -> LeaseRecord | None:
     data = read_json(uri, options)
     return LeaseRecord.model_validate(data) if data is not None else None
+
+
+def _read_tagged(uri: str, options: StorageOptions | None, mode: WriteMode) -> tuple[LeaseRecord | None, str | None]:
+    """The lease and, where writes are conditional, the ETag of what was read."""
+    if mode != "conditional":
+        return _read(uri, options), None
+    data, etag = read_json_tagged(uri, options)
+    return (LeaseRecord.model_validate(data) if data is not None else None), etag
+
+
+def _write_mode(uri: str, settings: LeaseSettings, options: StorageOptions | None) -> WriteMode:
+    """``flock`` on a local disk; on an object store ``conditional`` (If-Match) where it is honoured and not
+    turned off, else ``settle`` (write, wait ``SETTLE_S``, read back)."""
+    if _is_local(uri):
+        return "flock"
+    if settings.conditional_writes is False:
+        return "settle"
+    honoured = conditional_writes(uri, options)
+    if settings.conditional_writes and not honoured:
+        logger.warning("lease.conditional_writes is on but the store behind %s does not honour If-Match: the "
+                       "lease writes, settles and reads back instead", uri)
+    return "conditional" if honoured else "settle"
+
+
+def _claim(uri: str, mine: LeaseRecord, seen: str | None, mode: WriteMode,
+           options: StorageOptions | None) -> tuple[bool, str | None]:
+    """Write our lease over the version just read (``seen``: its ETag, None when there was none); whether we
+    hold it now, and the ETag of our write where writes are conditional."""
+    data = mine.model_dump(mode="json")
+    if mode == "conditional":
+        etag = put_json_if(uri, data, seen, options)  # refused when anyone wrote since we read
+        return etag is not None, etag
+    write_json(uri, data, options)
+    if mode == "flock":
+        return True, None
+    time.sleep(SETTLE_S)  # of two runs that wrote at once, both read the later write back
+    current = _read(uri, options)
+    return current is not None and current.token == mine.token, None
 
 
 def _now() -> datetime:

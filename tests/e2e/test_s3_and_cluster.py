@@ -114,7 +114,9 @@ import sys
 from reembed.flows.operations.lease import LeaseLost, LeaseSettings, job_lease
 from reembed.indexing.storage import StorageOptions
 opts = StorageOptions(endpoint_url=sys.argv[1], key=sys.argv[2], secret=sys.argv[3])
-with job_lease(sys.argv[4], 'docs', LeaseSettings(ttl=3), 'writer a', opts) as lease:
+with job_lease(sys.argv[4], 'docs', LeaseSettings(ttl=3, conditional_writes=sys.argv[5] == 'conditional'),
+               'writer a', opts) as lease:
+    assert lease.mode == sys.argv[5], lease.mode
     print('held', lease.record.token, flush=True)
     for _ in sys.stdin:  # each line asks: do you still hold it? (the answer a write would act on)
         try:
@@ -125,20 +127,23 @@ with job_lease(sys.argv[4], 'docs', LeaseSettings(ttl=3), 'writer a', opts) as l
 """
 
 
-@pytest.mark.parametrize("resume_after", [1.5, 4.0, 4.3, 5.5])
-def test_two_writers_on_s3_never_both_hold_the_lease(s3_server, resume_after: float) -> None:
+@pytest.mark.parametrize("mode", ["conditional", "settle"])
+@pytest.mark.parametrize("resume_after", [1.5, 4.0, 5.5])
+def test_two_writers_on_s3_never_both_hold_the_lease(s3_server, resume_after: float, mode: str) -> None:
     """Writer A (another process) holds the lease on a real SeaweedFS and is suspended (SIGSTOP: a stalled VM)
     while writer B waits to take it over; A is resumed at a different moment in each case, before, around
     and after B's takeover (B looks every 2 s and judges A's lease stale once its renewals stood still for
     3 s, so it writes at about 4 s, settles 1 s and reads back). Whatever the interleaving, exactly one of
     them holds it afterwards (A answers as its next write would: through ``fence``), the lease object names
-    that one, and A's renewal never erased B's takeover."""
+    that one, and A's renewal never erased B's takeover. Both ways of writing it: conditional writes
+    (SeaweedFS honours If-Match, as S3 does) and, turned off, write-settle-read."""
     from reembed.flows.operations.lease import _read, lease_uri
 
     options = StorageOptions(endpoint_url=s3_server["endpoint"], key=s3_server["key"], secret=s3_server["secret"])
-    root = f"s3://reembed/lease-race-{str(resume_after).replace('.', '-')}"
+    root = f"s3://reembed/lease-race-{mode}-{str(resume_after).replace('.', '-')}"
     writer = subprocess.Popen([sys.executable, "-c", _WRITER, s3_server["endpoint"], s3_server["key"],
-                               s3_server["secret"], root], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+                               s3_server["secret"], root, mode], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                              text=True)
     try:
         held, token_a = writer.stdout.readline().split()
         assert held == "held"
@@ -146,7 +151,7 @@ def test_two_writers_on_s3_never_both_hold_the_lease(s3_server, resume_after: fl
         resume = threading.Timer(resume_after, os.kill, (writer.pid, signal.SIGCONT))
         resume.start()
         try:
-            b = _acquire_or_none(root, options)
+            b = _acquire_or_none(root, options, mode)
         finally:
             resume.join()
         writer.stdin.write("?\n")
@@ -168,12 +173,15 @@ def test_two_writers_on_s3_never_both_hold_the_lease(s3_server, resume_after: fl
         writer.wait(timeout=30)
 
 
-def _acquire_or_none(root: str, options: StorageOptions):
+def _acquire_or_none(root: str, options: StorageOptions, mode: str):
     """Writer B: wait up to 8 s for the lease (taken once A's renewals have stood still for a ttl)."""
     from reembed.flows.operations.lease import LeaseHeld, _acquire, lease_uri
 
+    settings = LeaseSettings(ttl=3, conditional_writes=mode == "conditional")
     try:
-        return _acquire(lease_uri(root, "docs"), "docs", LeaseSettings(ttl=3), "writer b", options, wait=8)
+        lease = _acquire(lease_uri(root, "docs"), "docs", settings, "writer b", options, wait=8)
+        assert lease.mode == mode
+        return lease
     except LeaseHeld:
         return None
 
