@@ -171,7 +171,16 @@ def rollback_target(job: JobConfig, versions: list[VersionInfo], version: str | 
 
 
 def rollback(job: JobConfig, index: VectorIndex, version: str | None, force_reason: str | None = None) -> RollbackResult:
-    """Point the alias at ``version``, or at the newest servable version older than the live one."""
+    """Point the alias at ``version``, or at the newest servable version older than the live one.
+
+    Naming ``version`` also repairs a damaged Qdrant Edge alias file: it is set aside and a new one written
+    with this alias (other aliases it held are pointed again by rolling their jobs back the same way)."""
+    if version is not None:
+        aside = index.set_aside_damaged_aliases()
+        if aside:
+            logger.warning("the alias file was damaged and is kept as %s; a new one starts with %s -> %s; point "
+                           "every other job sharing index.path again with `reembed rollback JOB VERSION`", aside,
+                           job.name, version)
     versions = list_versions(job, index)
     live = next((v.collection for v in versions if v.live), None)
     target = rollback_target(job, versions, version, force_reason)

@@ -26,12 +26,13 @@ import shutil
 import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
+from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from reembed.indexing.index import IndexError_, IndexSettings, Point
+from reembed.indexing.index import AliasFileDamaged, IndexError_, IndexSettings, Point
 from reembed.indexing.storage import write_local_atomic
 
 logger = logging.getLogger(__name__)
@@ -148,9 +149,32 @@ class EdgeIndex:
             return json.loads(path.read_text())
         except FileNotFoundError:
             return {}
-        except json.JSONDecodeError as exc:
-            raise IndexError_(f"Qdrant Edge alias file {path} is damaged ({exc}); it maps each alias to a "
-                              f"collection folder under {self.root / 'collections'}") from None
+        except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+            folder = self.root / "collections"
+            names = sorted(p.name for p in folder.iterdir() if p.is_dir()) if folder.is_dir() else []
+            raise AliasFileDamaged(
+                f"Qdrant Edge alias file {path} is damaged ({exc}); it maps each alias to a collection folder "
+                f"under {folder} ({', '.join(names) or 'none'}). Repair: `reembed rollback JOB VERSION` sets the "
+                f"damaged file aside and points JOB's alias at VERSION (one of those folders); do it for each "
+                f"job that shares this index.path") from None
+
+    def set_aside_damaged_aliases(self) -> str | None:
+        """When the alias file does not parse, rename it aside (``aliases.json.damaged-<time>``) so a new one
+        can be written; returns where it went, or None when it was fine (or absent)."""
+        with open(self.root / "aliases.lock", "a+b") as lock:
+            fcntl.flock(lock, fcntl.LOCK_EX)
+            try:
+                self._aliases()
+                return None
+            except AliasFileDamaged:
+                path = self._aliases_path()
+                aside = path.with_name(f"{path.name}.damaged-{datetime.now(timezone.utc):%Y%m%dT%H%M%S}")
+                path.rename(aside)
+                logger.warning("set the damaged alias file %s aside as %s; aliases it held must be pointed again",
+                               path, aside)
+                return str(aside)
+            finally:
+                fcntl.flock(lock, fcntl.LOCK_UN)
 
     def _resolve(self, name: str) -> str:
         """A collection name, or the collection an alias points at."""

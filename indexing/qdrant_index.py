@@ -242,6 +242,10 @@ class QdrantIndex:
             self.client.update_collection_aliases(change_aliases_operations=[
                 models.DeleteAliasOperation(delete_alias=models.DeleteAlias(alias_name=alias))])
 
+    def set_aside_damaged_aliases(self) -> str | None:
+        """Qdrant keeps its own aliases (server, local mode): there is no file of reembed's to repair."""
+        return None
+
     def search(self, name: str, vector: np.ndarray, k: int = 10, collapse: bool = False) -> list[dict[str, Any]]:
         """Top-k hits; with ``collapse``, the best chunk of each of the top-k documents."""
         query = vector.astype(np.float32).tolist()

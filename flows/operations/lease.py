@@ -224,7 +224,7 @@ class JobLease:
 # What writes, on the two kinds of object a run writes through (reembed.indexing.index.VectorIndex and
 # reembed.indexing.vector_store.VectorStore): each of these calls is fenced by the run's lease.
 INDEX_WRITES = frozenset({"ensure_collection", "upsert", "delete_points", "finish_bulk_load", "drop", "point_alias",
-                          "point_aliases", "remove_alias"})
+                          "point_aliases", "remove_alias", "set_aside_damaged_aliases"})
 STORE_WRITES = frozenset({"write_part", "write_quarantine", "write_marker", "write_manifest", "mark_writing",
                           "clear_writing", "remove_unreferenced"})
 

@@ -289,3 +289,28 @@ def test_a_missing_part_says_what_is_missing_and_why_it_may_be(tmp_path) -> None
     (tmp_path / "vectors" / VERSION / "vectors" / "part-s0-fp0.parquet").unlink()
     with pytest.raises(FileNotFoundError, match=f"Parquet part {part} of version {VERSION} is missing.*moved or copied"):
         store.read_part(part)
+
+
+def test_a_damaged_alias_file_says_how_to_repair_it_and_rollback_repairs_it(tmp_path) -> None:
+    """A torn aliases.json is a clear error naming the file, the collections and the repair; `rollback
+    VERSION` sets it aside, writes a new one and the job serves again."""
+    from reembed.indexing.index import AliasFileDamaged
+
+    job = _job(tmp_path, "edge")
+    _commit(job, _name(1), finished_at="2026-01-01T00:00:00+00:00")
+    _commit(job, _name(2), finished_at="2026-01-02T00:00:00+00:00")
+    aliases = tmp_path / "qdrant" / "aliases.json"
+    aliases.write_text('{"unit": "unit-0000')  # torn mid-write, as by a disk that lied about a flush
+    with open_index(job.index) as index:
+        with pytest.raises(AliasFileDamaged) as damaged:
+            list_versions(job, index)
+        message = str(damaged.value)
+        assert str(aliases) in message and "reembed rollback JOB VERSION" in message
+        assert _name(1) in message and _name(2) in message  # the versions it can be pointed at
+        with pytest.raises(AliasFileDamaged):
+            rollback(job, index, None)  # the default target needs the live version: name one
+        result = rollback(job, index, _name(2))
+        assert result.collection == _name(2) and index.alias_target("unit") == _name(2)
+        assert [(v.collection, v.live) for v in list_versions(job, index)] == [(_name(2), True), (_name(1), False)]
+    (aside,) = (tmp_path / "qdrant").glob("aliases.json.damaged-*")
+    assert aside.read_text() == '{"unit": "unit-0000'
