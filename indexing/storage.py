@@ -222,7 +222,8 @@ def conditional_writes(uri: str, options: StorageOptions | None = None) -> bool:
         probe = f"s3://{bucket}/.reembed-conditional-write-probe"
         try:
             etag = put_json_if(probe, {"probe": uuid.uuid4().hex}, None, options) or read_json_tagged(probe, options)[1]
-            honoured = etag is not None and put_json_if(probe, {"probe": "must be refused"}, '"00000000000000000000000000000000"', options) is None
+            never = '"00000000000000000000000000000000"'  # an ETag no write has: a store that honours If-Match refuses
+            honoured = etag is not None and put_json_if(probe, {"probe": "must be refused"}, never, options) is None
         except Exception as exc:  # a store that rejects the headers outright: no conditional writes
             logger.info("conditional writes unavailable on %s (%s): the lease writes, settles and reads back",
                         bucket, exc)

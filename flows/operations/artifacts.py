@@ -123,12 +123,13 @@ class PrefectArtifacts:
         if summary is not None and summary.gate is not None:
             artifacts.append(table("gate", gate_table(summary.gate),
                                    f"quality gate of {record.job}: {'passed' if summary.gate.passed else 'failed'}"))
-        self._send(record.job, lambda client: [client.create_artifact(a) for a in artifacts])
+        self.send(record.job, lambda client: [client.create_artifact(a) for a in artifacts])
 
     def progress_for(self, job_name: str) -> "ProgressArtifact":
         return ProgressArtifact(self, job_name)
 
-    def _send(self, job_name: str, call: Any) -> Any:
+    def send(self, job_name: str, call: Any) -> Any:
+        """Run ``call(client)`` with a Prefect client; a failure is a warning naming the job."""
         from prefect.client.orchestration import get_client
 
         try:
@@ -158,11 +159,11 @@ class ProgressArtifact:
         percent = round(100.0 * done / total, 2) if total else 100.0
         description = f"{done}/{total} documents embedded" + (" (done)" if final else "")
         if self.artifact_id is None:
-            created = self.artifacts._send(self.job_name, lambda client: client.create_artifact(ArtifactCreate(
+            created = self.artifacts.send(self.job_name, lambda client: client.create_artifact(ArtifactCreate(
                 key=artifact_key(self.job_name, "progress"), type="progress", data=percent,
                 description=description, flow_run_id=self.artifacts.flow_run_id)))
             self.artifact_id = created.id if created is not None else None
         else:
             artifact_id = self.artifact_id
-            self.artifacts._send(self.job_name, lambda client: client.update_artifact(
+            self.artifacts.send(self.job_name, lambda client: client.update_artifact(
                 artifact_id, ArtifactUpdate(data=percent, description=description)))

@@ -154,29 +154,31 @@ class JobLease:
                 return self._renew_if_unchanged(read_at)
             if not self._still_ours():
                 return False
-            local = _is_local(self.uri)
-            if not local and time.monotonic() - read_at > SETTLE_S / 2:
+            if self.mode == "settle" and time.monotonic() - read_at > SETTLE_S / 2:
                 logger.warning("reading the lease %s took over %.1f s: this renewal is skipped", self.uri,
                                SETTLE_S / 2)
                 return True
-            renewed = self.record.model_copy(update={"expires_at": _now() + timedelta(seconds=self.ttl),
-                                                     "seq": self.record.seq + 1})
+            renewed = self._extended()
             write_json(self.uri, renewed.model_dump(mode="json"), self.options)
             self.record = renewed
-            if not local:
+            if self.mode == "settle":
                 time.sleep(SETTLE_S)
                 if not self._still_ours():
                     return False
             self.renewed = read_at
             return True
 
+    def _extended(self) -> LeaseRecord:
+        """Our record, renewed: a ttl from now, the renewal sequence one further."""
+        return self.record.model_copy(update={"expires_at": _now() + timedelta(seconds=self.ttl),
+                                              "seq": self.record.seq + 1})
+
     def _renew_if_unchanged(self, started: float) -> bool:
         """Renew with ``If-Match`` on the ETag of our last write: the store refuses it when anyone else wrote
         since, so a renewal can never erase a takeover."""
         if self.lost is not None:
             return False
-        renewed = self.record.model_copy(update={"expires_at": _now() + timedelta(seconds=self.ttl),
-                                                 "seq": self.record.seq + 1})
+        renewed = self._extended()
         etag = put_json_if(self.uri, renewed.model_dump(mode="json"), self.etag, self.options)
         if etag is not None:
             self.record, self.etag, self.renewed = renewed, etag, started
@@ -202,7 +204,8 @@ class JobLease:
                 self._renew()
             except Exception as exc:  # cannot tell whether it is still ours: do not write on a maybe
                 if time.monotonic() - self.renewed >= self.ttl:
-                    self.lost = f"the lease of job {self.record.job!r} could not be renewed for {self.ttl:.0f} s ({exc})"
+                    self.lost = (f"the lease of job {self.record.job!r} could not be renewed for {self.ttl:.0f} s "
+                                 f"({exc})")
         if self.lost is not None:
             self._raise_lost()
 
