@@ -9,7 +9,7 @@ from pathlib import Path
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from conftest import run_cli
+from conftest import cli_in_process, run_cli
 from reembed.flows.config import load_job
 from reembed.flows.run_flow import run_job
 from reembed.indexing.vector_store import VectorStore
@@ -67,11 +67,11 @@ def test_every_bad_row_quarantined_and_counts_add_up(tmp_path, ray_session) -> N
     assert summary.quarantine == str(Path(store.root) / "quarantine")
 
 
-def test_quarantine_guard_on_a_first_run(tmp_path) -> None:
+def test_quarantine_guard_on_a_first_run(tmp_path, ray_session) -> None:
     """Without the relaxed guard the same corpus stops before the alias is created, and says where to look."""
     _corpus(tmp_path / "corpus")
     (tmp_path / "job.yaml").write_text("name: bad\ncorpus: {uri: corpus}\n")
-    res = run_cli("run", str(tmp_path / "job.yaml"))
+    res = cli_in_process("run", str(tmp_path / "job.yaml"))
     assert res.returncode == 1, res.stderr[-3000:]
     error = next(line for line in res.stderr.splitlines() if line.startswith("error:"))
     assert "10 of 15 input rows quarantined (66.7%)" in error and "no alias was created" in error

@@ -2,14 +2,14 @@
 
 from __future__ import annotations
 
-from conftest import cli_in_process, last_json, run_cli, write_jsonl
+from conftest import cli_in_process, last_json, write_jsonl
 from reembed.flows.config import load_job
 
 FILLER = " ".join(["The committee reviewed quarterly budgets, staffing plans and office logistics in detail."] * 40)
 TAIL = "Finally, the appendix explains how octopuses open screw-top jars with their arms."
 
 
-def test_long_document_truncated_then_chunked(tmp_path) -> None:
+def test_long_document_truncated_then_chunked(tmp_path, ray_session) -> None:
     docs = [{"id": "long", "text": FILLER + " " + TAIL}] + [
         {"id": f"d{i}", "text": t} for i, t in enumerate(
             ["Bread rises because of yeast.", "Tides follow the Moon.", "Bees dance to share directions."])]
@@ -17,12 +17,12 @@ def test_long_document_truncated_then_chunked(tmp_path) -> None:
     (tmp_path / "job.yaml").write_text("name: longdocs\ncorpus: {uri: corpus.jsonl}\n")
     job = str(tmp_path / "job.yaml")
 
-    plain = run_cli("run", job, "--json")
+    plain = cli_in_process("run", job, "--json")
     assert plain.returncode == 0, plain.stderr[-3000:]
     s = last_json(plain.stdout)
     assert s["truncated_docs"] == 1 and s["dropped_tokens"] > 0 and s["points"] == 4
 
-    chunked = run_cli("run", job, "--set", "chunking.max_tokens=64", "--set", "chunking.overlap=8", "--json")
+    chunked = cli_in_process("run", job, "--set", "chunking.max_tokens=64", "--set", "chunking.overlap=8", "--json")
     assert chunked.returncode == 0, chunked.stderr[-3000:]
     c = last_json(chunked.stdout)
     assert c["collection"] != s["collection"]  # chunking shapes vectors: a new version

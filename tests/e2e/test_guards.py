@@ -86,7 +86,7 @@ def test_delete_guard_blocks_then_force_is_recorded(live) -> None:
     job_path, job, before = live
     folder = job_path.parent
     _write(folder, _docs(folder)[:20])  # half the corpus vanished (a truncated upload, say)
-    res = run_cli("run", str(job_path), "--json")
+    res = cli_in_process("run", str(job_path), "--json")
     assert res.returncode == 1, res.stderr[-3000:]
     error = next(line for line in res.stderr.splitlines() if line.startswith("error:"))
     assert "20 of 40 live points would be removed (50.0%)" in error and "guards.max_deleted_fraction 20.0%" in error
@@ -96,7 +96,7 @@ def test_delete_guard_blocks_then_force_is_recorded(live) -> None:
     manifest_before = VectorStore(job.output.uri, before[0]).read_manifest()
     assert manifest_before.input_rows == 40  # the committed manifest was not touched
 
-    res = run_cli("run", str(job_path), "--json", "--force", "corpus halved on purpose")
+    res = cli_in_process("run", str(job_path), "--json", "--force", "corpus halved on purpose")
     assert res.returncode == 0, res.stderr[-3000:]
     summary = last_json(res.stdout)
     assert summary["points"] == 20 and summary["deleted"] == 20
@@ -117,7 +117,7 @@ def test_quarantine_guard_blocks_before_any_write(live) -> None:
         d["text"], d["title"] = "", ""
     docs[0]["text"] = "A completely different first document about volcanoes."
     _write(folder, docs)
-    res = run_cli("run", str(job_path))
+    res = cli_in_process("run", str(job_path))
     assert res.returncode == 1, res.stderr[-3000:]
     error = next(line for line in res.stderr.splitlines() if line.startswith("error:"))
     assert "12 of 40 input rows quarantined (30.0%)" in error and "first reasons:" in error
@@ -218,7 +218,7 @@ def test_noop_rerun_says_so_and_trial_never_goes_live(live, monkeypatch) -> None
     assert summary["truncated_docs"] == 0 and summary["points"] == 40
     assert "nothing to do: guarded is up to date" in res.stderr
 
-    trial = run_cli("run", str(job_path), "--limit", "7", "--json")
+    trial = cli_in_process("run", str(job_path), "--limit", "7", "--json")
     assert trial.returncode == 0, trial.stderr[-2000:]
     t = last_json(trial.stdout)
     assert t["status"] == "trial" and t["points"] == 7 and t["collection"].startswith("guarded-trial-")

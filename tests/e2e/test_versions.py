@@ -6,7 +6,7 @@ import shutil
 
 import pytest
 
-from conftest import ROOT, cli_in_process, last_json, no_encoding, run_cli
+from conftest import ROOT, cli_in_process, last_json, no_encoding
 from reembed.flows.config import ConfigError, load_job
 from reembed.flows.run_flow import run_job
 from reembed.flows.versions import list_versions, reindex, rollback
@@ -50,9 +50,9 @@ def test_versions_rollback_and_reindex(tmp_path, ray_session, engine) -> None:
     assert _top(mean_job, queries) == before
 
 
-def test_versions_cli_json(tmp_path) -> None:
+def test_versions_cli_json(tmp_path, ray_session) -> None:
     sets = ["--set", f"output.uri={tmp_path / 'v'}", "--set", f"index.path={tmp_path / 'q'}"]
-    assert run_cli("run", str(SAMPLE), *sets).returncode == 0
+    assert cli_in_process("run", str(SAMPLE), *sets).returncode == 0
     res = cli_in_process("versions", str(SAMPLE), *sets, "--json")
     assert res.returncode == 0, res.stderr[-2000:]
     rows = last_json(res.stdout)
