@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 import subprocess
 import sys
 
@@ -116,8 +118,16 @@ def test_edge_alias_moves_from_two_processes_are_never_lost(tmp_path) -> None:
             "    index.point_aliases({job: f'{job}{i % 2 + 1}', f'{job}-v{i}': f'{job}1'})\n")
     procs = [subprocess.Popen([sys.executable, "-c", code, job], stderr=subprocess.PIPE, text=True)
              for job in ("a", "b")]
+    reads = 0
+    while any(proc.poll() is None for proc in procs):  # meanwhile, the file always parses
+        try:
+            json.loads((tmp_path / "index" / "aliases.json").read_text())
+            reads += 1
+        except FileNotFoundError:
+            pass
     for proc in procs:
         assert proc.wait(timeout=300) == 0, proc.stderr.read()[-2000:]
+    assert reads > 0
     with open_index(settings) as index:
         aliases = index.aliases()
     assert aliases["a"] == "a2" and aliases["b"] == "b2"  # each job's last move
