@@ -8,8 +8,8 @@ with no server of its own.
 Taking it: read it; when it is missing or expired, write our own (a random token). On a local disk the read and
 the write happen under an exclusive ``flock`` on a lock file beside it. Object stores have no locks, so there
 the run waits ``SETTLE_S`` and reads the lease back: of two runs that wrote at once, both read the later write,
-so exactly one sees its own token. Where the store honours conditional writes (probed once per bucket; S3,
-SeaweedFS, MinIO do), every write of the lease is conditional instead: ``If-None-Match: *`` to create it,
+so exactly one sees its own token. Where the store honours conditional writes (probed once per bucket; AWS
+S3 and SeaweedFS do), every write of the lease is conditional instead: ``If-None-Match: *`` to create it,
 ``If-Match`` on the ETag that was read to take it over, on the ETag of its own last write to renew it; the
 store refuses a write when anyone wrote since, so no renewal can erase a takeover and no settle is needed.
 Elsewhere a renewal follows the settle protocol: it writes within ``SETTLE_S / 2`` of the read that showed
