@@ -229,8 +229,14 @@ def test_actor_counters_add_up_to_the_run_and_the_grafana_queries_hold(tmp_path,
         assert _query(prometheus, f"ray_reembed_actor_tokenize_queue_depth{model}")
         from reembed.flows.operations.dashboard import actor_figures  # `reembed dashboard --prometheus`
 
-        figures = actor_figures(prometheus)
-        assert figures.error is None and summary["model"] in figures.tokens_per_s
+        def figures_of_the_run():
+            figures = actor_figures(prometheus)
+            assert figures.error is None, figures.error
+            return figures if summary["model"] in figures.tokens_per_s else None
+
+        # a rate needs two scrapes of the counter: the totals above may have come from the first one
+        figures = _until(figures_of_the_run, "two scrapes of the actors' counters (a rate over them)")
+        assert figures.tokens_per_s[summary["model"]] >= 0
         assert "did not answer" in actor_figures(f"http://127.0.0.1:{free_port()}").error
         _grafana_queries_hold(prometheus, pushgateway, tmp_path)
     finally:
