@@ -29,6 +29,7 @@ class ModelUnreachable(RuntimeError):
 
 
 HUB_ATTEMPTS = 3  # tries of a hub look-up that timed out or met a 5xx, with exponential waits of 1 s, 2 s, ...
+HUB_WAIT_MULTIPLIER_S = 1.0  # the first wait; the tests shorten it (what they check is the count of tries)
 
 
 def hub_unreachable(exc: BaseException | None) -> bool:
@@ -101,7 +102,7 @@ def resolve_model_path(name: str, revision: str | None = None) -> Path:
 
     try:
         for attempt in Retrying(retry=retry_if_exception(hub_unreachable), stop=stop_after_attempt(HUB_ATTEMPTS),
-                                wait=wait_exponential(multiplier=1, max=8), reraise=True,
+                                wait=wait_exponential(multiplier=HUB_WAIT_MULTIPLIER_S, max=8), reraise=True,
                                 before_sleep=lambda state: logger.warning(
                                     "model hub %s did not answer for %r (try %d of %d): %s", constants.ENDPOINT,
                                     name, state.attempt_number, HUB_ATTEMPTS, state.outcome.exception())):

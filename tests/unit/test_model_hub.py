@@ -43,6 +43,7 @@ def hub(monkeypatch):
     thread.start()
     monkeypatch.setattr(constants, "ENDPOINT", f"http://127.0.0.1:{server.server_address[1]}")
     monkeypatch.setattr(constants, "HF_HUB_ETAG_TIMEOUT", 1)
+    monkeypatch.setattr(model_loader, "HUB_WAIT_MULTIPLIER_S", 0.05)  # the tries are counted, not the waits
     yield _Hub
     server.shutdown()
     server.server_close()
@@ -81,6 +82,7 @@ def silent_hub(monkeypatch):
     thread.start()
     monkeypatch.setattr(constants, "ENDPOINT", f"http://127.0.0.1:{listener.getsockname()[1]}")
     monkeypatch.setattr(constants, "HF_HUB_ETAG_TIMEOUT", 1)
+    monkeypatch.setattr(model_loader, "HUB_WAIT_MULTIPLIER_S", 0.05)  # the tries are counted, not the waits
     yield paths
     stop.set()
     thread.join(timeout=5)
