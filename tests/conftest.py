@@ -49,41 +49,24 @@ def _machine_cpu_seconds() -> float | None:
     return (sum(ticks) - ticks[3] - ticks[4]) / os.sysconf("SC_CLK_TCK")  # all but idle and iowait
 
 
-_CPU_START = pytest.StashKey[float | None]()
+_CPU_BY_TEST: dict[str, float] = {}
 
 
 @pytest.hookimpl(wrapper=True)
 def pytest_runtest_protocol(item: pytest.Item, nextitem):
-    """Record the machine's CPU seconds over each test (setup to teardown) as the ``machine_cpu_s`` user property,
-    so the slowest-by-CPU list below shows what to make cheaper (wall time alone hides it: half the suite waits)."""
-    item.stash[_CPU_START] = _machine_cpu_seconds()
-    return (yield)
-
-
-@pytest.hookimpl(wrapper=True)
-def pytest_runtest_makereport(item: pytest.Item, call):
-    report = yield
-    start = item.stash.get(_CPU_START, None)
-    now = _machine_cpu_seconds()
-    if start is not None and now is not None:
-        report.user_properties = [*report.user_properties, ("machine_cpu_s", round(now - start, 1))]
-    return report
-
-
-_CPU_BY_TEST: dict[str, float] = {}
-
-
-def pytest_runtest_logreport(report) -> None:
-    """Keep the last phase's running total per test (this also runs in xdist's controller, from the workers'
-    reports)."""
-    cpu = dict(report.user_properties).get("machine_cpu_s")
-    if cpu is not None:
-        _CPU_BY_TEST[report.nodeid] = cpu
+    """Keep the machine's CPU seconds over each test (setup to teardown), so the list at the end shows what to
+    make cheaper (wall time alone hides it: half the suite waits while the other half computes)."""
+    start = _machine_cpu_seconds()
+    try:
+        return (yield)
+    finally:
+        end = _machine_cpu_seconds()
+        if start is not None and end is not None:
+            _CPU_BY_TEST[item.nodeid] = round(end - start, 1)
 
 
 def pytest_terminal_summary(terminalreporter) -> None:
-    """The 15 tests that kept the machine busiest, beside pytest's ``--durations`` (the machine's CPU, so with
-    parallel workers a test also counts what ran beside it)."""
+    """The 15 tests that kept the machine busiest, beside pytest's ``--durations``."""
     if not _CPU_BY_TEST:
         return
     terminalreporter.write_sep("=", "machine CPU seconds per test (setup to teardown), 15 highest")

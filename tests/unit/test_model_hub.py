@@ -32,18 +32,24 @@ class _Hub(BaseHTTPRequestHandler):
         pass
 
 
+def _point_the_hub_at(monkeypatch, port: int) -> None:
+    """Send hub look-ups to a server on 127.0.0.1 with a 1 s timeout and short waits between tries (the tests
+    count the tries, not the waits)."""
+    from huggingface_hub import constants
+
+    monkeypatch.setattr(constants, "ENDPOINT", f"http://127.0.0.1:{port}")
+    monkeypatch.setattr(constants, "HF_HUB_ETAG_TIMEOUT", 1)
+    monkeypatch.setattr(model_loader, "HUB_WAIT_MULTIPLIER_S", 0.05)
+
+
 @pytest.fixture
 def hub(monkeypatch):
     """A hub on 127.0.0.1 answering every request with ``_Hub.status``."""
-    from huggingface_hub import constants
-
     _Hub.hits = []
     server = ThreadingHTTPServer(("127.0.0.1", 0), _Hub)
     thread = threading.Thread(target=server.serve_forever, daemon=True)
     thread.start()
-    monkeypatch.setattr(constants, "ENDPOINT", f"http://127.0.0.1:{server.server_address[1]}")
-    monkeypatch.setattr(constants, "HF_HUB_ETAG_TIMEOUT", 1)
-    monkeypatch.setattr(model_loader, "HUB_WAIT_MULTIPLIER_S", 0.05)  # the tries are counted, not the waits
+    _point_the_hub_at(monkeypatch, server.server_address[1])
     yield _Hub
     server.shutdown()
     server.server_close()
@@ -52,8 +58,6 @@ def hub(monkeypatch):
 @pytest.fixture
 def silent_hub(monkeypatch):
     """A hub on 127.0.0.1 that accepts connections and never answers: every request times out."""
-    from huggingface_hub import constants
-
     listener = socket.socket()
     listener.bind(("127.0.0.1", 0))
     listener.listen(16)
@@ -80,9 +84,7 @@ def silent_hub(monkeypatch):
 
     thread = threading.Thread(target=accept, daemon=True)
     thread.start()
-    monkeypatch.setattr(constants, "ENDPOINT", f"http://127.0.0.1:{listener.getsockname()[1]}")
-    monkeypatch.setattr(constants, "HF_HUB_ETAG_TIMEOUT", 1)
-    monkeypatch.setattr(model_loader, "HUB_WAIT_MULTIPLIER_S", 0.05)  # the tries are counted, not the waits
+    _point_the_hub_at(monkeypatch, listener.getsockname()[1])
     yield paths
     stop.set()
     thread.join(timeout=5)
