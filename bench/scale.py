@@ -6,6 +6,9 @@ show what reembed itself costs: planning, reading, Parquet, the index, the recon
 (imports, Prefect's temporary server, Ray) is reported as its own figure, and the three run times leave it out:
 ``work = planning + summary seconds - flow start-up`` for runs that start the flow (start-up being Prefect,
 Ray and the actors loading the model), the whole CLI time for a no-op (it plans and answers without a flow).
+Each run's ``phases`` (``RunSummary.phases``: planning's listing, markers, manifest and index check; the
+actors' read, reuse, encode and write summed over actors; the driver's upsert, vector set, reconcile and
+manifest write) show where its seconds went, so a regression shows where it is.
 
     .venv/bin/python bench/scale.py --docs 1000000 --json
 """
@@ -66,7 +69,7 @@ def run(job: Path, work: Path, label: str) -> dict:
               "status": summary["status"], "encoded": summary["encoded"], "reused": summary["reused"],
               "upserted": summary.get("upserted", 0),
               "deleted": summary["deleted"], "points": summary["points"],
-              "driver_rss_mb": round(int(rss_file.read_text()) / 1024, 1)}
+              "driver_rss_mb": round(int(rss_file.read_text()) / 1024, 1), "phases": summary.get("phases", {})}
     print(f"{label}: {result}", file=sys.stderr)
     return result
 

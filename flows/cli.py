@@ -151,7 +151,7 @@ def run(job: str, overrides: tuple[str, ...], verbose: bool, as_json: bool, forc
         from reembed.flows.config import load_job
         from reembed.flows.operations.run_log import listeners_for, recorded_run, skipped_when_held
         from reembed.flows.operations.lease import job_lease
-        from reembed.flows.planning import live_collection, plan_run, preflight, up_to_date_summary
+        from reembed.flows.planning import plan_job, preflight, up_to_date_summary
 
         cfg = load_job(job, list(overrides))
         out_opts = cfg.output.storage_options
@@ -160,15 +160,14 @@ def run(job: str, overrides: tuple[str, ...], verbose: bool, as_json: bool, forc
                 job_lease(cfg.output.uri, cfg.name, cfg.lease, "reembed run", out_opts, wait), \
                 recorded_run(cfg.output.uri, cfg.name, "cli", out_opts, overrides=list(overrides),
                              listeners=listeners) as record:
+            checked = time.perf_counter()
             preflight(cfg)
-            plan = plan_run(cfg, limit, live_collection(cfg))
+            preflight_s = time.perf_counter() - checked
+            plan = plan_job(cfg, limit)
+            plan.phases = {"preflight": round(preflight_s, 4), **plan.phases}
             plan_s = time.perf_counter() - started
             if plan.mode == "up-to-date":
-                from reembed.indexing.index import open_index
-
-                with open_index(cfg.index) as index:
-                    points = index.count(plan.collection)
-                record.summary = up_to_date_summary(cfg, plan, points, time.perf_counter() - started)
+                record.summary = up_to_date_summary(cfg, plan, time.perf_counter() - started)
                 return
             from reembed.flows.errors import quiet_prefect_tracebacks
             from reembed.flows.run_flow import run_job
@@ -232,11 +231,11 @@ def plan(job: str, overrides: tuple[str, ...], verbose: bool, limit: int | None,
     _setup_logging(verbose)
     try:
         from reembed.flows.config import load_job
-        from reembed.flows.planning import live_collection, plan_run, preflight
+        from reembed.flows.planning import plan_job, preflight
 
         cfg = load_job(job, list(overrides))
         preflight(cfg)
-        info = plan_run(cfg, limit, live_collection(cfg)).describe(cfg)
+        info = plan_job(cfg, limit).describe(cfg)
     except _user_errors() as exc:
         _fail(exc, verbose)
         return

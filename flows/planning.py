@@ -15,9 +15,12 @@ from typing import Any
 from pydantic import BaseModel, Field
 
 from reembed.flows.config import JobConfig
+from reembed.flows.phases import Phases
 from reembed.indexing.corpus import (Shard, check_columns, file_fingerprint, limit_shards, list_files, plan_shards,
                              shard_fingerprint)
+from reembed.indexing.index import IndexError_
 from reembed.indexing.records import Manifest, Mode, RunSummary, ShardMarker, ShardRow
+from reembed.indexing.shard_memo import StoredShardMemo
 from reembed.indexing.storage import StorageError, filesystem, protocol_of
 from reembed.indexing.vector_store import VectorStore
 from reembed.workers.model_loader import load_profile, resolve_model_path
@@ -78,6 +81,8 @@ class RunPlan(BaseModel):
     written: dict[str, ShardMarker] = Field(default_factory=dict)  # marker matches, Parquet only
     live: str | None = None  # the collection behind the alias now
     manifest: Manifest | None = None  # the committed manifest of ``collection``, if any
+    interrupted: bool = False  # an earlier run wrote to ``collection`` and never committed (its writing marker)
+    phases: dict[str, float] = Field(default_factory=dict)  # seconds planning spent in each step (flows.phases)
     trial: bool = False
     limit: int | None = None  # trial runs: the first N input rows
 
@@ -95,10 +100,10 @@ class RunPlan(BaseModel):
         committed = self.committed_parts()
         done = {**self.indexed, **self.written}
         uncommitted = [s for s, m in done.items() if committed.get(s) != m.part_uri]
-        if (not self.todo and not self.written and not uncommitted and self.live == self.collection
-                and set(committed) == {s.shard_id for s in self.shards}):
+        if (not self.todo and not self.written and not uncommitted and not self.interrupted
+                and self.live == self.collection and set(committed) == {s.shard_id for s in self.shards}):
             return "up-to-date"
-        if uncommitted:
+        if uncommitted or self.interrupted:
             return "resume"
         return "refresh" if self.live == self.collection else "new-version"
 
@@ -124,46 +129,88 @@ class RunPlan(BaseModel):
 
 
 def plan_run(job: JobConfig, limit: int | None = None, live: str | None = None) -> RunPlan:
-    """Plan shards and classify them against their commit markers; ``live`` is the alias's collection."""
-    if limit is not None:
-        shards = limit_shards(job.corpus, limit, job.runtime.shard_rows)
-    else:
-        shards = plan_shards(job.corpus, int(job.runtime.shard_size_mb * 1024 * 1024), job.runtime.shard_rows,
-                             min_shards(job))
-    dim = load_profile(job.model).dim
+    """Plan shards and classify them against their commit markers; ``live`` is the alias's collection.
+
+    What it reads is what the commit protocol needs and no more, so that planning an unchanged corpus costs
+    O(files), not O(rows): the input listing (with each file's size and ETag or modification time; big
+    line-scanned files' shards come from the job's shard memo when the file is unchanged), one marker per
+    shard, the manifest and the writing marker. It never opens the index or reads a Parquet part."""
+    phases = Phases()
+    with phases.timed("listing"):  # the input listing, shards (scanned or remembered), fingerprints
+        if limit is not None:
+            shards = limit_shards(job.corpus, limit, job.runtime.shard_rows)
+        else:
+            memo = StoredShardMemo(job.output.uri, job.name, job.output.storage_options)
+            shards = plan_shards(job.corpus, int(job.runtime.shard_size_mb * 1024 * 1024), job.runtime.shard_rows,
+                                 min_shards(job), memo)
+        file_fps: dict[str, str] = {}
+        for shard in shards:
+            if shard.uri not in file_fps:
+                file_fps[shard.uri] = file_fingerprint(shard.uri, job.corpus)
+        input_fps = {s.shard_id: shard_fingerprint(s, file_fps[s.uri], job.corpus) for s in shards}
+    with phases.timed("model"):
+        dim = load_profile(job.model).dim
     trial = limit is not None
     collection = job.collection_name(dim, trial=trial)
     model_fp = job.fingerprint(dim)
     store = VectorStore(job.output.uri, collection, job.output.storage_options)
-    plan = RunPlan(collection=collection, dim=dim, model_fingerprint=model_fp, shards=shards, input_fps={},
-                   live=live, manifest=store.read_manifest(), trial=trial, limit=limit)
-    file_fps: dict[str, str] = {}
-    for shard in shards:
-        if shard.uri not in file_fps:
-            file_fps[shard.uri] = file_fingerprint(shard.uri, job.corpus)
-        fp = shard_fingerprint(shard, file_fps[shard.uri], job.corpus)
-        plan.input_fps[shard.shard_id] = fp
-        marker = store.read_marker(shard.shard_id)
-        if not marker or marker.input_fingerprint != fp or marker.model_fingerprint != model_fp:
-            continue
-        (plan.indexed if marker.stage == "indexed" else plan.written)[shard.shard_id] = marker
+    with phases.timed("manifest"):  # the commit record and the absence of an interrupted write
+        manifest, interrupted = store.read_manifest(), store.writing() is not None
+    plan = RunPlan(collection=collection, dim=dim, model_fingerprint=model_fp, shards=shards, input_fps=input_fps,
+                   live=live, manifest=manifest, interrupted=interrupted, trial=trial, limit=limit)
+    with phases.timed("markers"):
+        for shard in shards:
+            marker = store.read_marker(shard.shard_id)
+            fp = input_fps[shard.shard_id]
+            if not marker or marker.input_fingerprint != fp or marker.model_fingerprint != model_fp:
+                continue
+            (plan.indexed if marker.stage == "indexed" else plan.written)[shard.shard_id] = marker
+    plan.phases = phases.as_dict()
     return plan
 
 
+def plan_job(job: JobConfig, limit: int | None = None) -> RunPlan:
+    """The plan of the job's next run, against the collection its alias serves (checked to still exist)."""
+    phases = Phases()
+    with phases.timed("index_check"):
+        live = live_collection(job)
+    plan = plan_run(job, limit, live)
+    plan.phases = {**phases.as_dict(), **plan.phases}
+    return plan
+
+
+class LiveCollectionMissing(IndexError_):
+    """The job's alias names a collection the index no longer has: nothing may be planned against it (a
+    refresh would edit a collection that is not there, and a no-op would call the job up to date)."""
+
+
 def live_collection(job: JobConfig) -> str | None:
-    """The version the job's alias serves (a rebuilt generation counts as its version)."""
+    """The version the job's alias serves (a rebuilt generation counts as its version), checked to exist.
+
+    The check is the cheap one (the collection's folder and meta file on edge, ``collection_exists`` on a
+    server): it loads no index shard. A collection that has gone missing stops the run with how to rebuild it
+    from Parquet, the source of truth."""
     from reembed.flows.versions import live_version
     from reembed.indexing.index import open_index
 
     with open_index(job.index) as index:
-        return live_version(index, job.name)
+        version = live_version(index, job.name)
+        if version is not None and not index.exists(job.name):
+            raise LiveCollectionMissing(
+                f"the alias {job.name!r} points at {index.alias_target(job.name)!r}, which is missing from "
+                f"{index.where}; its vectors are in Parquet under {job.output.uri}: rebuild it with "
+                f"`reembed reindex JOB` (nothing is re-encoded), then run again")
+        return version
 
 
-def up_to_date_summary(job: JobConfig, plan: RunPlan, points: int, seconds: float) -> RunSummary:
+def up_to_date_summary(job: JobConfig, plan: RunPlan, seconds: float) -> RunSummary:
     """The summary of a run with nothing to do: this run's numbers only (nothing encoded, its own seconds),
-    the version's totals from its manifest."""
+    the version's totals from its manifest. The point count is the manifest's vector rows: a commit writes the
+    manifest only after the collection was checked to hold exactly them, and nothing writes to a committed
+    collection without first leaving the writing marker that stops a plan from being up to date."""
     manifest = plan.manifest
     assert manifest is not None  # up-to-date means committed
+    points = manifest.vector_rows
     return RunSummary(
         alias=job.name, collection=plan.collection, status="up-to-date", mode="up-to-date", model=manifest.model,
         dim=plan.dim, input_rows=manifest.input_rows, indexed=manifest.input_rows - manifest.quarantined,
@@ -171,6 +218,7 @@ def up_to_date_summary(job: JobConfig, plan: RunPlan, points: int, seconds: floa
         seconds=round(seconds, 3), shards_total=len(plan.shards), shards_done=len(plan.shards),
         shards_skipped=len(plan.shards), points=points, output=VectorStore(job.output.uri, plan.collection).root,
         index=job.index.where, shards=[ShardRow.of(plan.indexed[s.shard_id], "skipped") for s in plan.shards],
+        phases=plan.phases,
         message=f"nothing to do: {job.name} is up to date ({len(plan.shards)} shard(s) unchanged, "
                 f"{points} points in {plan.collection})",
     )

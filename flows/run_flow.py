@@ -34,7 +34,8 @@ from reembed.flows.guards import (GuardBlocked, delete_check, empty_check, enfor
 from reembed.flows.operations.artifacts import PrefectArtifacts
 from reembed.flows.operations.run_log import Trigger, listeners_for, recorded_run, skipped_when_held
 from reembed.flows.operations.lease import INDEX_WRITES, STORE_WRITES, JobLease, LeaseLost, fenced, job_lease
-from reembed.flows.planning import RunPlan, live_collection, plan_run, up_to_date_summary
+from reembed.flows.phases import Phases, timed_phase
+from reembed.flows.planning import RunPlan, plan_job, up_to_date_summary
 from reembed.flows.progress import ProgressMode, RunProgress, start_board
 from reembed.flows.ray_pool import ActorPool, init_ray
 from reembed.flows.vector_set import (VectorSet, build_vector_set, full_diff, present, replaced_stale,
@@ -108,9 +109,9 @@ def _run(job: JobConfig, force_reason: str | None, limit: int | None, progress: 
     _log().info("planned %d shard(s) from %s into %s (%s): %d already indexed, %d written but not indexed, "
                 "%d to embed", len(plan.shards), job.corpus.uri, plan.collection, plan.mode, len(plan.indexed),
                 len(plan.written), len(plan.todo))
+    if plan.mode == "up-to-date":  # before the session: a no-op opens no index shard
+        return up_to_date_summary(job, plan, clock.seconds())
     with RunSession(job, plan, lease) as run:
-        if plan.mode == "up-to-date":
-            return up_to_date_summary(job, plan, run.index.count(plan.collection), clock.seconds())
         with Upserts(run) as upserts:
             embedded = embed_shards(run, upserts, progress, clock)  # each shard's points follow it unless held
             results, quarantine = upsert_shards(run, upserts, embedded, force_reason, clock)
@@ -201,6 +202,7 @@ class RunSession:
         self.dirty = self.store.writing() is not None
         self.clean_since = self._clean_since()
         self.upserted = 0
+        self.phases = Phases()  # the driver's steps; the actors' come with their results
         self._marked = False
 
     def _clean_since(self) -> str | None:
@@ -265,7 +267,7 @@ class Reconciled:
 
 @task(name="plan-shards", retries=2, retry_delay_seconds=[2, 10], **_RETRY)
 def plan_task(job: JobConfig, limit: int | None) -> RunPlan:
-    return plan_run(job, limit, live_collection(job))
+    return plan_job(job, limit)
 
 
 @task(name="embed-shard", retries=2, retry_delay_seconds=[2, 10], task_run_name="embed-{task.shard.shard_id}",
@@ -280,7 +282,8 @@ def upsert_task(run: RunSession, result: ShardResult) -> ShardMarker:
     rows = None
     if result.changed_rows is not None and run.clean_since and result.changed_since == run.clean_since:
         rows = [i for start, end in result.changed_rows for i in range(start, end)]  # the rest is indexed as is
-    points = upsert_part(run.index, run.store, run.plan.collection, result.part_uri, rows) if rows != [] else 0
+    with run.phases.timed("upsert"):
+        points = upsert_part(run.index, run.store, run.plan.collection, result.part_uri, rows) if rows != [] else 0
     failpoint("upsert")
     # The shard's commit marker: written after its Parquet part and its points, so a re-run can skip it.
     marker = ShardMarker(**result.model_dump(exclude={"stage", "points"}), stage="indexed", points=points)
@@ -411,6 +414,7 @@ def upsert_shards(run: RunSession, upserts: Upserts, embedded: Embedded, force_r
 
 
 @task(name="vector-set", retries=2, retry_delay_seconds=[2, 10], **_RETRY)
+@timed_phase("vector_set")
 def vector_set_task(run: RunSession, results: list[ShardMarker]) -> VectorSet:
     """The new vector set from the parts' id columns (never vectors or text), cross-shard duplicates resolved,
     and the collection's points that are not in it: found from the replaced parts alone while the collection
@@ -450,6 +454,7 @@ def guard_task(run: RunSession, embedded: Embedded, results: list[ShardMarker], 
 
 
 @task(name="reconcile", retries=2, retry_delay_seconds=[2, 10], **_RETRY)
+@timed_phase("reconcile")
 def reconcile_task(run: RunSession, vector_set: VectorSet) -> Reconciled:
     """Make the collection equal the vector set: re-upsert duplicate winners (so the outcome does not depend on
     which shard finished last) and points found missing, delete stale points (vanished documents, leftovers of
@@ -483,6 +488,7 @@ def invariant_task(results: list[ShardMarker], vector_set: VectorSet, reconciled
 
 
 @task(name="write-manifest", retries=2, retry_delay_seconds=[2, 10], **_RETRY)
+@timed_phase("write_manifest")
 def manifest_task(run: RunSession, results: list[ShardMarker], vector_set: VectorSet, reconciled: Reconciled,
                   guards: GuardReport) -> Manifest:
     """The version's commit record, then the removal of files no manifest names any more."""
@@ -578,8 +584,18 @@ def summarize(run: RunSession, embedded: Embedded, results: Iterable[ShardResult
         points=reconciled.points if reconciled else points, output=run.store.root,
         index=job.index.where, index_status=reconciled.index_status if reconciled else None,
         guards=guards, gate=gate, retired_versions=retired or [], message=message,
-        shards=shard_rows(plan, embedded),
+        phases=_phases(run, fresh), shards=shard_rows(plan, embedded),
     )
+
+
+def _phases(run: RunSession, fresh: list[ShardResult]) -> dict[str, float]:
+    """Planning's phases, the actors' (summed over the shards this run embedded) and the driver's steps."""
+    actors = {name: round(sum(getattr(r, f"{name}_s") for r in fresh), 4)
+              for name in ("read", "reuse", "encode", "write")} if fresh else {}
+    if fresh:  # the rest of the actors' time: putting the rows, vectors and payloads together
+        actors["assemble"] = round(sum(max(0.0, r.seconds - r.read_s - r.reuse_s - r.encode_s - r.write_s)
+                                       for r in fresh), 4)
+    return {**run.plan.phases, **actors, **run.phases.as_dict()}
 
 
 def shard_rows(plan: RunPlan, embedded: Embedded) -> list[ShardRow]:

@@ -17,7 +17,7 @@ import logging
 import string
 import zlib
 from dataclasses import dataclass, field
-from typing import Any, Literal
+from typing import Any, Literal, Protocol
 
 import pyarrow.parquet as pq
 from pydantic import BaseModel, ConfigDict, Field
@@ -155,8 +155,25 @@ def _scan_records(fh: io.BufferedIOBase, quoted: bool) -> list[tuple[int, int]]:
     return starts
 
 
-def plan_file(uri: str, settings: CorpusSettings, shard_bytes: int, shard_rows: int | None) -> list[Shard]:
-    """Shards for one file: whole when small, else row-group or record ranges near the target size."""
+class ShardMemo(Protocol):
+    """Remembers the shards of a line-scanned file under a key that includes the file's fingerprint (size plus
+    ETag or modification time, what commit markers trust), so that planning an unchanged big JSONL or CSV file
+    does not read it again to find its record boundaries: a no-op re-run stays O(files), not O(bytes)."""
+
+    def get(self, uri: str, key: str) -> list[Shard] | None: ...
+    def put(self, uri: str, key: str, shards: list[Shard]) -> None: ...
+
+
+def scan_key(uri: str, fmt: str, file_fp: str, shard_bytes: int, shard_rows: int | None) -> str:
+    """What decides a scanned file's shards: the file (its URI and fingerprint), its format and the cut."""
+    key = json.dumps([uri, fmt, file_fp, shard_bytes, shard_rows])
+    return hashlib.sha256(key.encode()).hexdigest()[:32]
+
+
+def plan_file(uri: str, settings: CorpusSettings, shard_bytes: int, shard_rows: int | None,
+              memo: ShardMemo | None = None) -> list[Shard]:
+    """Shards for one file: whole when small, else row-group or record ranges near the target size (found by
+    one scan of the file, or recalled from ``memo`` when the file has not changed since)."""
     fmt = detect_format(uri, settings.format)
     fs, path = filesystem(uri, settings.storage_options)
     size = fs.size(path)
@@ -179,6 +196,18 @@ def plan_file(uri: str, settings: CorpusSettings, shard_bytes: int, shard_rows: 
         return shards
     if fmt == "jsonl.gz" or (size <= shard_bytes and shard_rows is None):
         return [Shard(_shard_id(uri, None, None), uri, fmt, bytes_hint=size)]
+    if memo is None:
+        return _scan_file(uri, fs, path, fmt, shard_bytes, shard_rows)
+    key = scan_key(uri, fmt, file_fingerprint(uri, settings), shard_bytes, shard_rows)
+    shards = memo.get(uri, key)
+    if shards is None:
+        shards = _scan_file(uri, fs, path, fmt, shard_bytes, shard_rows)
+        memo.put(uri, key, shards)
+    return shards
+
+
+def _scan_file(uri: str, fs: Any, path: str, fmt: str, shard_bytes: int, shard_rows: int | None) -> list[Shard]:
+    """Record ranges of a JSONL or CSV file near the target size, from one sequential scan of it."""
     try:
         with fs.open(path, "rb") as fh:
             starts = _scan_records(fh, quoted=fmt in ("csv", "tsv"))
@@ -282,11 +311,12 @@ def check_columns(uri: str, settings: CorpusSettings) -> None:
 MIN_SPLIT_BYTES = 64 * 1024  # below this a file is never cut further to feed more actors
 
 
-def _plan_files(uris: list[str], settings: CorpusSettings, shard_bytes: int, shard_rows: int | None) -> list[Shard]:
+def _plan_files(uris: list[str], settings: CorpusSettings, shard_bytes: int, shard_rows: int | None,
+                memo: ShardMemo | None = None) -> list[Shard]:
     shards: list[Shard] = []
     for uri in uris:
         try:
-            shards.extend(plan_file(uri, settings, shard_bytes, shard_rows))
+            shards.extend(plan_file(uri, settings, shard_bytes, shard_rows, memo))
         except UnreadableFile:
             if settings.on_bad_rows == "fail":
                 raise
@@ -296,14 +326,15 @@ def _plan_files(uris: list[str], settings: CorpusSettings, shard_bytes: int, sha
 
 
 def plan_shards(settings: CorpusSettings, shard_bytes: int, shard_rows: int | None = None,
-                min_shards: int = 1) -> list[Shard]:
+                min_shards: int = 1, memo: ShardMemo | None = None) -> list[Shard]:
     """Shards for the whole corpus, in a stable order.
 
     When files smaller than ``shard_bytes`` would give fewer than ``min_shards`` shards, they are cut by a
-    smaller byte target (never below 64 KiB), so that one 8 MB file still keeps every actor busy.
+    smaller byte target (never below 64 KiB), so that one 8 MB file still keeps every actor busy. With a
+    ``memo``, big JSONL and CSV files unchanged since an earlier plan are not scanned again.
     """
     uris = list_files(settings)
-    shards = _plan_files(uris, settings, shard_bytes, shard_rows)
+    shards = _plan_files(uris, settings, shard_bytes, shard_rows, memo)
     if len(shards) >= min_shards:
         return shards
     total = 0
@@ -313,7 +344,7 @@ def plan_shards(settings: CorpusSettings, shard_bytes: int, shard_rows: int | No
     smaller = max(MIN_SPLIT_BYTES, total // min_shards)
     if smaller >= shard_bytes:
         return shards
-    return _plan_files(uris, settings, smaller, shard_rows)
+    return _plan_files(uris, settings, smaller, shard_rows, memo)
 
 
 def limit_shards(settings: CorpusSettings, limit: int, shard_rows: int | None = None) -> list[Shard]:

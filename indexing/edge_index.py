@@ -24,6 +24,7 @@ import json
 import logging
 import shutil
 import threading
+import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from datetime import datetime, timezone
@@ -110,6 +111,9 @@ class EdgeIndex:
         (self.root / "collections").mkdir(parents=True, exist_ok=True)
         self._held: dict[str, _Handle] = {}  # collection -> open shard, released on close
         self._unindexed: dict[str, int] = {}  # collection -> points written since its last optimize()
+        # collection -> seconds spent building its HNSW index (every optimize(), during the load or after it),
+        # so a benchmark can tell the upserts from the builds that happen inside them
+        self.build_seconds: dict[str, float] = {}
         self._lock = threading.Lock()
 
     @property
@@ -182,7 +186,7 @@ class EdgeIndex:
 
     def resolve(self, name: str) -> str | None:
         collection = self._resolve(name)
-        return collection if self._meta_path(collection).exists() else None
+        return collection if self._meta_path(collection).exists() and self._dir(collection).is_dir() else None
 
     def collections(self) -> list[str]:
         return sorted(p.name[:-len(".json")] for p in (self.root / "collections").glob("*.json"))
@@ -216,7 +220,10 @@ class EdgeIndex:
                 _OPEN_LOCK.notify_all()
 
     def exists(self, name: str) -> bool:
-        return self._meta_path(self._resolve(name)).exists()
+        """Whether the collection behind ``name`` is there: its meta file (written last when it was created)
+        and its shard folder; nothing is loaded, so the check costs the same at any size."""
+        collection = self._resolve(name)
+        return self._meta_path(collection).exists() and self._dir(collection).is_dir()
 
     def dim(self, name: str) -> int | None:
         try:
@@ -329,7 +336,13 @@ class EdgeIndex:
                 self._unindexed[name] = 0
         if due:
             logger.debug("building the HNSW index of %s's latest %d points", name, self.settings.segment_points)
-            shard.optimize()
+            self._optimize(name, shard)
+
+    def _optimize(self, name: str, shard: Any) -> None:
+        started = time.perf_counter()
+        shard.optimize()
+        with self._lock:
+            self.build_seconds[name] = self.build_seconds.get(name, 0.0) + time.perf_counter() - started
 
     def delete_points(self, collection: str, ids: list[str], batch: int = 1000) -> None:
         from qdrant_edge import UpdateOperation
@@ -374,7 +387,7 @@ class EdgeIndex:
     def finish_bulk_load(self, name: str) -> str:
         """Build the HNSW index once, after the bulk load: Edge searches by brute force until ``optimize()``."""
         with self._using(name) as (collection, shard):
-            shard.optimize()
+            self._optimize(collection, shard)
             shard.flush()
         with self._lock:
             self._unindexed.pop(collection, None)

@@ -140,7 +140,9 @@ class ShardResult(Record):
     changed_rows: list[tuple[int, int]] | None = None
     changed_since: str | None = None
     read_s: float = 0.0
+    reuse_s: float = 0.0  # hashing the texts and reading the previous version's vectors to reuse
     encode_s: float = 0.0
+    write_s: float = 0.0  # the Parquet part and the quarantine file
     seconds: float = 0.0
     node: str | None = None
     host: str | None = None
@@ -307,6 +309,10 @@ class RunSummary(Record):
     gate: GateResult | None = None
     retired_versions: list[str] = Field(default_factory=list)
     message: str | None = None
+    # Seconds by phase (``flows.phases``): planning's (index_check, listing, model, manifest, markers, preflight),
+    # the actors' summed over actors (read, reuse = hashing texts and reading the previous vectors, encode,
+    # assemble = the part's rows and columns put together, write) and the driver's commit steps (upsert summed over its threads, vector_set, reconcile, write_manifest)
+    phases: dict[str, float] = Field(default_factory=dict)
     shards: list[ShardRow] = Field(default_factory=list)  # every shard of the plan, in plan order
 
 

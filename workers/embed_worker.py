@@ -67,6 +67,7 @@ class EmbedWorker:
         doc_sha = [text_sha256(t) for t in rows.texts]
         compare = [*COMPARED, *rows.payload]
         reused = _previous_vectors(store, task.reuse_uris, rows.ids, doc_sha, chunking is not None, compare)
+        reuse_s = time.perf_counter() - start - read_s
         todo = [d for d in range(len(rows.ids)) if d not in reused]
         if chunking is None:
             todo_spans = [[(0, len(rows.texts[d]))] for d in todo]
@@ -135,8 +136,10 @@ class EmbedWorker:
             "truncated_docs": len(truncated),
             "dropped_tokens": stats.dropped_tokens,
         }
+        writing = time.perf_counter()
         part = store.write_part(shard.shard_id, table, metadata, task.input_fingerprint)
         quarantine = store.write_quarantine(shard.shard_id, rows.rejected, task.input_fingerprint)
+        write_s = time.perf_counter() - writing
         result = ShardResult(
             **metadata,
             part_uri=part,
@@ -150,7 +153,9 @@ class EmbedWorker:
             padded_tokens=stats.padded_tokens,
             truncated_ids=truncated[:100],
             read_s=read_s,
+            reuse_s=reuse_s,
             encode_s=stats.seconds,
+            write_s=write_s,
             seconds=time.perf_counter() - start,
             node=_node_id(),
             host=socket.gethostname(),

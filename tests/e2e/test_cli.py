@@ -27,6 +27,9 @@ def test_run_twice_search_and_status(sample_overrides: list[str]) -> None:
     assert "progress: 40/40 docs (100.0%)" in first.stderr
     table_rows = [line for line in first.stderr.splitlines() if "│ output" in line]
     assert table_rows and s1["output"] in table_rows[0]  # piped output keeps whole values, not 80 columns
+    phases = s1["phases"]  # where the seconds went: planning, the actors (summed), the driver's commit steps
+    assert {"preflight", "listing", "markers", "read", "reuse", "encode", "write", "upsert", "vector_set",
+            "reconcile", "write_manifest"} <= set(phases) and phases["encode"] > 0, phases
 
     second = run_cli("run", str(SAMPLE), *sample_overrides, "--json")
     assert second.returncode == 0, second.stderr[-3000:]
