@@ -139,6 +139,15 @@ def flow_run_artifacts(flow_run_id=None, key: str | None = None) -> dict[str, ob
     return {a.key: a.data for a in found}
 
 @pytest.fixture(scope="session")
+def tiny_bert(tmp_path_factory) -> Path:
+    """A tiny random mean-pooled BERT (tests/tiny_models.py, seeded), built once for the tests that only load
+    it; a test that changes a model's files builds its own."""
+    import tiny_models
+
+    return tiny_models.bert(tmp_path_factory.mktemp("tiny-bert"), "mean")
+
+
+@pytest.fixture(scope="session")
 def scifact_docs() -> list[dict]:
     if not (SCIFACT / "corpus.jsonl").exists():
         pytest.skip(f"SciFact not found at {SCIFACT} (../shared/datasets beside the repo)")

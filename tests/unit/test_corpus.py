@@ -118,3 +118,43 @@ def test_job_level_errors_are_clear(tmp_path: Path) -> None:
     out = read_shard(shard, quarantining)
     assert out.ids == [] and out.input_rows == 1
     assert out.rejected[0]["row"] is None and out.rejected[0]["reason"].startswith("unreadable file")
+
+
+def test_json_lines_read_as_json_reads_them(tmp_path: Path) -> None:
+    """The fast JSON path (orjson) gives exactly what json gives: long integer ids stay exact, lines orjson
+    refuses (NaN, a number past a double) are read by json, and what json rejects is rejected with json's
+    reason. A lone surrogate, which json reads but no UTF-8 writer can write, is rejected with its reason
+    instead of failing the shard."""
+    lines = [
+        b'{"id": 123456789012345678901234567890, "text": "a long integer id"}',
+        b'{"id": "nan", "text": "not a number", "score": NaN}',
+        b'{"id": "sur", "text": "lone \\ud800 surrogate"}',
+        b'{"id": "inf", "text": "huge", "score": 1e400}',
+        b'{"id": "dup", "text": "first", "text": "last key wins"}',
+        b'{"id": 7, "text": "plain \\u00e9 line", "score": 1.0000000000000002}',
+        b'[1, 2]',
+        b'{"id": "cut", "text": ',
+        b'\xef\xbb\xbf{"id": "bom", "text": "a byte order mark"}',
+    ]
+    path = tmp_path / "tricky.jsonl"
+    path.write_bytes(b"\r\n".join(lines) + b"\n")
+    settings = CorpusSettings(uri=str(path), payload=["score"])
+    (shard,) = plan_shards(settings, 1 << 30)
+    out = read_shard(shard, settings)
+    expected = []
+    for raw in lines:
+        try:
+            rec = json.loads(raw.decode("utf-8"))
+        except ValueError:
+            continue
+        if isinstance(rec, dict) and rec["id"] != "sur":
+            expected.append((str(rec["id"]), rec["text"], rec.get("score")))
+    got = list(zip(out.ids, out.texts, out.payload["score"]))
+    assert [g[:2] for g in got] == [e[:2] for e in expected]
+    assert got[0][0] == "123456789012345678901234567890"
+    assert str(got[1][2]) == "nan" and got[2][2] == float("inf") and got[4][2] == 1.0000000000000002
+    reasons = {r["row"]: r["reason"] for r in out.rejected}
+    assert reasons[3].startswith("not valid Unicode: a lone surrogate")
+    assert reasons[7] == "malformed JSON: expected a JSON object, got list"
+    assert reasons[8].startswith("malformed JSON") and reasons[9].startswith("malformed JSON")
+    assert out.input_rows == len(lines)

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import pytest
 
-import tiny_models
 from reembed.workers.encoder import Encoder
 from reembed.workers.settings import ModelSettings
 
@@ -32,8 +31,8 @@ EXPECTED_BATCHES = {
 
 
 @pytest.mark.parametrize("attention", ["packed", "padded"])
-def test_batches_fit_the_token_budget_longest_first(tmp_path, attention) -> None:
-    model = tiny_models.bert(tmp_path, "mean")
+def test_batches_fit_the_token_budget_longest_first(tiny_bert, attention) -> None:
+    model = tiny_bert
     enc = Encoder(ModelSettings(name=str(model), attention=attention, max_batch_tokens=100))
     assert (enc.packed is not None) == (attention == "packed")
     lengths = [5, 40, 7, 33, 12, 90, 1, 18, 60, 25, 3, 150]
@@ -43,12 +42,11 @@ def test_batches_fit_the_token_budget_longest_first(tmp_path, attention) -> None
 
 
 @pytest.mark.parametrize("ahead", [True, False])
-def test_encode_tells_its_observer_every_batch(tmp_path, ahead) -> None:
+def test_encode_tells_its_observer_every_batch(tiny_bert, ahead) -> None:
     """The hook the actor metrics hang on: one call per batch, whose tokens add up to the encode's own count."""
     from reembed.workers.actor_metrics import actor_metrics
 
-    model = tiny_models.bert(tmp_path, "mean")
-    enc = Encoder(ModelSettings(name=str(model), max_batch_tokens=64, tokenize_ahead=ahead))
+    enc = Encoder(ModelSettings(name=str(tiny_bert), max_batch_tokens=64, tokenize_ahead=ahead))
     seen: list[tuple[int, float, int]] = []
     texts = [" ".join(["word"] * (n % 17 + 1)) for n in range(60)]
     _, stats = enc.encode(texts, observe=lambda *batch: seen.append(batch))

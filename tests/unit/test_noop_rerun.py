@@ -18,7 +18,6 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-import tiny_models
 from conftest import cli_in_process, last_json, no_encoding
 from reembed.flows.config import load_job
 from reembed.flows.planning import plan_run
@@ -36,8 +35,8 @@ DOCS = 60
 
 
 @pytest.fixture(scope="module")
-def model(tmp_path_factory) -> str:
-    return str(tiny_models.bert(tmp_path_factory.mktemp("model"), "mean"))
+def model(tiny_bert) -> str:
+    return str(tiny_bert)
 
 
 def _write_corpus(path, docs: int = DOCS, extra: str = "") -> None:

@@ -7,7 +7,6 @@ import json
 
 import numpy as np
 
-import tiny_models
 from reembed.indexing.corpus import CorpusSettings, Shard
 from reembed.indexing.records import ShardTask
 from reembed.workers.embed_worker import EmbedWorker, _changed_ranges
@@ -31,8 +30,8 @@ def test_changed_ranges_are_compact_runs() -> None:
     assert _changed_ranges(np.ones(4, bool)) == [(0, 4)]
 
 
-def test_only_rows_that_differ_from_the_committed_part_are_marked_changed(tmp_path) -> None:
-    worker = EmbedWorker(ModelSettings(name=str(tiny_models.bert(tmp_path, "mean"))), cpu_threads=1)
+def test_only_rows_that_differ_from_the_committed_part_are_marked_changed(tmp_path, tiny_bert) -> None:
+    worker = EmbedWorker(ModelSettings(name=str(tiny_bert)), cpu_threads=1)
     corpus = tmp_path / "corpus.jsonl"
     docs = [{"id": f"d{i}", "text": f"document number {i} about tides", "lang": "en"} for i in range(8)]
     _write(corpus, docs)
@@ -51,3 +50,51 @@ def test_only_rows_that_differ_from_the_committed_part_are_marked_changed(tmp_pa
     third = worker.process_shard(_task(corpus, tmp_path, "fp3", [second.part_uri], "t2"))
     assert third.encoded == 1 and third.reused == 9
     assert third.changed_rows == [(0, 10)]  # every row moved down one: its source_row, in the payload, changed
+
+
+def _part_vectors(uri: str) -> dict[str, np.ndarray]:
+    import pyarrow.parquet as pq
+
+    from reembed.indexing.vector_store import arrow_to_vectors
+
+    table = pq.read_table(uri, columns=["doc_id", "vector"])
+    return dict(zip(table.column("doc_id").to_pylist(), arrow_to_vectors(table.column("vector"))))
+
+
+def test_reused_and_fresh_vectors_land_on_their_own_documents(tmp_path, tiny_bert) -> None:
+    """Each row of a re-embedded part carries its own document's vector: the stored one when its text is
+    unchanged (the first old part that has it with that text wins), a fresh one otherwise."""
+    worker = EmbedWorker(ModelSettings(name=str(tiny_bert)), cpu_threads=1)
+    corpus = tmp_path / "corpus.jsonl"
+    docs = [{"id": f"d{i}", "text": f"document number {i} about bread", "lang": "en"} for i in range(6)]
+    _write(corpus, docs)
+    first = worker.process_shard(_task(corpus, tmp_path, "fp1", [], None))
+    docs[3]["text"] = "a rewritten third document"
+    docs.insert(0, {"id": "new", "text": "a brand new first document", "lang": "en"})
+    _write(corpus, docs)
+    second = worker.process_shard(_task(corpus, tmp_path, "fp2", [first.part_uri], "t1"))
+    assert second.encoded == 2 and second.reused == 5
+    old, new = _part_vectors(first.part_uri), _part_vectors(second.part_uri)
+    for doc in ("d0", "d1", "d2", "d4", "d5"):
+        assert np.array_equal(new[doc], old[doc]), doc
+    fresh, _ = worker.encoder.encode(["a brand new first document", "a rewritten third document"])
+    assert np.allclose(new["new"], fresh[0], atol=1e-6) and np.allclose(new["d3"], fresh[1], atol=1e-6)
+
+    # An old part holding other vectors for d0-d2, d4, d5 with the same texts (the first part, vectors
+    # negated): whichever part is listed first wins; d3 matches only in the second part (its text changed).
+    import pyarrow.parquet as pq
+
+    from reembed.indexing.vector_store import vectors_to_arrow
+
+    table = pq.read_table(first.part_uri)
+    flipped = table.set_column(table.schema.get_field_index("vector"), "vector",
+                               vectors_to_arrow(-np.stack(list(old.values()))))
+    other = str(tmp_path / "other.parquet")
+    pq.write_table(flipped, other)
+    for n, (order, winner) in enumerate((([second.part_uri, other], new), ([other, second.part_uri], None))):
+        third = worker.process_shard(_task(corpus, tmp_path, f"fp-order-{n}", order, "t2"))
+        assert third.encoded == 0 and third.reused == 7
+        got = _part_vectors(third.part_uri)
+        for doc, vector in got.items():
+            expected = new[doc] if winner is not None or doc in ("new", "d3") else -old[doc]
+            assert np.array_equal(vector, expected), (order, doc)
