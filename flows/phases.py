@@ -21,8 +21,8 @@ F = TypeVar("F", bound=Callable[..., Any])
 class Phases:
     """Seconds per phase, safe to add to from several threads."""
 
-    def __init__(self, initial: dict[str, float] | None = None) -> None:
-        self._seconds: dict[str, float] = dict(initial or {})
+    def __init__(self) -> None:
+        self._seconds: dict[str, float] = {}
         self._lock = threading.Lock()
 
     def add(self, name: str, seconds: float) -> None:

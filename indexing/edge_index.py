@@ -186,7 +186,7 @@ class EdgeIndex:
 
     def resolve(self, name: str) -> str | None:
         collection = self._resolve(name)
-        return collection if self._meta_path(collection).exists() and self._dir(collection).is_dir() else None
+        return collection if self._present(collection) else None
 
     def collections(self) -> list[str]:
         return sorted(p.name[:-len(".json")] for p in (self.root / "collections").glob("*.json"))
@@ -220,9 +220,11 @@ class EdgeIndex:
                 _OPEN_LOCK.notify_all()
 
     def exists(self, name: str) -> bool:
-        """Whether the collection behind ``name`` is there: its meta file (written last when it was created)
-        and its shard folder; nothing is loaded, so the check costs the same at any size."""
-        collection = self._resolve(name)
+        return self._present(self._resolve(name))
+
+    def _present(self, collection: str) -> bool:
+        """Whether a physical collection is there: its meta file (written last when it was created) and its
+        shard folder; nothing is loaded, so the check costs the same at any size."""
         return self._meta_path(collection).exists() and self._dir(collection).is_dir()
 
     def dim(self, name: str) -> int | None:

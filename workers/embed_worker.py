@@ -68,12 +68,13 @@ class EmbedWorker:
         if chunking is None:  # one point per document: matched in Arrow and numpy, no Python loop per row
             documents = _reused_documents(store, task.reuse_uris, rows.ids, doc_sha, compare, self.dim)
             todo = documents.todo(len(rows.ids))
-            todo_spans = [[(0, len(rows.texts[d]))] for d in todo]
         else:
-            reused = _previous_vectors(store, task.reuse_uris, rows.ids, doc_sha, True, compare)
+            reused = _previous_vectors(store, task.reuse_uris, rows.ids, doc_sha, compare)
             todo = [d for d in range(len(rows.ids)) if d not in reused]
         reuse_s = time.perf_counter() - start - read_s
-        if chunking is not None:
+        if chunking is None:
+            todo_spans = [[(0, len(rows.texts[d]))] for d in todo]
+        else:
             todo_spans = self.encoder.chunk_spans([rows.texts[d] for d in todo], chunking.max_tokens, chunking.overlap)
         pieces = [(d, n, span) for d, spans in zip(todo, todo_spans) for n, span in enumerate(spans)]
         n_reused = len(rows.ids) - len(todo)
@@ -254,13 +255,11 @@ def _reused_documents(store: VectorStore, uris: list[str], ids: list[str], shas:
             continue
         d = where.take(pa.array(rows)).to_numpy(zero_copy_only=False).astype(np.int64)
         same = pc.fill_null(pc.equal(table.column("text_sha256"), new_shas.take(pa.array(d))), False)
-        keep = same.to_numpy(zero_copy_only=False) & ~taken[d]
-        _, first = np.unique(d, return_index=True)  # a document twice in one part: its first row
-        once = np.zeros(len(d), dtype=bool)
-        once[first] = True
-        keep = np.flatnonzero(keep & once)
+        keep = np.flatnonzero(same.to_numpy(zero_copy_only=False) & ~taken[d])
         if not len(keep):
             continue
+        keep = keep[np.unique(d[keep], return_index=True)[1]]  # a document twice in one part: its first match
+        keep.sort()
         taken[d[keep]] = True
         chosen = table.take(pa.array(keep))
         doc_rows.append(d[keep])
@@ -272,11 +271,11 @@ def _reused_documents(store: VectorStore, uris: list[str], ids: list[str], shas:
     return ReusedDocuments(np.concatenate(doc_rows), np.concatenate(vectors).astype(np.float32, copy=False), olds)
 
 
-def _previous_vectors(store: VectorStore, uris: list[str], ids: list[str], shas: list[str], chunked: bool,
+def _previous_vectors(store: VectorStore, uris: list[str], ids: list[str], shas: list[str],
                       compare: list[str]) -> dict[int, list[Reused]]:
-    """Vectors of documents whose text is unchanged since a committed part, per document: one ``Reused`` per
+    """Chunks of documents whose text is unchanged since a committed part, per document: one ``Reused`` per
     chunk, carrying the old row's ``compare`` columns so the caller can tell an unchanged point from one whose
-    payload moved on.
+    payload moved on (documents embedded whole go through ``_reused_documents`` instead).
 
     Each old part of the source is read twice, narrowly: its ``doc_id`` column first (column projection), and
     the vectors and compared columns only of the rows this shard holds, so a shard reads about its own share of
@@ -287,7 +286,7 @@ def _previous_vectors(store: VectorStore, uris: list[str], ids: list[str], shas:
     want = {doc_id: i for i, doc_id in enumerate(ids)}
     wanted = pa.array(ids, type=pa.string())
     found: dict[int, list[Reused]] = {}
-    columns = ["text_sha256", "vector", *compare] + (["chunk_index", "char_start", "char_end"] if chunked else [])
+    columns = ["text_sha256", "vector", *compare, "chunk_index", "char_start", "char_end"]
     for uri in uris:
         try:
             doc_ids = store.read_part(uri, ["doc_id"]).column("doc_id")
@@ -308,15 +307,10 @@ def _previous_vectors(store: VectorStore, uris: list[str], ids: list[str], shas:
             d = want[doc_id]
             if old_shas[i] != shas[d]:
                 continue
-            if not chunked:  # a document seen in two old parts (moved between shards) keeps one vector
-                if d not in found:
-                    found[d] = [Reused(0, (0, None), vectors[i], olds[i])]
-                continue
             span = (data["char_start"][i], data["char_end"][i])
             found.setdefault(d, []).append(Reused(data["chunk_index"][i], span, vectors[i], olds[i]))
-    if chunked:
-        for entries in found.values():
-            entries.sort(key=lambda e: e.chunk)
+    for entries in found.values():
+        entries.sort(key=lambda e: e.chunk)
     return found
 
 

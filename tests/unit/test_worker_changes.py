@@ -98,3 +98,34 @@ def test_reused_and_fresh_vectors_land_on_their_own_documents(tmp_path, tiny_ber
         for doc, vector in got.items():
             expected = new[doc] if winner is not None or doc in ("new", "d3") else -old[doc]
             assert np.array_equal(vector, expected), (order, doc)
+
+
+def test_chunked_documents_reuse_their_stored_chunks(tmp_path, tiny_bert) -> None:
+    """With chunking, an unchanged document reuses every stored chunk (vector and span); a changed one is
+    chunked and encoded again."""
+    from reembed.workers.settings import ChunkingSettings
+
+    worker = EmbedWorker(ModelSettings(name=str(tiny_bert)), cpu_threads=1)
+    corpus = tmp_path / "corpus.jsonl"
+    long = " ".join(["the quick brown fox jumps over the lazy dog"] * 6)
+    docs = [{"id": f"d{i}", "text": f"{long} number {i}", "lang": "en"} for i in range(4)]
+    _write(corpus, docs)
+    chunking = ChunkingSettings(max_tokens=12, overlap=2)
+    first = worker.process_shard(_task(corpus, tmp_path, "fp1", [], None).model_copy(update={"chunking": chunking}))
+    assert first.vector_rows > first.rows == 4  # several chunks per document
+    docs[1]["text"] = "a short replacement"
+    _write(corpus, docs)
+    second = worker.process_shard(_task(corpus, tmp_path, "fp2", [first.part_uri], "t1").model_copy(
+        update={"chunking": chunking}))
+    assert second.encoded == 1 and second.reused == 3
+
+    import pyarrow.parquet as pq
+
+    def chunks(uri: str) -> dict[tuple[str, int], tuple[int, int, list[float]]]:
+        t = pq.read_table(uri, columns=["doc_id", "chunk_index", "char_start", "char_end", "vector"]).to_pylist()
+        return {(r["doc_id"], r["chunk_index"]): (r["char_start"], r["char_end"], r["vector"]) for r in t}
+
+    old, new = chunks(first.part_uri), chunks(second.part_uri)
+    assert {k: v for k, v in new.items() if k[0] != "d1"} == {k: v for k, v in old.items() if k[0] != "d1"}
+    changed = [k for k in new if k[0] == "d1"]
+    assert changed and all(new[k] != old.get(k) for k in changed)  # chunked and encoded again
