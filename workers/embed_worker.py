@@ -231,29 +231,42 @@ class ReusedDocuments:
         return list(range(docs)), [0] * docs, [(0, None)] * docs, vectors, olds
 
 
+def _old_rows(store: VectorStore, uri: str, wanted: pa.Array, columns: list[str]) -> tuple[np.ndarray, pa.Table] | None:
+    """The rows of the old part ``uri`` that hold documents of this shard (``wanted``, its ids in order): each
+    row's document (its index in the shard) and those rows' ``columns`` that the part has; None when it holds
+    none of them or cannot be read. The part is read twice, narrowly: its ``doc_id`` column, then the asked
+    columns of those rows only, so a shard reads about its own share of the old vectors however many parts
+    its file had."""
+    try:
+        doc_ids = store.read_part(uri, ["doc_id"]).column("doc_id")
+        where = pc.index_in(doc_ids, value_set=wanted)  # each old row's document in this shard, or null
+        rows = np.flatnonzero(pc.is_valid(where).to_numpy(zero_copy_only=False))
+        if not len(rows):
+            return None
+        present = set(store.part_columns(uri))
+        table = store.read_part(uri, [c for c in columns if c in present]).take(rows)
+    except (FileNotFoundError, OSError, KeyError, ValueError, pa.ArrowInvalid) as exc:
+        logger.warning("cannot reuse vectors from %s: %s", uri, exc)
+        return None
+    return where.take(pa.array(rows)).to_numpy(zero_copy_only=False).astype(np.int64), table
+
+
 def _reused_documents(store: VectorStore, uris: list[str], ids: list[str], shas: list[str], compare: list[str],
                       dim: int) -> ReusedDocuments:
     """What ``_previous_vectors`` finds for documents embedded whole, matched in Arrow and numpy: a shard of
     250,000 unchanged documents takes a fraction of a second here against seconds in a Python loop per row.
     A document seen in two old parts (moved between shards) keeps the vector of the first."""
     doc_rows, vectors, olds = [], [], []
+    if not uris:  # a first build: nothing to reuse, nothing to convert
+        return ReusedDocuments(np.empty(0, dtype=np.int64), np.empty((0, dim), dtype=np.float32), [])
     taken = np.zeros(len(ids), dtype=bool)
-    if uris:
-        wanted = pa.array(ids, type=pa.string())
-        new_shas = pa.array(shas, type=pa.string())
+    wanted = pa.array(ids, type=pa.string())
+    new_shas = pa.array(shas, type=pa.string())
     for uri in uris:
-        try:
-            doc_ids = store.read_part(uri, ["doc_id"]).column("doc_id")
-            where = pc.index_in(doc_ids, value_set=wanted)  # each old row's document in this shard, or null
-            rows = np.flatnonzero(pc.is_valid(where).to_numpy(zero_copy_only=False))
-            if not len(rows):
-                continue
-            present = set(store.part_columns(uri))
-            table = store.read_part(uri, [c for c in ["text_sha256", "vector", *compare] if c in present]).take(rows)
-        except (FileNotFoundError, OSError, KeyError, ValueError, pa.ArrowInvalid) as exc:
-            logger.warning("cannot reuse vectors from %s: %s", uri, exc)
+        old = _old_rows(store, uri, wanted, ["text_sha256", "vector", *compare])
+        if old is None:
             continue
-        d = where.take(pa.array(rows)).to_numpy(zero_copy_only=False).astype(np.int64)
+        d, table = old
         same = pc.fill_null(pc.equal(table.column("text_sha256"), new_shas.take(pa.array(d))), False)
         keep = np.flatnonzero(same.to_numpy(zero_copy_only=False) & ~taken[d])
         if not len(keep):
@@ -277,34 +290,22 @@ def _previous_vectors(store: VectorStore, uris: list[str], ids: list[str], shas:
     chunk, carrying the old row's ``compare`` columns so the caller can tell an unchanged point from one whose
     payload moved on (documents embedded whole go through ``_reused_documents`` instead).
 
-    Each old part of the source is read twice, narrowly: its ``doc_id`` column first (column projection), and
-    the vectors and compared columns only of the rows this shard holds, so a shard reads about its own share of
-    the old vectors however many parts its file had.
     """
     if not uris:
         return {}
-    want = {doc_id: i for i, doc_id in enumerate(ids)}
     wanted = pa.array(ids, type=pa.string())
     found: dict[int, list[Reused]] = {}
     columns = ["text_sha256", "vector", *compare, "chunk_index", "char_start", "char_end"]
     for uri in uris:
-        try:
-            doc_ids = store.read_part(uri, ["doc_id"]).column("doc_id")
-            rows = np.flatnonzero(pc.is_in(doc_ids, value_set=wanted).to_numpy(zero_copy_only=False))
-            if not len(rows):
-                continue
-            present = set(store.part_columns(uri))
-            table = store.read_part(uri, [c for c in columns if c in present]).take(rows)
-        except (FileNotFoundError, OSError, KeyError, ValueError, pa.ArrowInvalid) as exc:
-            logger.warning("cannot reuse vectors from %s: %s", uri, exc)
+        old = _old_rows(store, uri, wanted, columns)
+        if old is None:
             continue
+        docs, table = old
         vectors = arrow_to_vectors(table.column("vector"))
         data = table.drop_columns(["vector"]).to_pydict()
-        old_ids = doc_ids.take(pa.array(rows)).to_pylist()
         old_shas = data["text_sha256"]
-        olds = list(zip(*(data.get(c) or [_ABSENT] * len(old_ids) for c in compare)))
-        for i, doc_id in enumerate(old_ids):
-            d = want[doc_id]
+        olds = list(zip(*(data.get(c) or [_ABSENT] * len(docs) for c in compare)))
+        for i, d in enumerate(docs.tolist()):
             if old_shas[i] != shas[d]:
                 continue
             span = (data["char_start"][i], data["char_end"][i])
