@@ -50,17 +50,19 @@ def _machine_cpu_seconds() -> float | None:
 
 
 _CPU_BY_TEST: dict[str, float] = {}
+_WALL_BY_TEST: dict[str, float] = {}
 
 
 @pytest.hookimpl(wrapper=True)
 def pytest_runtest_protocol(item: pytest.Item, nextitem):
     """Keep the machine's CPU seconds over each test (setup to teardown), so the list at the end shows what to
     make cheaper (wall time alone hides it: half the suite waits while the other half computes)."""
-    start = _machine_cpu_seconds()
+    start, started = _machine_cpu_seconds(), time.monotonic()
     try:
         return (yield)
     finally:
         end = _machine_cpu_seconds()
+        _WALL_BY_TEST[item.nodeid] = round(time.monotonic() - started, 1)
         if start is not None and end is not None:
             _CPU_BY_TEST[item.nodeid] = round(end - start, 1)
 
@@ -73,6 +75,10 @@ def pytest_terminal_summary(terminalreporter) -> None:
     for nodeid, cpu in sorted(_CPU_BY_TEST.items(), key=lambda kv: -kv[1])[:15]:
         terminalreporter.write_line(f"{cpu:8.1f}s  {nodeid}")
     terminalreporter.write_line(f"{sum(_CPU_BY_TEST.values()):8.1f}s  in all {len(_CPU_BY_TEST)} tests")
+    report = os.environ.get("REEMBED_TEST_CPU_REPORT")
+    if report:  # every test's machine CPU seconds and wall seconds, for docs/testing.md's table of parts
+        Path(report).write_text(json.dumps({"cpu_s": _CPU_BY_TEST, "wall_s": _WALL_BY_TEST}, indent=1))
+        terminalreporter.write_line(f"every test's CPU and wall seconds: {report}")
 
 
 def _stop(proc: subprocess.Popen, timeout: float = 20) -> None:
