@@ -206,6 +206,25 @@ def no_actors():
 
 
 @pytest.fixture(scope="session")
+def scifact_full(tmp_path_factory, ray_session):
+    """The whole SciFact corpus (5,183 documents, titles in the payload) embedded once with the bundled MiniLM:
+    test_quality.py scores it against the published nDCG@10, test_e2e_scifact.py checks its counts, schema,
+    vectors against sentence-transformers, search and a rebuild from Parquet. Both only read it."""
+    from reembed.flows.config import load_job
+    from reembed.flows.run_flow import run_job
+
+    if not (SCIFACT / "corpus.jsonl").exists():
+        pytest.skip(f"SciFact not found at {SCIFACT}")
+    folder = tmp_path_factory.mktemp("scifact-full")
+    (folder / "job.yaml").write_text(
+        f"name: scifact\ncorpus: {{uri: '{SCIFACT / 'corpus.jsonl'}', id: _id, text: '{{title}} {{text}}', "
+        "payload: [title]}\nruntime: {shard_rows: 1000}\n"
+    )
+    job = load_job(folder / "job.yaml")
+    return job, run_job(job)
+
+
+@pytest.fixture(scope="session")
 def kill_reference(tmp_path_factory, scifact_docs, ray_session):
     """A clean run of 200 SciFact documents that every killed-then-resumed run must end up equal to: its
     documents, vectors by document and point ids. Built once for the resume modules (test_resume*.py), which

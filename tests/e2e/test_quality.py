@@ -5,30 +5,14 @@ from __future__ import annotations
 import json
 
 import pyarrow.parquet as pq
-import pytest
 
 from conftest import SCIFACT
-from reembed.flows.config import load_job
 from reembed.flows.evaluate import evaluate_retrieval
-from reembed.flows.run_flow import run_job
 from reembed.indexing.index import open_index
 from reembed.indexing.vector_store import VectorStore
 from reembed.workers.encoder import Encoder
 
 PUBLISHED_SCIFACT_NDCG10 = 64.508
-
-
-@pytest.fixture(scope="module")
-def scifact_full(tmp_path_factory, ray_session):
-    if not (SCIFACT / "corpus.jsonl").exists():
-        pytest.skip(f"SciFact not found at {SCIFACT}")
-    folder = tmp_path_factory.mktemp("scifact-full")
-    (folder / "job.yaml").write_text(
-        f"name: scifact\ncorpus: {{uri: '{SCIFACT / 'corpus.jsonl'}', id: _id, text: '{{title}} {{text}}'}}\n"
-        "runtime: {shard_rows: 1000}\n"
-    )
-    job = load_job(folder / "job.yaml")
-    return job, run_job(job)
 
 
 def test_scifact_ndcg_matches_published(scifact_full) -> None:

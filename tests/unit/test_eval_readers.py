@@ -22,3 +22,38 @@ def test_pair_and_qrels_readers(tmp_path) -> None:
     qrels = tmp_path / "q.tsv"
     qrels.write_bytes(b"query-id\tcorpus-id\tscore\r\n1\td1\t1\r\n1\td2\t1\r\n")
     assert read_qrels(qrels) == {"1": {"d1": 1, "d2": 1}}
+
+
+def test_pair_scores_encode_each_distinct_sentence_once(tmp_path, tiny_bert) -> None:
+    """A sentence shared by several pairs is encoded once, and the scores equal encoding every slot."""
+    import numpy as np
+    from scipy.stats import pearsonr, spearmanr
+
+    from reembed.flows.evaluate import evaluate_pairs
+    from reembed.workers.encoder import Encoder
+    from reembed.workers.settings import ModelSettings
+
+    pairs = [("a dog runs", "a cat sleeps", 1.0), ("a dog runs", "a dog is running", 4.8),
+             ("two men talk", "a cat sleeps", 0.5), ("a cat sleeps", "a kitten naps", 4.1),
+             ("two men talk", "people chat", 3.9)]
+    path = tmp_path / "pairs.jsonl"
+    path.write_text("".join(json.dumps({"sentence1": s1, "sentence2": s2, "label": g}) + "\n" for s1, s2, g in pairs))
+    encoder = Encoder(ModelSettings(name=str(tiny_bert)))
+    seen: list[list[str]] = []
+    original = encoder.encode
+
+    def recording(texts, **kwargs):
+        seen.append(list(texts))
+        return original(texts, **kwargs)
+
+    encoder.encode = recording
+    metrics = evaluate_pairs(encoder, path)
+    assert metrics["pairs"] == 5
+    (texts,) = seen
+    assert sorted(texts) == sorted({t for s1, s2, _ in pairs for t in (s1, s2)})  # 7 distinct of 10 slots
+    va, _ = original([p[0] for p in pairs], kind="query")
+    vb, _ = original([p[1] for p in pairs], kind="query")
+    cos = (va * vb).sum(1) / np.linalg.norm(va, axis=1) / np.linalg.norm(vb, axis=1)
+    gold = [p[2] for p in pairs]
+    assert metrics["spearman"] == pytest.approx(float(spearmanr(cos, gold).statistic), abs=1e-6)
+    assert metrics["pearson"] == pytest.approx(float(pearsonr(cos, gold).statistic), abs=1e-6)
