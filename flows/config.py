@@ -117,6 +117,12 @@ class RuntimeSettings(BaseModel):
     )
     progress_seconds: float = Field(
         5, gt=0, description="seconds between progress reports (actors to the driver, and log lines when not a terminal)")
+    keep_actors: bool = Field(
+        False,
+        description="after a run, keep its embedding actors loaded for the next run in the same process with the "
+        "same model and resources (a notebook, a service calling run_job, a test session); only where that process's "
+        "Ray outlives the run; parked actors hold their Ray resources until reused or released",
+    )
 
 
 class JobConfig(BaseSettings):

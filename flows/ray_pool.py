@@ -11,6 +11,8 @@ import os
 import queue
 import shutil
 import tempfile
+import threading
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -85,11 +87,80 @@ def gpu_actor_cpus(nodes: list[dict[str, Any]], gpus_per_actor: float) -> int:
     return int(max(1, min(16, int(min(per_actor, default=2)) - 1)))
 
 
+@dataclass
+class _Parked:
+    """Actors a ``runtime.keep_actors`` run left loaded, and what they were started for."""
+
+    key: tuple
+    actors: list[Any]
+
+
+_parked: _Parked | None = None
+_parked_lock = threading.Lock()
+
+
+def _model_stamp(job: JobConfig) -> tuple:
+    """Each model file's path, size and mtime: parked actors hold the weights they loaded, so a model folder
+    rewritten in place (same name, new files) must not find them."""
+    from reembed.workers.model_loader import resolve_model_path
+
+    try:
+        root = resolve_model_path(job.model.name, job.model.revision)
+    except Exception:  # the actors' own start-up reports a model that cannot be found
+        return ()
+    return tuple(sorted((str(f.relative_to(root)), f.stat().st_size, f.stat().st_mtime_ns)
+                        for f in root.rglob("*") if f.is_file()))
+
+
+def _take_parked(key: tuple, need: int) -> list[Any] | None:
+    """The parked actors when they were started for ``key`` and are at least ``need`` (a pool with fewer
+    shards than actors leaves the rest idle, cheaper than starting any); others are killed first, so they never
+    hold resources a new pool needs."""
+    global _parked
+    with _parked_lock:
+        parked, _parked = _parked, None
+    if parked is None:
+        return None
+    if parked.key == key and len(parked.actors) >= need:
+        return parked.actors
+    _kill(parked.actors)
+    logger.info("released %d parked embedding actor(s) started for another model or resources", len(parked.actors))
+    return None
+
+
+def release_parked_actors() -> int:
+    """Kill the actors a ``runtime.keep_actors`` run left loaded, freeing their Ray resources (before another
+    process's run needs them on the same Ray); returns how many there were."""
+    global _parked
+    with _parked_lock:
+        parked, _parked = _parked, None
+    if parked is None:
+        return 0
+    _kill(parked.actors)
+    return len(parked.actors)
+
+
+def _kill(actors: list[Any]) -> None:
+    import ray
+
+    if not ray.is_initialized():  # their Ray is gone, and they with it
+        return
+    for actor in actors:
+        try:
+            ray.kill(actor)
+        except Exception as exc:  # already dead, or from an earlier Ray in this process
+            logger.debug("could not kill a parked actor: %s", exc)
+
+
 class ActorPool:
     """N embedding actors behind a queue: ``process_shard`` borrows an idle actor slot, calls it, gives it back.
 
     Each actor takes ``runtime.shards_per_actor`` shards at once (default 2 on a GPU, so one shard's reading and
     writing hides behind another's encoding; 1 on a CPU), so ``slots`` = actors x shards per actor.
+
+    Starting an actor costs seconds (importing torch and transformers, loading the model): with
+    ``runtime.keep_actors`` a pool adopts the actors the previous pool in this process parked when they were
+    started for the same Ray job, model files, settings and resources.
     """
 
     def __init__(self, job: JobConfig, max_actors: int) -> None:
@@ -120,22 +191,50 @@ class ActorPool:
         )
         # CPU actors: torch's threads; GPU actors: the tokenizer's (Encoder picks which from its device).
         threads = max(1, int(options["num_cpus"]))
-        self.actors = [actor_cls.remote(job.model, threads) for _ in range(n)]
-        try:
-            self.infos: list[ActorInfo] = ray.get([a.ready.remote() for a in self.actors], timeout=rt.ray_init_timeout)
-        except Exception as exc:
-            self.shutdown()
-            raise RayError(f"embedding actors failed to start: {type(exc).__name__}: {exc}") from None
+        self.keep = rt.keep_actors
+        self._gone: set[int] = set()  # actors that died and did not come back
+        self._restarted = False  # an actor died and came back: its restart budget is spent, so it is not kept
+        # What parked actors must have been started for to serve this pool: the same Ray job, model (settings
+        # and files), resources and threads.
+        self.key = (ray.get_runtime_context().get_job_id(), job.model.model_dump_json(), _model_stamp(job),
+                    tuple(sorted(options.items())), slots, threads)
+        parked = _take_parked(self.key, n) if self.keep else None
+        infos = self._reuse(parked) if parked is not None else None
+        reused = infos is not None
+        if infos is None:
+            self.actors = [actor_cls.remote(job.model, threads) for _ in range(n)]
+            try:
+                infos = ray.get([a.ready.remote() for a in self.actors], timeout=rt.ray_init_timeout)
+            except Exception as exc:
+                self.shutdown(keep=False)
+                raise RayError(f"embedding actors failed to start: {type(exc).__name__}: {exc}") from None
+        self.infos: list[ActorInfo] = infos
+        n = len(self.actors)
         self.dim = self.infos[0].dim
         self.ready_timeout = rt.ray_init_timeout
-        self._gone: set[int] = set()  # actors that died and did not come back
         self.slots = slots * n  # shards in flight at once: the flow sizes its task runner from this one number
         self._idle: queue.Queue = queue.Queue()
         for _ in range(slots):  # an actor is lent out once per slot: that many shards run in it at once
             for actor in self.actors:
                 self._idle.put(actor)
-        logger.info("started %d embedding actor(s) (%s, %d shard(s) at once each) on %d node(s)", n,
+        logger.info("%s %d embedding actor(s) (%s, %d shard(s) at once each) on %d node(s)",
+                    "reusing" if reused else "started", n,
                     "GPU" if use_gpu else "CPU", slots, len({i.node for i in self.infos}))
+
+    def _reuse(self, parked: list[Any]) -> list[ActorInfo] | None:
+        """Adopt parked actors once each answers (a quick call: their model is loaded); None, and they are
+        killed, when one does not."""
+        import ray
+
+        try:
+            infos = ray.get([a.ready.remote() for a in parked], timeout=30)
+        except Exception as exc:
+            logger.warning("parked embedding actors did not answer (%s: %s); starting new ones",
+                           type(exc).__name__, exc)
+            _kill(parked)
+            return None
+        self.actors = parked
+        return infos
 
     def process_shard(self, task: ShardTask, board: Any | None = None) -> ShardResult:
         import ray
@@ -153,6 +252,7 @@ class ActorPool:
         except ray.exceptions.ActorUnavailableError:
             # Its process died (killed, out of memory) and Ray is restarting it (max_restarts): the shard's retry
             # must not find it mid-restart, so it is lent out again only once it answers.
+            self._restarted = True
             usable = self._answers(actor)
             raise
         finally:
@@ -185,9 +285,21 @@ class ActorPool:
             self._gone.add(id(actor))
             return False
 
-    def shutdown(self) -> None:
-        import ray
-
-        for actor in self.actors:
-            ray.kill(actor)
+    def shutdown(self, keep: bool = True) -> None:
+        """Kill the actors, or with ``runtime.keep_actors`` (and ``keep``: the caller's Ray outlives the run)
+        park them for the next pool in this process, unless one of them died on the way or is still working on
+        a shard (a run that stopped early)."""
+        global _parked
+        # No shard in flight (a pool that failed to start has no slots yet): a parked actor never writes for a run
+        # that ended.
+        idle = hasattr(self, "_idle") and self._idle.qsize() == self.slots
+        if self.keep and keep and self.actors and idle and not self._gone and not self._restarted:
+            with _parked_lock:
+                previous, _parked = _parked, _Parked(self.key, self.actors)
+            if previous is not None:
+                _kill(previous.actors)
+            logger.info("keeping %d embedding actor(s) loaded for the next run (runtime.keep_actors)",
+                        len(self.actors))
+        else:
+            _kill(self.actors)
         self.actors = []

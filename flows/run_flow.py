@@ -238,7 +238,7 @@ class RunSession:
 
     def __exit__(self, *exc: object) -> None:
         if self.pool is not None:
-            self.pool.shutdown()
+            self.pool.shutdown(keep=not self.owns_ray)  # a Ray this run started ends with it, and its actors too
         self.index.close()
         if self.owns_ray:
             import ray

@@ -242,16 +242,37 @@ def kill_reference(tmp_path_factory, scifact_docs, ray_session):
     return docs, _vectors(job), _points(job)
 
 
+KEEP_ACTORS = "REEMBED_RUNTIME__KEEP_ACTORS"
+
+
 @pytest.fixture(scope="session")
 def ray_session():
-    """One local Ray for the whole test session (ray.init costs seconds); flows reuse it."""
+    """One local Ray for the whole test session (ray.init costs seconds); flows reuse it, and with
+    ``runtime.keep_actors`` on they reuse each other's embedding actors too, where model and resources match
+    (starting two costs ~12 s of importing torch and transformers and loading the model)."""
     import ray
 
     if not ray.is_initialized():
         ray.init(address="local", num_cpus=2, include_dashboard=False, logging_level="WARNING",
                  runtime_env={"env_vars": {"TOKENIZERS_PARALLELISM": "false"}})
+    before = os.environ.get(KEEP_ACTORS)
+    os.environ[KEEP_ACTORS] = "true"
     yield ray
+    if before is None:
+        os.environ.pop(KEEP_ACTORS, None)
+    else:
+        os.environ[KEEP_ACTORS] = before
     ray.shutdown()
+
+
+@pytest.fixture(autouse=True)
+def _free_session_ray(request):
+    """A test whose subprocess runs join the session Ray (``ray_address``) gets its CPUs back from parked actors
+    first: the subprocess's actors would otherwise wait for room forever."""
+    if "ray_address" in request.fixturenames:
+        from reembed.flows.ray_pool import release_parked_actors
+
+        release_parked_actors()
 
 
 @pytest.fixture(scope="session")
