@@ -121,6 +121,30 @@ def _wait_idle(prefect_server: str, deployment_id, deadline_s: float = 420) -> N
             time.sleep(2)
 
 
+def _quiet_moment(prefect_server: str, deployment_id, deadline_s: float = 420):
+    """A time at which no run of the deployment was pending or running (read just after it): a run that had
+    started before it had also finished before it."""
+    import time
+    from datetime import datetime, timezone
+
+    from prefect.client.orchestration import SyncPrefectClient
+    from prefect.client.schemas.filters import (DeploymentFilter, DeploymentFilterId, FlowRunFilter,
+                                                FlowRunFilterState, FlowRunFilterStateType)
+    from prefect.client.schemas.objects import StateType
+
+    active = FlowRunFilter(state=FlowRunFilterState(type=FlowRunFilterStateType(
+        any_=[StateType.PENDING, StateType.RUNNING])))
+    deadline = time.monotonic() + deadline_s
+    with SyncPrefectClient(prefect_server) as client:
+        while True:
+            now = datetime.now(timezone.utc)
+            if not client.read_flow_runs(flow_run_filter=active, limit=1, deployment_filter=DeploymentFilter(
+                    id=DeploymentFilterId(any_=[deployment_id]))):
+                return now
+            assert time.monotonic() < deadline, f"runs of {deployment_id} still active after {deadline_s} s"
+            time.sleep(1)
+
+
 def _wait_final(prefect_server: str, flow_run_id, deadline_s: float = 420):
     """The flow run once it reaches a final state (completed, failed, cancelled, crashed)."""
     import time
@@ -155,7 +179,6 @@ def test_a_worker_runs_the_schedule_and_api_triggers(prefect_server, job_file, t
     every minute; after a document changes, the next scheduled run encodes exactly that document; the run log
     records each run with its trigger."""
     import subprocess
-    from datetime import datetime, timezone
 
     from prefect.deployments import run_deployment
 
@@ -187,11 +210,12 @@ def test_a_worker_runs_the_schedule_and_api_triggers(prefect_server, job_file, t
             _wait_idle(prefect_server, deployment["id"])
         assert done.state.is_completed(), (done.state, (tmp_path / "worker.log").read_text()[-4000:])
 
-        _completed_scheduled(prefect_server, deployment["id"], None, tmp_path)
+        # The change is written while no run is pending or running, so no run already under way can see it:
+        # the first scheduled run started after changed_at is the one that finds it.
+        changed_at = _quiet_moment(prefect_server, deployment["id"])
         lines = corpus.read_text().splitlines()
         lines[3] = lines[3].replace('"text": "', '"text": "Revised: ', 1)
         corpus.write_text("\n".join(lines) + "\n")
-        changed_at = datetime.now(timezone.utc)
         _completed_scheduled(prefect_server, deployment["id"], changed_at, tmp_path)
     finally:
         run_cli("undeploy", "every-minute")  # no more scheduled runs; the one in flight, if any, finishes
