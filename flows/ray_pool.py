@@ -112,16 +112,17 @@ def _model_stamp(job: JobConfig) -> tuple:
                         for f in root.rglob("*") if f.is_file()))
 
 
-def _take_parked(key: tuple, need: int) -> list[Any] | None:
-    """The parked actors when they were started for ``key`` and are at least ``need`` (a pool with fewer
-    shards than actors leaves the rest idle, cheaper than starting any); others are killed first, so they never
-    hold resources a new pool needs."""
+def _take_parked(key: tuple, need: int, exact: bool) -> list[Any] | None:
+    """The parked actors when they were started for ``key`` and are ``need`` of them, or at least that many
+    unless ``exact`` (``runtime.num_actors`` asked for a number; otherwise a pool with fewer shards than actors
+    leaves the rest idle, cheaper than starting any); others are killed first, so they never hold resources a
+    new pool needs."""
     global _parked
     with _parked_lock:
         parked, _parked = _parked, None
     if parked is None:
         return None
-    if parked.key == key and len(parked.actors) >= need:
+    if parked.key == key and (len(parked.actors) == need if exact else len(parked.actors) >= need):
         return parked.actors
     _kill(parked.actors)
     logger.info("released %d parked embedding actor(s) started for another model or resources", len(parked.actors))
@@ -198,7 +199,7 @@ class ActorPool:
         # and files), resources and threads.
         self.key = (ray.get_runtime_context().get_job_id(), job.model.model_dump_json(), _model_stamp(job),
                     tuple(sorted(options.items())), slots, threads)
-        parked = _take_parked(self.key, n) if self.keep else None
+        parked = _take_parked(self.key, n, exact=rt.num_actors is not None) if self.keep else None
         infos = self._reuse(parked) if parked is not None else None
         reused = infos is not None
         if infos is None:

@@ -73,7 +73,14 @@ def test_kept_actors_serve_the_next_run_and_make_way_for_others(tmp_path, tiny_b
     assert again.points == len(DOCS) and again.encoded == len(DOCS)
     assert _parked_pids() == kept  # the same processes did the work: nothing was started
 
-    other = tiny_models.bert(tmp_path / "other-model", "cls")  # another model: the parked actors make way
+    _job(tmp_path / "b1", tiny_bert, keep=True, name="keep-b1")
+    one = run_job(load_job(tmp_path / "b1" / "job.yaml", ["runtime.num_actors=1"]))  # a number asked for: exactly it
+    assert one.actors == 1 and one.points == len(DOCS)
+    single = _parked_pids()
+    assert len(single) == 1 and not set(single) & set(kept) and _gone(kept)
+    kept = single
+
+    other = tiny_models.bert(tmp_path / "other-model", "cls")  # another model: the parked actor makes way
     run_job(_job(tmp_path / "c", other, keep=True, name="keep-c"))
     replaced = _parked_pids()
     assert not set(replaced) & set(kept) and _gone(kept)
@@ -84,7 +91,7 @@ def test_kept_actors_serve_the_next_run_and_make_way_for_others(tmp_path, tiny_b
     assert not set(_parked_pids()) & set(replaced) and _gone(replaced)
 
     last = _parked_pids()
-    assert ray_pool.release_parked_actors() == 2 and ray_pool._parked is None and _gone(last)
+    assert ray_pool.release_parked_actors() == len(last) == 2 and ray_pool._parked is None and _gone(last)
     end = time.monotonic() + 60  # Ray returns the CPUs once it sees the actors gone
     while ray.available_resources().get("CPU", 0) < 2 and time.monotonic() < end:
         time.sleep(0.2)
