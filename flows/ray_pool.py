@@ -99,6 +99,14 @@ _parked: _Parked | None = None
 _parked_lock = threading.Lock()
 
 
+def _swap_parked(new: _Parked | None) -> _Parked | None:
+    """Put ``new`` in the parking slot and return what was there, atomically (Prefect tasks run in threads)."""
+    global _parked
+    with _parked_lock:
+        old, _parked = _parked, new
+    return old
+
+
 def _model_stamp(job: JobConfig) -> tuple:
     """Each model file's path, size and mtime: parked actors hold the weights they loaded, so a model folder
     rewritten in place (same name, new files) must not find them."""
@@ -117,9 +125,7 @@ def _take_parked(key: tuple, need: int, exact: bool) -> list[Any] | None:
     unless ``exact`` (``runtime.num_actors`` asked for a number; otherwise a pool with fewer shards than actors
     leaves the rest idle, cheaper than starting any); others are killed first, so they never hold resources a
     new pool needs."""
-    global _parked
-    with _parked_lock:
-        parked, _parked = _parked, None
+    parked = _swap_parked(None)
     if parked is None:
         return None
     if parked.key == key and (len(parked.actors) == need if exact else len(parked.actors) >= need):
@@ -132,9 +138,7 @@ def _take_parked(key: tuple, need: int, exact: bool) -> list[Any] | None:
 def release_parked_actors() -> int:
     """Kill the actors a ``runtime.keep_actors`` run left loaded, freeing their Ray resources (before another
     process's run needs them on the same Ray); returns how many there were."""
-    global _parked
-    with _parked_lock:
-        parked, _parked = _parked, None
+    parked = _swap_parked(None)
     if parked is None:
         return 0
     _kill(parked.actors)
@@ -194,12 +198,13 @@ class ActorPool:
         threads = max(1, int(options["num_cpus"]))
         self.keep = rt.keep_actors
         self._gone: set[int] = set()  # actors that died and did not come back
-        self._restarted = False  # an actor died and came back: its restart budget is spent, so it is not kept
-        # What parked actors must have been started for to serve this pool: the same Ray job, model (settings
-        # and files), resources and threads.
-        self.key = (ray.get_runtime_context().get_job_id(), job.model.model_dump_json(), _model_stamp(job),
-                    tuple(sorted(options.items())), slots, threads)
-        parked = _take_parked(self.key, n, exact=rt.num_actors is not None) if self.keep else None
+        self._restarted = False  # an actor died (and came back, or not): its restart budget is spent, not kept
+        parked = None
+        if self.keep:  # what parked actors must have been started for to serve this pool: the same Ray job,
+            # model (settings and files), resources and threads
+            self.key = (ray.get_runtime_context().get_job_id(), job.model.model_dump_json(), _model_stamp(job),
+                        tuple(sorted(options.items())), slots, threads)
+            parked = _take_parked(self.key, n, exact=rt.num_actors is not None)
         infos = self._reuse(parked) if parked is not None else None
         reused = infos is not None
         if infos is None:
@@ -290,13 +295,10 @@ class ActorPool:
         """Kill the actors, or with ``runtime.keep_actors`` (and ``keep``: the caller's Ray outlives the run)
         park them for the next pool in this process, unless one of them died on the way or is still working on
         a shard (a run that stopped early)."""
-        global _parked
-        # No shard in flight (a pool that failed to start has no slots yet): a parked actor never writes for a run
-        # that ended.
-        idle = hasattr(self, "_idle") and self._idle.qsize() == self.slots
-        if self.keep and keep and self.actors and idle and not self._gone and not self._restarted:
-            with _parked_lock:
-                previous, _parked = _parked, _Parked(self.key, self.actors)
+        # Kept only with no shard in flight (every slot back in the queue): a parked actor never writes for a run
+        # that ended. A pool that failed to start is shut down with keep=False, before it has slots.
+        if keep and self.keep and self.actors and not self._restarted and self._idle.qsize() == self.slots:
+            previous = _swap_parked(_Parked(self.key, self.actors))
             if previous is not None:
                 _kill(previous.actors)
             logger.info("keeping %d embedding actor(s) loaded for the next run (runtime.keep_actors)",

@@ -104,21 +104,7 @@ def _stop_group(proc, log) -> None:
 def _wait_idle(prefect_server: str, deployment_id, deadline_s: float = 420) -> None:
     """Wait until no run of the deployment is pending or running (after its schedule was removed), so stopping
     the worker interrupts nothing."""
-    import time
-
-    from prefect.client.orchestration import SyncPrefectClient
-    from prefect.client.schemas.filters import (DeploymentFilter, DeploymentFilterId, FlowRunFilter,
-                                                FlowRunFilterState, FlowRunFilterStateType)
-    from prefect.client.schemas.objects import StateType
-
-    active = FlowRunFilter(state=FlowRunFilterState(type=FlowRunFilterStateType(
-        any_=[StateType.PENDING, StateType.RUNNING])))
-    deadline = time.monotonic() + deadline_s
-    with SyncPrefectClient(prefect_server) as client:
-        while client.read_flow_runs(deployment_filter=DeploymentFilter(id=DeploymentFilterId(any_=[deployment_id])),
-                                    flow_run_filter=active, limit=1):
-            assert time.monotonic() < deadline, f"runs of {deployment_id} still active after {deadline_s} s"
-            time.sleep(2)
+    _quiet_moment(prefect_server, deployment_id, deadline_s)
 
 
 def _quiet_moment(prefect_server: str, deployment_id, deadline_s: float = 420):
