@@ -105,8 +105,9 @@ def evaluate_pairs(encoder: Encoder, path: str | Path, fmt: PairsFormat = "auto"
     distinct = list(dict.fromkeys([*a, *b]))
     slot = {text: i for i, text in enumerate(distinct)}
     vectors, _ = encoder.encode(distinct, kind="query")
-    va = vectors[[slot[t] for t in a]]
-    vb = vectors[[slot[t] for t in b]]
+    # Cosines in float64: close-together cosines (a weak model) make Pearson amplify float32 rounding.
+    va = vectors[[slot[t] for t in a]].astype(np.float64)
+    vb = vectors[[slot[t] for t in b]].astype(np.float64)
     na = va / np.linalg.norm(va, axis=1, keepdims=True).clip(min=1e-12)
     nb = vb / np.linalg.norm(vb, axis=1, keepdims=True).clip(min=1e-12)
     cos = (na * nb).sum(axis=1)
