@@ -76,6 +76,39 @@ def test_deploy_updates_in_place_lists_and_keeps_secrets_out(prefect_server, job
     assert missing.returncode == 2 and "no deployment 'reembed-job/sample'" in missing.stderr
 
 
+def test_prefect_yaml_deploys_what_reembed_deploy_does(prefect_server, tmp_path) -> None:
+    """infra/prefect/prefect.yaml, deployed by Prefect's own `prefect deploy`, registers the deployment
+    `reembed deploy` would (flow, module-path entrypoint, pool, schedule, one run at a time), with a pull step
+    that needs nothing from the machine that deployed it, and `reembed deployments` / `undeploy` manage it."""
+    import subprocess
+    import sys
+
+    prefect = str(Path(sys.executable).parent / "prefect")
+    assert run_cli("deployments", "--json").returncode == 0
+    from reembed.flows.operations.scheduling import ensure_pool
+
+    ensure_pool("reembed")  # as `prefect work-pool create reembed --type process` (the file's first step)
+    deployed = subprocess.run([prefect, "--no-prompt", "deploy", "--all", "--prefect-file",
+                               str(ROOT / "infra" / "prefect" / "prefect.yaml")],
+                              capture_output=True, text=True, timeout=300, cwd=tmp_path)
+    assert deployed.returncode == 0, deployed.stdout[-3000:] + deployed.stderr[-3000:]
+    api = _api_deployment(prefect_server, "docs")
+    try:
+        assert api.entrypoint == "reembed.flows.run_flow.run_job_file" and api.work_pool_name == "reembed"
+        assert api.parameters == {"job_file": "/etc/reembed/job.yaml", "overrides": []}
+        assert [(s.schedule.cron, s.schedule.timezone) for s in api.schedules] == [("0 3 * * *", "UTC")]
+        assert api.global_concurrency_limit.limit == 1
+        assert str(api.concurrency_options.collision_strategy.value) == "CANCEL_NEW"
+        assert api.pull_steps == [{"prefect.deployments.steps.set_working_directory": {"directory": "/tmp"}}]
+        assert str(tmp_path) not in json.dumps(api.model_dump(mode="json"))  # nothing of the deploying machine
+        listed = run_cli("deployments", "--json")
+        (row,) = [d for d in last_json(listed.stdout) if d["id"] == str(api.id)]
+        assert row["alias"] == "docs" and row["schedules"] == ["0 3 * * * (UTC)"] and row["concurrency_limit"] == 1
+    finally:
+        gone = run_cli("undeploy", "docs")
+    assert gone.returncode == 0, gone.stderr[-2000:]
+
+
 def test_schedule_commands_need_a_server(job_file) -> None:
     res = run_cli("deployments", unset=("PREFECT_API_URL",))
     assert res.returncode == 2 and "needs a Prefect server" in res.stderr and "PREFECT_API_URL" in res.stderr
