@@ -60,7 +60,9 @@ def _exit_code(exc: BaseException) -> int:
 
     if isinstance(exc, LeaseHeld):
         return 3
-    blocked = (*BLOCKED, LeaseLost, ReindexFailed, ModelUnreachable)
+    from reembed.flows.ray_pool import NoActorsLeft
+
+    blocked = (*BLOCKED, LeaseLost, ReindexFailed, ModelUnreachable, NoActorsLeft)
     if "reembed.flows.run_flow" in sys.modules:
         blocked += (sys.modules["reembed.flows.run_flow"].RunFailed,)
     return 1 if isinstance(exc, blocked) else 2
@@ -210,6 +212,10 @@ def _print_summary(summary: RunSummary) -> None:
                 "actors", "actors_used", "points", "output", "index"):
         table.add_row(key, "-" if values[key] is None else str(values[key]))
     err.print(table)
+    if summary.shards_retried or summary.actors_lost:
+        err.print(f"{summary.actors_lost} embedding actor(s) lost mid-run ({summary.actors_replaced} replaced); "
+                  f"{len(summary.shards_retried)} shard(s) retried on the actors left: "
+                  f"{', '.join(summary.shards_retried)}", highlight=False, soft_wrap=True)
     if summary.quarantined:
         err.print(f"{summary.quarantined} row(s) quarantined with their file, row and reason: "
                   f"{summary.quarantine or summary.output}", highlight=False, soft_wrap=True)

@@ -19,8 +19,11 @@ JOB_LEVEL_ERRORS: tuple[type[BaseException], ...] = (
 
 
 def retry_unless_job_level(task: Any, task_run: Any, state: Any) -> bool:
-    """Prefect ``retry_condition_fn``: retrying cannot fix a missing column or a wrong model name."""
-    return not isinstance(getattr(state, "data", None), JOB_LEVEL_ERRORS)
+    """Prefect ``retry_condition_fn``: retrying cannot fix a missing column or a wrong model name, nor bring
+    back a cluster that lost every embedding actor."""
+    from reembed.flows.ray_pool import NoActorsLeft
+
+    return not isinstance(getattr(state, "data", None), (*JOB_LEVEL_ERRORS, NoActorsLeft))
 
 
 class _DropTracebacks(logging.Filter):

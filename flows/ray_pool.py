@@ -26,6 +26,11 @@ class RayError(RuntimeError):
     """Ray could not be reached, or has no room for the actors the job needs."""
 
 
+class NoActorsLeft(RayError):
+    """Every embedding actor was lost mid-run and no live node has room for a replacement: the run stops (no
+    retry can help until the cluster has room again) and a re-run resumes from what was written."""
+
+
 def _code_modules() -> list[str]:
     """The ``reembed`` package as one folder for Ray's ``py_modules``, so cluster workers import the same code.
 
@@ -145,6 +150,20 @@ def release_parked_actors() -> int:
     return len(parked.actors)
 
 
+def _live_nodes() -> str:
+    """The live nodes and their free CPUs and GPUs, for messages about actors that found no room."""
+    import ray
+
+    try:
+        alive = [n for n in ray.nodes() if n.get("Alive")]
+        free = ray.available_resources()
+        total = ray.cluster_resources()
+    except Exception as exc:  # Ray itself is gone
+        return f"unknown ({type(exc).__name__})"
+    return (f"{len(alive)}, {free.get('CPU', 0):g} of {total.get('CPU', 0):g} CPU and "
+            f"{free.get('GPU', 0):g} of {total.get('GPU', 0):g} GPU free")
+
+
 def _kill(actors: list[Any]) -> None:
     import ray
 
@@ -198,6 +217,14 @@ class ActorPool:
         threads = max(1, int(options["num_cpus"]))
         self.keep = rt.keep_actors
         self._gone: set[int] = set()  # actors that died and did not come back
+        self._actor_cls, self._model, self._threads, self._per_actor = actor_cls, job.model, threads, slots
+        self._options = options
+        self._lock = threading.Lock()
+        self._open = True  # False once shut down: a replacement that loads later is killed, not lent out
+        self._pending: list[Any] = []  # replacements for lost actors, not loaded yet
+        self.lost = 0  # actors lost for good (their node or process gone, no restart)
+        self.replaced = 0  # replacements that loaded and took shards
+        self.retried: set[str] = set()  # shards whose attempt was lost with its actor (their retry ran elsewhere)
         self._restarted = False  # an actor died (and came back, or not): its restart budget is spent, not kept
         parked = None
         if self.keep:  # what parked actors must have been started for to serve this pool: the same Ray job,
@@ -259,17 +286,31 @@ class ActorPool:
             # Its process died (killed, out of memory) and Ray is restarting it (max_restarts): the shard's retry
             # must not find it mid-restart, so it is lent out again only once it answers.
             self._restarted = True
+            self.retried.add(task.shard.shard_id)
             usable = self._answers(actor)
+            raise
+        except ray.exceptions.RayActorError:
+            # Dead for good (its node was lost, or its restarts are spent): the shard's retry goes elsewhere.
+            self._restarted = True
+            self.retried.add(task.shard.shard_id)
+            usable = False
+            self._lose(actor, "died")
             raise
         finally:
             if usable:
                 self._idle.put(actor)
 
     def _borrow(self) -> Any:
-        """An idle actor slot; a clear error, not a wait forever, once no actor is left."""
+        """An idle actor slot; a clear error, not a wait forever, once no actor is left and no replacement is
+        on its way."""
         while True:
-            if len(self._gone) == len(self.actors):
-                raise RayError("no embedding actor is left: each died and did not come back (see the Ray logs)")
+            with self._lock:
+                none_left = len(self._gone) == len(self.actors) and not self._pending
+            if none_left:
+                raise NoActorsLeft(f"no embedding actor is left: {self.lost} lost (their node or process died) and "
+                               f"no live Ray node has room for another ({self._needs()}; live nodes: "
+                               f"{_live_nodes()}). Re-run the job once the cluster has that room: it resumes "
+                               "from the shards already written")
             try:
                 actor = self._idle.get(timeout=1)
             except queue.Empty:
@@ -286,10 +327,54 @@ class ActorPool:
             logger.warning("an embedding actor was restarted; it takes shards again")
             return True
         except Exception as exc:  # gone for good: the other actors take its shards
-            logger.warning("an embedding actor did not come back (%s: %s); carrying on without it",
-                           type(exc).__name__, exc)
-            self._gone.add(id(actor))
+            self._lose(actor, f"did not come back ({type(exc).__name__}: {exc})")
             return False
+
+    def _needs(self) -> str:
+        return f"an actor needs {self._options['num_cpus']} CPU" + (
+            f" and {self._options['num_gpus']} GPU" if self._options["num_gpus"] else "")
+
+    def _lose(self, actor: Any, why: str) -> None:
+        """Drop a lost actor's slots and ask Ray for a replacement with the same resources: it takes shards once
+        its model is loaded, if a live node (or one the autoscaler adds) has room within the start timeout."""
+        import ray
+
+        with self._lock:
+            if id(actor) in self._gone:
+                return
+            self._gone.add(id(actor))
+            self.lost += 1
+            left = len(self.actors) - len(self._gone)
+            new = self._actor_cls.remote(self._model, self._threads)
+            self._pending.append(new)
+        _kill([actor])
+        logger.warning("an embedding actor %s; carrying on with %d, and starting a replacement (%s)",
+                       why, left, self._needs())
+
+        def wait_ready() -> None:
+            try:
+                info = ray.get(new.ready.remote(), timeout=self.ready_timeout)
+            except Exception as exc:
+                logger.warning("no replacement embedding actor within %d s (%s); %s; live nodes: %s",
+                               self.ready_timeout, type(exc).__name__, self._needs(), _live_nodes())
+                _kill([new])
+                with self._lock:
+                    self._pending.remove(new)
+                return
+            with self._lock:
+                self._pending.remove(new)
+                if not self._open:
+                    _kill([new])
+                    return
+                self.actors.append(new)
+                self.infos.append(info)
+                self.replaced += 1
+                for _ in range(self._per_actor):
+                    self._idle.put(new)
+            logger.warning("a replacement embedding actor is loaded on node %s; it takes shards",
+                           (info.node or "?")[:8])
+
+        threading.Thread(target=wait_ready, name="reembed-replace-actor", daemon=True).start()
 
     def shutdown(self, keep: bool = True) -> None:
         """Kill the actors, or with ``runtime.keep_actors`` (and ``keep``: the caller's Ray outlives the run)
@@ -297,6 +382,10 @@ class ActorPool:
         a shard (a run that stopped early)."""
         # Kept only with no shard in flight (every slot back in the queue): a parked actor never writes for a run
         # that ended. A pool that failed to start is shut down with keep=False, before it has slots.
+        with self._lock:
+            self._open = False
+            pending, self._pending = self._pending, []
+        _kill(pending)
         if keep and self.keep and self.actors and not self._restarted and self._idle.qsize() == self.slots:
             previous = _swap_parked(_Parked(self.key, self.actors))
             if previous is not None:

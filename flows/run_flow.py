@@ -37,7 +37,7 @@ from reembed.flows.operations.lease import INDEX_WRITES, STORE_WRITES, JobLease,
 from reembed.flows.phases import Phases, timed_phase
 from reembed.flows.planning import RunPlan, plan_job, up_to_date_summary
 from reembed.flows.progress import ProgressMode, RunProgress, start_board
-from reembed.flows.ray_pool import ActorPool, init_ray
+from reembed.flows.ray_pool import ActorPool, NoActorsLeft, init_ray
 from reembed.flows.vector_set import (VectorSet, build_vector_set, full_diff, present, replaced_stale,
                                       rewrite_docs)
 from reembed.flows.versions import apply_retention
@@ -364,8 +364,8 @@ def embed_shards(run: RunSession, upserts: Upserts, progress: ProgressMode, cloc
             shard_id = futures[future]
             try:
                 result: ShardResult = future.result()
-            except JOB_LEVEL_ERRORS:
-                raise  # a missing column or on_bad_rows=fail: one clear message, not a list of shard failures
+            except (*JOB_LEVEL_ERRORS, NoActorsLeft):
+                raise  # a missing column, on_bad_rows=fail, no actor left: one clear message, not a list of shards
             except Exception as exc:
                 embedded.failures.append(ShardFailure(shard=shard_id, error=f"{type(exc).__name__}: {exc}"))
                 log.error("shard %s failed after retries: %s", shard_id, exc)
@@ -580,6 +580,8 @@ def summarize(run: RunSession, embedded: Embedded, results: Iterable[ShardResult
         shards_total=len(plan.shards), shards_done=len(results), shards_skipped=len(plan.indexed),
         shards_embedded=len(fresh), shards_failed=len(embedded.failures), failures=embedded.failures,
         actors=len(run.pool.actors) if run.pool else 0, actors_used=len({(r.node, r.pid) for r in fresh}),
+        actors_lost=run.pool.lost if run.pool else 0, actors_replaced=run.pool.replaced if run.pool else 0,
+        shards_retried=sorted(run.pool.retried) if run.pool else [],
         shards_by_node=dict(Counter(r.node or "local" for r in fresh)),
         points=reconciled.points if reconciled else points, output=run.store.root,
         index=job.index.where, index_status=reconciled.index_status if reconciled else None,

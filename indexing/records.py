@@ -300,6 +300,9 @@ class RunSummary(Record):
     failures: list[ShardFailure] = Field(default_factory=list)
     actors: int = 0
     actors_used: int = 0
+    actors_lost: int = 0  # actors lost for good mid-run (their node or process died and did not come back)
+    actors_replaced: int = 0  # replacements started for lost actors that loaded and took shards
+    shards_retried: list[str] = Field(default_factory=list)  # shards whose attempt was lost with its actor
     shards_by_node: dict[str, int] = Field(default_factory=dict)
     points: int | None = None
     output: str

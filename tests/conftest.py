@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import signal
 import socket
 import subprocess
 import sys
@@ -415,6 +416,36 @@ def ray_node(args: list[str], log: Path) -> subprocess.Popen:
     env = {**os.environ, "RAY_AUTH_MODE": "disabled"}
     return subprocess.Popen([ray_bin, "start", "--block", "--disable-usage-stats", *args],
                             stdout=log.open("w"), stderr=subprocess.STDOUT, env=env)
+
+
+def process_tree(pid: int) -> list[int]:
+    """``pid`` and every process below it (from /proc): a Ray node is its `ray start` and the raylet, GCS
+    and worker processes it started."""
+    children: dict[int, list[int]] = {}
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                ppid = int((entry / "stat").read_text().rsplit(")", 1)[1].split()[1])
+            except (OSError, IndexError, ValueError):  # exited meanwhile
+                continue
+            children.setdefault(ppid, []).append(int(entry.name))
+    tree, todo = [pid], [pid]
+    while todo:
+        for child in children.get(todo.pop(), []):
+            tree.append(child)
+            todo.append(child)
+    return tree
+
+
+def kill_node(proc: subprocess.Popen) -> None:
+    """Lose a Ray node the way a reclaimed spot machine does: SIGKILL to its `ray start` and every process it
+    started, by PID, all at once (never `ray stop`)."""
+    for pid in process_tree(proc.pid):
+        try:
+            os.kill(pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+    proc.wait(timeout=30)
 
 
 def wait_nodes(address: str, count: int, timeout: float = 120) -> None:

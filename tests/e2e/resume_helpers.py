@@ -14,7 +14,7 @@ from pathlib import Path
 
 import numpy as np
 
-from conftest import ROOT, reembed_cli
+from conftest import ROOT, process_tree, reembed_cli
 from reembed.indexing.index import open_index
 from reembed.indexing.vector_store import VectorStore, arrow_to_vectors
 
@@ -54,20 +54,7 @@ def _indexed(job) -> dict[str, tuple[str, np.ndarray]]:
 
 
 def _descendants(pid: int) -> list[int]:
-    children: dict[int, list[int]] = {}
-    for entry in os.listdir("/proc"):
-        if entry.isdigit():
-            try:
-                ppid = int(Path(f"/proc/{entry}/stat").read_text().rsplit(")", 1)[1].split()[1])
-            except (OSError, IndexError, ValueError):
-                continue
-            children.setdefault(ppid, []).append(int(entry))
-    out, todo = [], [pid]
-    while todo:
-        for child in children.get(todo.pop(), []):
-            out.append(child)
-            todo.append(child)
-    return out
+    return process_tree(pid)[1:]
 
 
 def _cmdline(pid: int) -> str:

@@ -5,6 +5,7 @@ Both must reproduce a local run of the same corpus: same documents, same counts,
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import subprocess
@@ -17,7 +18,7 @@ import numpy as np
 import pytest
 import s3fs
 
-from conftest import _stop, free_port, last_json, ray_node, run_cli, wait_nodes, write_jsonl
+from conftest import _stop, free_port, kill_node, last_json, process_tree, ray_node, reembed_cli, run_cli, wait_nodes, write_jsonl
 from reembed.flows.config import load_job
 from reembed.flows.operations.run_log import RunLog
 from reembed.flows.operations.lease import LeaseSettings, job_lease
@@ -235,6 +236,105 @@ def test_two_node_ray_cluster_matches_local_run(local_reference, tmp_path: Path)
     finally:
         for proc in (worker, head):
             if proc is not None:
+                _stop(proc, timeout=30)
+
+
+def _start_cluster(tmp_path: Path, head_cpus: int) -> tuple[str, subprocess.Popen, subprocess.Popen]:
+    port = free_port()
+    address = f"127.0.0.1:{port}"
+    head = ray_node(["--head", f"--port={port}", "--node-ip-address=127.0.0.1", f"--num-cpus={head_cpus}",
+                     "--include-dashboard=false"], tmp_path / "head.log")
+    time.sleep(3)
+    worker = ray_node([f"--address={address}", "--node-ip-address=127.0.0.1", "--num-cpus=1"], tmp_path / "worker.log")
+    wait_nodes(address, 2)
+    return address, head, worker
+
+
+def _run_and_lose_node(job: Path, address: str, worker: subprocess.Popen, tmp_path: Path,
+                       *extra: str) -> tuple[subprocess.CompletedProcess, str]:
+    """`reembed run` on the cluster; once an actor on ``worker``'s node has written its first shard (its
+    marker's pid is one of that node's processes), the node is SIGKILLed, every process of it at once."""
+    out, err = tmp_path / "run.out", tmp_path / "run.err"
+    cmd = [*reembed_cli(), "run", str(job), "--json", "--progress", "log", "--set", f"runtime.ray_address={address}",
+           "--set", f"output.uri={tmp_path / 'vectors'}", "--set", f"index.path={tmp_path / 'qdrant'}", *extra]
+    with out.open("w") as stdout, err.open("w") as stderr:
+        run = subprocess.Popen(cmd, stdout=stdout, stderr=stderr)
+        lost_after = None
+        deadline = time.monotonic() + 600
+        while run.poll() is None and time.monotonic() < deadline:
+            if lost_after is None:
+                node_pids = set(process_tree(worker.pid))
+                for marker in (tmp_path / "vectors").glob("*/shards/*.json"):
+                    try:
+                        pid = json.loads(marker.read_text()).get("pid")
+                    except (OSError, ValueError):  # being replaced
+                        continue
+                    if pid in node_pids:
+                        kill_node(worker)
+                        lost_after = marker.stem
+                        break
+            time.sleep(0.2)
+        if run.poll() is None:
+            run.kill()
+        run.wait()
+    assert lost_after is not None, "no shard was written on the second node: " + err.read_text()[-3000:]
+    return subprocess.CompletedProcess(cmd, run.returncode, out.read_text(), err.read_text()), lost_after
+
+
+def test_losing_a_node_mid_run_retries_its_shards_on_the_others(local_reference, tmp_path: Path) -> None:
+    """A worker node disappears (SIGKILL to all its processes, a spot machine reclaimed) after its first shard:
+    the shard it was working on is retried on the node left, and the run ends as a clean run does."""
+    address, head, worker = _start_cluster(tmp_path, head_cpus=1)
+    try:
+        res, _ = _run_and_lose_node(local_reference["folder"] / "job.yaml", address, worker, tmp_path,
+                                             "--set", "runtime.shard_rows=25")
+        assert res.returncode == 0, res.stderr[-4000:]
+        summary = last_json(res.stdout)
+        clean = local_reference["summary"]
+        assert summary["points"] == summary["indexed"] == summary["input_rows"] == clean["input_rows"] == N_DOCS
+        assert summary["duplicates"] == 0 and summary["quarantined"] == 0 and summary["shards_failed"] == 0
+        assert summary["shards_total"] == summary["shards_embedded"] == 8
+        assert summary["actors_lost"] == 1 and summary["actors"] == 2
+        assert summary["shards_retried"]  # the shard in flight on the lost node (or the one it was returning)
+        assert "lost mid-run" in res.stderr and all(s in res.stderr for s in summary["shards_retried"])
+        _assert_same_vectors(_vectors(VectorStore(str(tmp_path / "vectors"), summary["collection"])),
+                             local_reference["vectors"])
+    finally:
+        for proc in (worker, head):
+            if proc.poll() is None:
+                _stop(proc, timeout=30)
+
+
+def test_no_node_left_for_the_actors_stops_the_run_and_a_rerun_resumes(local_reference, tmp_path: Path) -> None:
+    """The only node that can hold an actor is lost and no other has room (the head advertises no CPU): the
+    run stops with one line that says so; once a node joins again, a re-run completes what is left, with
+    nothing lost or duplicated."""
+    address, head, worker = _start_cluster(tmp_path, head_cpus=0)
+    second = None
+    try:
+        job = local_reference["folder"] / "job.yaml"
+        res, _ = _run_and_lose_node(job, address, worker, tmp_path, "--set", "runtime.shard_rows=25",
+                                    "--set", "runtime.ray_init_timeout=15")
+        assert res.returncode == 1, res.stdout[-2000:] + res.stderr[-4000:]
+        (line,) = [ln for ln in res.stderr.splitlines() if ln.startswith("error:")]
+        assert "no embedding actor is left" in line and "no live Ray node has room" in line, line
+        assert "an actor needs 1 CPU" in line and "Re-run the job" in line and "Traceback" not in res.stderr
+        second = ray_node([f"--address={address}", "--node-ip-address=127.0.0.1", "--num-cpus=1"],
+                          tmp_path / "second.log")
+        wait_nodes(address, 2)
+        again = run_cli("run", str(job), "--json", "--set", f"runtime.ray_address={address}",
+                        "--set", "runtime.shard_rows=25", "--set", f"output.uri={tmp_path / 'vectors'}",
+                        "--set", f"index.path={tmp_path / 'qdrant'}")
+        assert again.returncode == 0, again.stderr[-4000:]
+        summary = last_json(again.stdout)
+        assert summary["mode"] == "resume" and summary["shards_embedded"] < 8
+        assert summary["points"] == summary["indexed"] == summary["input_rows"] == N_DOCS
+        assert summary["duplicates"] == 0 and summary["vector_rows"] == N_DOCS
+        _assert_same_vectors(_vectors(VectorStore(str(tmp_path / "vectors"), summary["collection"])),
+                             local_reference["vectors"])
+    finally:
+        for proc in (second, worker, head):
+            if proc is not None and proc.poll() is None:
                 _stop(proc, timeout=30)
 
 
