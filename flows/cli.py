@@ -39,11 +39,12 @@ def _user_errors() -> tuple[type[BaseException], ...]:
     from reembed.flows.guards import GuardBlocked
     from reembed.flows.operations.lease import LeaseHeld, LeaseLost
     from reembed.flows.versions import ReindexFailed
+    from reembed.indexing.storage import StorageUnavailable
     from reembed.workers.model_loader import ModelUnreachable
 
     errors: tuple[type[BaseException], ...] = (*JOB_LEVEL_ERRORS, RayError, GateFailed, GuardBlocked,
                                                FileNotFoundError, NothingYet, LeaseHeld, LeaseLost, ReindexFailed,
-                                               ModelUnreachable)
+                                               ModelUnreachable, StorageUnavailable)
     if "reembed.flows.run_flow" in sys.modules:  # only a run can raise it; importing Prefect costs seconds
         errors += (sys.modules["reembed.flows.run_flow"].RunFailed,)
     return errors
@@ -61,8 +62,9 @@ def _exit_code(exc: BaseException) -> int:
     if isinstance(exc, LeaseHeld):
         return 3
     from reembed.flows.ray_pool import NoActorsLeft
+    from reembed.indexing.storage import StorageUnavailable
 
-    blocked = (*BLOCKED, LeaseLost, ReindexFailed, ModelUnreachable, NoActorsLeft)
+    blocked = (*BLOCKED, LeaseLost, ReindexFailed, ModelUnreachable, NoActorsLeft, StorageUnavailable)
     if "reembed.flows.run_flow" in sys.modules:
         blocked += (sys.modules["reembed.flows.run_flow"].RunFailed,)
     return 1 if isinstance(exc, blocked) else 2

@@ -21,9 +21,9 @@ JOB_LEVEL_ERRORS: tuple[type[BaseException], ...] = (
 def retry_unless_job_level(task: Any, task_run: Any, state: Any) -> bool:
     """Prefect ``retry_condition_fn``: retrying cannot fix a missing column or a wrong model name, nor bring
     back a cluster that lost every embedding actor."""
-    from reembed.flows.ray_pool import NoActorsLeft
+    from reembed.flows.ray_pool import NoActorsLeft, PoolClosed
 
-    return not isinstance(getattr(state, "data", None), (*JOB_LEVEL_ERRORS, NoActorsLeft))
+    return not isinstance(getattr(state, "data", None), (*JOB_LEVEL_ERRORS, NoActorsLeft, PoolClosed))
 
 
 class _DropTracebacks(logging.Filter):

@@ -26,6 +26,10 @@ class RayError(RuntimeError):
     """Ray could not be reached, or has no room for the actors the job needs."""
 
 
+class PoolClosed(RayError):
+    """The run is stopping (its object store went away, say): shards not yet started are not started."""
+
+
 class NoActorsLeft(RayError):
     """Every embedding actor was lost mid-run and no live node has room for a replacement: the run stops (no
     retry can help until the cluster has room again) and a re-run resumes from what was written."""
@@ -221,6 +225,7 @@ class ActorPool:
         self._options = options
         self._lock = threading.Lock()
         self._open = True  # False once shut down: a replacement that loads later is killed, not lent out
+        self.closed: str | None = None  # why no further shard is started (``close``)
         self._pending: list[Any] = []  # replacements for lost actors, not loaded yet
         self.lost = 0  # actors lost for good (their node or process gone, no restart)
         self.replaced = 0  # replacements that loaded and took shards
@@ -304,6 +309,8 @@ class ActorPool:
         """An idle actor slot; a clear error, not a wait forever, once no actor is left and no replacement is
         on its way."""
         while True:
+            if self.closed is not None:
+                raise PoolClosed(self.closed)
             with self._lock:
                 none_left = len(self._gone) == len(self.actors) and not self._pending
             if none_left:
@@ -329,6 +336,10 @@ class ActorPool:
         except Exception as exc:  # gone for good: the other actors take its shards
             self._lose(actor, f"did not come back ({type(exc).__name__}: {exc})")
             return False
+
+    def close(self, reason: str) -> None:
+        """Start no further shard (a retry included): the run is stopping for ``reason``."""
+        self.closed = reason
 
     def _needs(self) -> str:
         return f"an actor needs {self._options['num_cpus']} CPU" + (

@@ -45,6 +45,7 @@ from reembed.indexing.index import IndexError_, VectorIndex, open_index
 from reembed.indexing.records import (GateResult, GuardReport, Manifest, ManifestPart, RunSummary, ShardFailure,
                                       ShardMarker, ShardResult, ShardRow, ShardTask, Status)
 from reembed.indexing.upload import upsert_part
+from reembed.indexing.storage import StorageUnavailable, unreachable
 from reembed.indexing.vector_store import VectorStore
 
 logger = logging.getLogger(__name__)
@@ -57,8 +58,12 @@ class RunFailed(RuntimeError):
 
     def __init__(self, summary: RunSummary) -> None:
         self.summary = summary
-        super().__init__(f"{len(summary.failures)} shard(s) failed: "
-                         + "; ".join(f"{f.shard}: {f.error}" for f in summary.failures))
+        by_error: dict[str, list[str]] = {}
+        for failure in summary.failures:  # one line however many shards failed the same way
+            by_error.setdefault(failure.error or "unknown error", []).append(failure.shard)
+        super().__init__(f"{len(summary.failures)} shard(s) failed: " + "; ".join(
+            f"{error} ({', '.join(shards[:5])}{f' and {len(shards) - 5} more' if len(shards) > 5 else ''})"
+            for error, shards in by_error.items()))
 
 
 class InvariantBroken(RuntimeError):
@@ -325,6 +330,8 @@ class Upserts:
             except LeaseLost:
                 raise  # the run stops: no shard of it may write again
             except Exception as exc:
+                if unreachable(exc):
+                    raise _store_gone(exc, f"the upsert of shard {result.shard_id}", None) from None
                 failures.append(ShardFailure(shard=f"upsert {result.shard_id}", error=f"{type(exc).__name__}: {exc}"))
         return markers, failures
 
@@ -334,6 +341,14 @@ class Upserts:
 
     def __exit__(self, *exc: Any) -> None:
         self.runner.__exit__(*exc)
+
+
+def _store_gone(exc: BaseException, what: str, embedded: "Embedded | None") -> StorageUnavailable:
+    """One line for a store that stayed away through every retry: what failed, and what a re-run reuses."""
+    done = f"; the {len(embedded.fresh)} shard(s) this run wrote before are kept" if embedded else ""
+    return StorageUnavailable(f"the object store did not answer: {what} failed after its retries "
+                              f"({type(exc).__name__}: {exc}){done}. Re-run the job once the store is back: it "
+                              "resumes from what was written")
 
 
 def embed_shards(run: RunSession, upserts: Upserts, progress: ProgressMode, clock: Clock) -> Embedded:
@@ -367,6 +382,9 @@ def embed_shards(run: RunSession, upserts: Upserts, progress: ProgressMode, cloc
             except (*JOB_LEVEL_ERRORS, NoActorsLeft):
                 raise  # a missing column, on_bad_rows=fail, no actor left: one clear message, not a list of shards
             except Exception as exc:
+                if unreachable(exc):  # every other shard would wait out the same retries: stop now
+                    pool.close(f"the object store did not answer ({type(exc).__name__})")
+                    raise _store_gone(exc, f"shard {shard_id}", embedded) from None
                 embedded.failures.append(ShardFailure(shard=shard_id, error=f"{type(exc).__name__}: {exc}"))
                 log.error("shard %s failed after retries: %s", shard_id, exc)
                 continue

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import csv
 import difflib
+import errno
 import gzip
 import hashlib
 import io
@@ -24,7 +25,7 @@ import orjson
 import pyarrow.parquet as pq
 from pydantic import BaseModel, ConfigDict, Field
 
-from reembed.indexing.storage import StorageError, StorageOptions, filesystem, full_uri
+from reembed.indexing.storage import StorageError, StorageOptions, filesystem, full_uri, transient
 
 logger = logging.getLogger(__name__)
 
@@ -42,6 +43,13 @@ class CorpusError(RuntimeError):
 
 class UnreadableFile(CorpusError):
     """One corpus file cannot be read (corrupt, truncated, permission denied): quarantined under that policy."""
+
+
+def _unreadable(uri: str, what: str, exc: BaseException) -> BaseException:
+    """What to raise for a file that could not be read: ``UnreadableFile`` (quarantined, or fatal with
+    on_bad_rows=fail) when the file is at fault; the store's own error when the store is (it did not answer,
+    or failed mid-read), so that the shard is retried and no row is lost to a quarantine entry."""
+    return exc if transient(uri, exc) else UnreadableFile(f"{uri}: {what}: {exc}")
 
 
 class CorpusSettings(BaseModel):
@@ -183,7 +191,7 @@ def plan_file(uri: str, settings: CorpusSettings, shard_bytes: int, shard_rows: 
         try:
             meta = pq.ParquetFile(fs.open(path, "rb")).metadata
         except Exception as exc:
-            raise UnreadableFile(f"{uri}: not a readable Parquet file: {exc}") from None
+            raise _unreadable(uri, "not a readable Parquet file", exc) from None
         if size <= shard_bytes and (shard_rows is None or meta.num_rows <= shard_rows):
             return [Shard(_shard_id(uri, None, None), uri, fmt, rows_hint=meta.num_rows, bytes_hint=size)]
         shards, first, acc_bytes, acc_rows, row_base = [], 0, 0, 0, 1
@@ -218,7 +226,7 @@ def _scan_file(uri: str, fs: Any, path: str, fmt: str, shard_bytes: int, shard_r
             with fs.open(path, "rb") as fh:
                 starts = _scan_records(fh, quoted=fmt in ("csv", "tsv"))
         except OSError as exc:
-            raise UnreadableFile(f"{uri}: unreadable: {exc}") from None
+            raise _unreadable(uri, "unreadable", exc) from None
         if scans is not None:
             scans[uri] = starts
     if fmt in ("csv", "tsv"):
@@ -396,7 +404,7 @@ def _read_records(shard: Shard, settings: CorpusSettings) -> tuple[list[tuple[in
             groups = list(range(pf.metadata.num_row_groups)) if shard.start is None else list(range(shard.start, shard.end))
             table = pf.read_row_groups(groups) if groups else pf.schema_arrow.empty_table()
         except Exception as exc:
-            raise UnreadableFile(f"{shard.uri}: corrupt or unreadable Parquet: {exc}") from None
+            raise _unreadable(shard.uri, "corrupt or unreadable Parquet", exc) from None
         if shard.limit is not None:
             table = table.slice(0, shard.limit)
         for i, rec in enumerate(table.to_pylist()):
@@ -411,9 +419,13 @@ def _read_records(shard: Shard, settings: CorpusSettings) -> tuple[list[tuple[in
             else:
                 header = fh.readline() if shard.format in ("csv", "tsv") else b""
                 fh.seek(shard.start)
-                data = header + fh.read(shard.end - shard.start)
+                body = fh.read(shard.end - shard.start)
+                if len(body) != shard.end - shard.start:  # shortened since it was planned, or cut off mid-read
+                    raise OSError(errno.EIO, f"read {len(body)} of the {shard.end - shard.start} bytes at "
+                                             f"offset {shard.start}")
+                data = header + body
     except (OSError, EOFError, gzip.BadGzipFile, zlib.error) as exc:
-        raise UnreadableFile(f"{shard.uri}: unreadable: {exc}") from None
+        raise _unreadable(shard.uri, "unreadable", exc) from None
     if shard.format in ("csv", "tsv"):
         text = data.decode("utf-8", errors="replace")
         reader = csv.DictReader(io.StringIO(text, newline=""), delimiter="\t" if shard.format == "tsv" else ",")

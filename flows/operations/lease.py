@@ -52,8 +52,8 @@ from typing import Any, Literal, TypeVar, cast
 from pydantic import BaseModel, ConfigDict, Field
 
 from reembed.indexing.records import Record
-from reembed.indexing.storage import (StorageOptions, conditional_writes, filesystem, join, protocol_of, put_json_if,
-                                      read_json, read_json_tagged, write_json)
+from reembed.indexing.storage import (StorageOptions, StorageUnavailable, conditional_writes, filesystem, join,
+                                      protocol_of, put_json_if, read_json, read_json_tagged, transient, write_json)
 
 logger = logging.getLogger(__name__)
 
@@ -279,7 +279,15 @@ def job_lease(output_uri: str, job: str, settings: LeaseSettings, command: str,
     if active is not None:
         yield active
         return
-    lease = _acquire(uri, job, settings, command, options, settings.wait if wait is None else wait)
+    try:
+        lease = _acquire(uri, job, settings, command, options, settings.wait if wait is None else wait)
+    except Exception as exc:
+        if not transient(uri, exc):
+            raise
+        # Not retried here: a write that failed after reaching the store would look like a rival's lease.
+        raise StorageUnavailable(f"the object store did not answer while taking job {job!r}'s lease {uri} "
+                                 f"({type(exc).__name__}: {exc}); nothing was written. Run it again once the "
+                                 "store answers") from None
     with _ACTIVE_LOCK:
         _ACTIVE[uri] = lease
     try:

@@ -18,7 +18,7 @@ import numpy as np
 import pytest
 import s3fs
 
-from conftest import _stop, free_port, kill_node, last_json, process_tree, ray_node, reembed_cli, run_cli, wait_nodes, write_jsonl
+from conftest import SeaweedS3, _stop, free_port, kill_node, last_json, process_tree, ray_node, reembed_cli, run_cli, wait_nodes, write_jsonl
 from reembed.flows.config import load_job
 from reembed.flows.operations.run_log import RunLog
 from reembed.flows.operations.lease import LeaseSettings, job_lease
@@ -87,6 +87,99 @@ def test_s3_corpus_and_output_match_local_run(local_reference, s3_server, tmp_pa
     (record,) = RunLog("s3://reembed/vectors", "slice", options).records()  # the run log lives on S3 too
     assert (record.status, record.encoded, record.points) == ("ok", N_DOCS, N_DOCS)
     assert not fs.exists("reembed/vectors/_leases/slice.json")  # the lease was released
+
+
+def _s3_job(server: SeaweedS3, folder: Path, tmp_path: Path) -> tuple[Path, dict[str, str], s3fs.S3FileSystem]:
+    """The reference slice's corpus on ``server``, and a job reading it from there and writing vectors (and its
+    lease and run log) there too; the environment that carries the credentials."""
+    fs = s3fs.S3FileSystem(key=server.key, secret=server.secret, client_kwargs={"endpoint_url": server.endpoint},
+                           skip_instance_cache=True)
+    fs.put_file(str(folder / "corpus.jsonl"), "reembed/corpus/slice.jsonl")
+    job = tmp_path / "job.yaml"
+    job.write_text("name: slice\ncorpus: {uri: s3://reembed/corpus/slice.jsonl, id: _id, text: '{title} {text}'}\n"
+                   f"output: {{uri: s3://reembed/vectors}}\nindex: {{path: {tmp_path / 'qdrant'}}}\n"
+                   "runtime: {shard_rows: 25}\n")
+    env = {**os.environ, "AWS_ACCESS_KEY_ID": server.key, "AWS_SECRET_ACCESS_KEY": server.secret,
+           "AWS_ENDPOINT_URL": server.endpoint, "AWS_DEFAULT_REGION": "us-east-1"}
+    return job, env, fs
+
+
+def _run_with_outage(job: Path, env: dict[str, str], server: SeaweedS3, fs: s3fs.S3FileSystem,
+                     outage_s: float | None, tmp_path: Path) -> subprocess.CompletedProcess:
+    """`reembed run` with the S3 server SIGKILLed once the first shard marker is on it, and started again (same
+    data, same ports) ``outage_s`` later, or, with None, only after the run has ended."""
+    out, err = tmp_path / "run.out", tmp_path / "run.err"
+    cmd = [*reembed_cli(), "run", str(job), "--json", "--progress", "log"]
+    with out.open("w") as stdout, err.open("w") as stderr:
+        run = subprocess.Popen(cmd, stdout=stdout, stderr=stderr, env=env)
+        down_at = None
+        deadline = time.monotonic() + 600
+        while run.poll() is None and time.monotonic() < deadline:
+            if down_at is None:
+                fs.invalidate_cache()
+                if fs.glob("reembed/vectors/*/shards/*.json"):
+                    server.stop(kill=True)
+                    down_at = time.monotonic()
+            elif outage_s is not None and server.proc is None and time.monotonic() - down_at >= outage_s:
+                server.start()
+            time.sleep(0.2)
+        if run.poll() is None:
+            run.kill()
+        run.wait()
+    assert down_at is not None, "the run ended before its first shard marker was on S3"
+    if server.proc is None:
+        server.start()
+    return subprocess.CompletedProcess(cmd, run.returncode, out.read_text(), err.read_text())
+
+
+def test_an_s3_outage_shorter_than_the_retries_is_ridden_out(local_reference, tmp_path: Path) -> None:
+    """The S3 server is killed mid-run and back 6 s later: the bounded, logged retries ride it out and the run
+    ends as a clean run does."""
+    server = SeaweedS3(tmp_path / "seaweed")
+    server.data.mkdir()
+    server.start()
+    try:
+        job, env, fs = _s3_job(server, local_reference["folder"], tmp_path)
+        res = _run_with_outage(job, env, server, fs, 6.0, tmp_path)
+        assert res.returncode == 0, res.stderr[-4000:]
+        assert "an S3 request got no answer; retrying it in" in res.stderr  # logged, never silent
+        summary = last_json(res.stdout)
+        assert summary["points"] == summary["indexed"] == summary["input_rows"] == N_DOCS
+        assert summary["duplicates"] == 0 and summary["shards_failed"] == 0 and summary["vector_rows"] == N_DOCS
+        assert summary["quarantined"] == 0  # a read cut off by the outage is retried, never taken for a bad file
+        options = StorageOptions(endpoint_url=server.endpoint, key=server.key, secret=server.secret)
+        _assert_same_vectors(_vectors(VectorStore("s3://reembed/vectors", summary["collection"], options)),
+                             local_reference["vectors"])
+    finally:
+        server.stop()
+
+
+def test_an_s3_outage_past_the_retries_stops_the_run_and_a_rerun_resumes(local_reference, tmp_path: Path) -> None:
+    """The S3 server stays away: the run stops within its bounded retries with one line that says so, and a
+    re-run once it is back completes with nothing lost or duplicated."""
+    server = SeaweedS3(tmp_path / "seaweed")
+    server.data.mkdir()
+    server.start()
+    try:
+        job, env, fs = _s3_job(server, local_reference["folder"], tmp_path)
+        res = _run_with_outage(job, env, server, fs, None, tmp_path)
+        assert res.returncode == 1, res.stdout[-2000:] + res.stderr[-4000:]
+        (line,) = [ln for ln in res.stderr.splitlines() if ln.startswith("error:")]
+        assert "the object store did not answer" in line and server.endpoint in line, line
+        assert "Re-run the job once the store is back" in line and "Traceback" not in res.stderr
+        assert "retrying it in" in res.stderr and "Retries are exhausted" in res.stderr
+        again = subprocess.run([*reembed_cli(), "run", str(job), "--json"], capture_output=True, text=True,
+                               env=env, timeout=600)
+        assert again.returncode == 0, again.stderr[-4000:]
+        summary = last_json(again.stdout)
+        assert summary["mode"] == "resume" and summary["shards_embedded"] < 8
+        assert summary["points"] == summary["indexed"] == summary["input_rows"] == N_DOCS
+        assert summary["duplicates"] == 0 and summary["vector_rows"] == N_DOCS
+        options = StorageOptions(endpoint_url=server.endpoint, key=server.key, secret=server.secret)
+        _assert_same_vectors(_vectors(VectorStore("s3://reembed/vectors", summary["collection"], options)),
+                             local_reference["vectors"])
+    finally:
+        server.stop()
 
 
 def test_the_job_lease_on_s3(s3_server) -> None:

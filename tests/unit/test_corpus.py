@@ -158,3 +158,39 @@ def test_json_lines_read_as_json_reads_them(tmp_path: Path) -> None:
     assert reasons[7] == "malformed JSON: expected a JSON object, got list"
     assert reasons[8].startswith("malformed JSON") and reasons[9].startswith("malformed JSON")
     assert out.input_rows == len(lines)
+
+
+def test_a_short_read_is_an_error_not_fewer_rows(tmp_path: Path) -> None:
+    """A byte range that reads short (the file shortened since planning, or a read cut off mid-way) is never
+    parsed as a shard with fewer rows: locally it is an unreadable file, quarantined with the reason."""
+    path = tmp_path / "c.jsonl"
+    path.write_text("".join(json.dumps(d) + "\n" for d in _docs(500)))
+    settings = CorpusSettings(uri=str(path))
+    shards = plan_shards(settings, 4096, None)
+    last = shards[-1]
+    assert last.start is not None and last.end is not None
+    with path.open("r+b") as fh:
+        fh.truncate(last.end - 10)
+    out = read_shard(last, settings)
+    assert out.ids == [] and len(out.rejected) == 1
+    assert f"read {last.end - 10 - last.start} of the {last.end - last.start} bytes" in out.rejected[0]["reason"]
+    with pytest.raises(CorpusError, match="bytes at offset"):
+        read_shard(last, settings.model_copy(update={"on_bad_rows": "fail"}))
+
+
+def test_store_failures_are_told_from_bad_files() -> None:
+    """What an outage raises is retried (transient), what a bad or missing file raises is the file's fault."""
+    from reembed.indexing.storage import transient, unreachable
+
+    class EndpointConnectionError(Exception):  # botocore's, by name: storage.py imports no AWS library
+        pass
+
+    wrapped = RuntimeError("read failed")
+    wrapped.__cause__ = ConnectionRefusedError(111, "refused")
+    assert unreachable(EndpointConnectionError("http://127.0.0.1:9/x")) and unreachable(wrapped)
+    assert unreachable(TimeoutError()) and not unreachable(ValueError("bad json"))
+    assert transient("s3://bucket/c.jsonl", OSError(5, "Input/output error"))  # a 5xx the store answered
+    assert not transient("s3://bucket/c.jsonl", PermissionError("AccessDenied"))
+    assert not transient("s3://bucket/c.jsonl", FileNotFoundError("NoSuchKey"))
+    assert not transient("/data/c.jsonl", OSError(5, "Input/output error"))  # a local disk error is the file's
+    assert transient("/data/c.jsonl", ConnectionResetError())
