@@ -314,10 +314,10 @@ class ActorPool:
             with self._lock:
                 none_left = len(self._gone) == len(self.actors) and not self._pending
             if none_left:
-                raise NoActorsLeft(f"no embedding actor is left: {self.lost} lost (their node or process died) and "
-                               f"no live Ray node has room for another ({self._needs()}; live nodes: "
-                               f"{_live_nodes()}). Re-run the job once the cluster has that room: it resumes "
-                               "from the shards already written")
+                raise NoActorsLeft(f"no embedding actor is left: {self.lost} lost (their node or process died) "
+                                   f"and no live Ray node has room for another ({self._needs()}; live nodes: "
+                                   f"{_live_nodes()}). Re-run the job once the cluster has that room: it resumes "
+                                   "from the shards already written")
             try:
                 actor = self._idle.get(timeout=1)
             except queue.Empty:
@@ -369,11 +369,11 @@ class ActorPool:
                 logger.warning("no replacement embedding actor within %d s (%s); %s; live nodes: %s",
                                self.ready_timeout, type(exc).__name__, self._needs(), _live_nodes())
                 _kill([new])
-                with self._lock:
-                    self._pending.remove(new)
+                with self._lock:  # (shutdown may have taken it off the list already)
+                    self._pending = [a for a in self._pending if a is not new]
                 return
             with self._lock:
-                self._pending.remove(new)
+                self._pending = [a for a in self._pending if a is not new]
                 if not self._open:
                     _kill([new])
                     return

@@ -117,7 +117,7 @@ class _RetryLog(logging.Handler):
     def emit(self, record: logging.LogRecord) -> None:
         message = record.getMessage()
         if message.startswith("Retry needed, retrying request after delay of"):
-            logger.warning("an S3 request got no answer; retrying it in %s s (at most %d attempts, %d s connect "
+            logger.warning("an S3 request did not go through; retrying it in %s s (at most %d attempts, %d s connect "
                            "timeout)", message.rsplit(":", 1)[-1].strip()[:5], S3_ATTEMPTS, S3_CONNECT_TIMEOUT_S)
         elif message.startswith(("Max attempts", "Retry needed but retry quota reached")):
             logger.warning("an S3 request failed: %s", message)

@@ -286,7 +286,7 @@ def job_lease(output_uri: str, job: str, settings: LeaseSettings, command: str,
             raise
         # Not retried here: a write that failed after reaching the store would look like a rival's lease.
         raise StorageUnavailable(f"the object store did not answer while taking job {job!r}'s lease {uri} "
-                                 f"({type(exc).__name__}: {exc}); nothing was written. Run it again once the "
+                                 f"({type(exc).__name__}: {exc}); the run did not start. Run it again once the "
                                  "store answers") from None
     with _ACTIVE_LOCK:
         _ACTIVE[uri] = lease
