@@ -11,6 +11,7 @@ import logging
 import os
 import sys
 import time
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import click
@@ -349,6 +350,67 @@ def status(job: str, overrides: tuple[str, ...], verbose: bool, as_json: bool) -
     (err if as_json else out).print(table)
     if as_json:
         _print_json_last(info)
+
+
+@cli.command()
+@_job_options
+@click.option("--queries", required=True, type=click.Path(exists=True, dir_okay=False),
+              help="training queries: BEIR queries.jsonl (or id<TAB>text TSV)", show_envvar=True)
+@click.option("--qrels", required=True, type=click.Path(exists=True, dir_okay=False),
+              help="training judgements, BEIR qrels TSV (never the test qrels the gate uses)", show_envvar=True)
+@click.option("--dev-qrels", type=click.Path(exists=True, dir_okay=False), default=None,
+              help="judgements that pick the epoch; default: 10% of the training queries held out", show_envvar=True)
+@click.option("--negatives", type=click.Choice(["none", "bm25"]), default="none", show_default=True,
+              help="hard negatives per pair: none (in-batch only) or bm25 (the top lexical hit not judged relevant)",
+              show_envvar=True)
+@click.option("--epochs", default=1, show_default=True, type=click.IntRange(1, 50), show_envvar=True)
+@click.option("--batch-size", default=32, show_default=True, type=click.IntRange(2, 4096),
+              help="pairs per step: each query's other positives in the batch are its in-batch negatives",
+              show_envvar=True)
+@click.option("--learning-rate", default=2e-5, show_default=True, type=click.FloatRange(0, 1, min_open=True),
+              show_envvar=True)
+@click.option("--seed", default=42, show_default=True, type=int, help="the same seed reproduces the model",
+              show_envvar=True)
+@click.option("--out", "out_dir", type=click.Path(file_okay=False), default=None,
+              help="folder for the tuned model and its job variant; default <output.uri>/../tuned/<name>-<seed>",
+              show_envvar=True)
+@click.option("--json", "as_json", is_flag=True, help="print the report as one JSON object on the last line",
+              show_envvar=True)
+def tune(job: str, overrides: tuple[str, ...], verbose: bool, queries: str, qrels: str, dev_qrels: str | None,
+         negatives: str, epochs: int, batch_size: int, learning_rate: float, seed: int, out_dir: str | None,
+         as_json: bool) -> None:
+    """Fine-tune JOB's model on your relevance judgements (contrastive, in-batch negatives).
+
+    Pairs are (query, relevant document) with the document's text built from JOB's corpus and template, and the
+    model's prompts applied as at encode time; queries without a relevant document in the corpus, empty
+    queries and duplicate pairs are reported and left out. Writes a sentence-transformers model folder with its
+    model card (reembed_tune.json) and a job variant using it: `reembed run VARIANT` backfills a new version
+    beside the live one, and the job's quality gate decides whether the alias moves.
+    """
+    _setup_logging(verbose)
+    try:
+        from reembed.flows.config import load_job
+        from reembed.flows.tuning import tune as run_tune
+        from reembed.indexing.storage import protocol_of
+
+        cfg = load_job(job, list(overrides))
+        if out_dir is None:
+            if protocol_of(cfg.output.uri) != "file":
+                raise click.UsageError("give --out: the output is on object storage, the tuned model goes to a folder")
+            out_dir = str(Path(cfg.output.uri).parent / "tuned" / f"{cfg.name}-{seed}")
+        report = run_tune(cfg, job, queries, qrels, out_dir, negatives=negatives, epochs=epochs,  # type: ignore[arg-type]
+                          batch_size=batch_size, learning_rate=learning_rate, dev_qrels=dev_qrels, seed=seed)
+    except _user_errors() as exc:
+        _fail(exc, verbose)
+        return
+    table = Table(title=f"reembed tune: {cfg.name}", show_header=False)
+    for key in ("model_path", "job_variant", "train_pairs", "val_queries", "negatives", "epochs", "best_epoch",
+                "base_val_score", "val_score", "seconds"):
+        table.add_row(key, str(getattr(report, key)))
+    (err if as_json else out).print(table)
+    err.print(f"backfill with it: reembed run {report.job_variant}", highlight=False, soft_wrap=True)
+    if as_json:
+        _print_json_last(report)
 
 
 @cli.command(name="eval")

@@ -46,8 +46,9 @@ def read_queries(path: str | Path) -> dict[str, str]:
     return queries
 
 
-def read_qrels(path: str | Path) -> dict[str, dict[str, int]]:
-    """BEIR qrels TSV (``query-id corpus-id score``, header optional, CRLF tolerated)."""
+def read_qrels(path: str | Path, duplicates: list[tuple[str, str]] | None = None) -> dict[str, dict[str, int]]:
+    """BEIR qrels TSV (``query-id corpus-id score``, header optional, CRLF tolerated). A (query, document) judged
+    twice keeps its last grade; ``duplicates``, when given, collects such pairs."""
     qrels: dict[str, dict[str, int]] = {}
     with Path(path).open(encoding="utf-8", newline="") as fh:
         for n, row in enumerate(csv.reader(fh, delimiter="\t"), start=1):
@@ -56,7 +57,10 @@ def read_qrels(path: str | Path) -> dict[str, dict[str, int]]:
                 continue
             if len(row) < 3:
                 raise ConfigError(f"{path}: row {n}: expected query-id, corpus-id, score")
-            qrels.setdefault(row[0], {})[row[1]] = int(row[2])
+            judged = qrels.setdefault(row[0], {})
+            if duplicates is not None and row[1] in judged:
+                duplicates.append((row[0], row[1]))
+            judged[row[1]] = int(row[2])
     return qrels
 
 

@@ -380,3 +380,43 @@ class StatusInfo(Record):
     last_run_at: datetime | None = None
     last_success_at: datetime | None = None  # the latest run after which the alias was fresh (ok, up-to-date)
     last_success_age_s: float | None = None
+
+
+class TuneDataReport(Record):
+    """What `reembed tune` kept of the training judgements, and what it left out and why."""
+
+    pairs: int = 0  # (query, relevant document) pairs kept
+    queries: int = 0  # queries with at least one kept pair
+    queries_not_in_file: int = 0  # judged in the qrels, absent from the queries file
+    empty_queries: int = 0
+    queries_without_document: int = 0  # none of their relevant documents is in the job's corpus
+    pairs_without_document: int = 0  # relevant documents absent from the corpus (or with empty text)
+    duplicate_pairs: int = 0
+
+
+class TuneReport(Record):
+    """`reembed tune --json`, and the model card (``reembed_tune.json``) in the tuned model's folder."""
+
+    model_path: str  # what `--set model.name=...` takes for the backfill
+    base_model: str
+    base_revision: str | None = None
+    job_variant: str  # the job file with model.name = model_path
+    train_pairs: int
+    train_queries: int
+    val_queries: int
+    negatives: str
+    hard_negatives: int = 0
+    epochs: int
+    best_epoch: float
+    val_metric: str
+    val_score: float
+    base_val_score: float
+    val_scores: list[float] = Field(default_factory=list)  # per epoch
+    loss: str
+    batch_size: int
+    learning_rate: float
+    warmup_ratio: float
+    seed: int
+    data: dict[str, dict[str, str]] = Field(default_factory=dict)  # file -> path and sha256
+    data_report: TuneDataReport
+    seconds: float

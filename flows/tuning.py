@@ -1,0 +1,232 @@
+"""`reembed tune`: fine-tune the job's model contrastively on the team's own relevance data.
+
+The loop this closes: measure (`reembed eval`), fine-tune when the model falls short, backfill with the tuned
+model (`reembed run` on the job variant written here: a new version beside the live one, the quality gate
+deciding), keep monitoring. Training is sentence-transformers' `SentenceTransformerTrainer` with
+`MultipleNegativesRankingLoss` (InfoNCE over in-batch negatives, plus mined hard negatives when asked), on
+(query, relevant document) pairs whose texts are built exactly as a run builds them: the job's template over
+its own corpus, the model's query and document prompts applied as at encode time.
+
+What `tune` reads: the job's corpus, the queries and the qrels it is given (the training judgements). A part of
+those queries is held out to pick the epoch (or a dev qrels file is given); test qrels are never its input.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import random
+import shutil
+import time
+from importlib.util import find_spec
+from pathlib import Path
+from typing import Literal
+
+import yaml
+
+from reembed.flows.config import ConfigError, JobConfig
+from reembed.flows.evaluate import read_qrels, read_queries
+from reembed.indexing.corpus import plan_shards, read_shard
+from reembed.indexing.records import TuneDataReport, TuneReport
+
+logger = logging.getLogger(__name__)
+
+Negatives = Literal["none", "bm25"]
+CARD = "reembed_tune.json"
+
+
+def _sha256(path: str | Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for block in iter(lambda: fh.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def corpus_texts(job: JobConfig) -> dict[str, str]:
+    """Every accepted document of the job's corpus, its text rendered with the job's template (as a run does)."""
+    texts: dict[str, str] = {}
+    for shard in plan_shards(job.corpus, 1 << 40):
+        rows = read_shard(shard, job.corpus)
+        texts.update(zip(rows.ids, rows.texts))
+    return texts
+
+
+def training_pairs(queries: dict[str, str], qrels: dict[str, dict[str, int]], docs: dict[str, str],
+                   duplicates: int = 0) -> tuple[list[tuple[str, str]], TuneDataReport]:
+    """(query id, doc id) pairs to train on, and what was left out and why: judged queries missing from the
+    queries file or with empty text, relevant documents absent from the corpus, pairs judged twice (counted
+    while reading the qrels: ``duplicates``)."""
+    report = TuneDataReport(duplicate_pairs=duplicates)
+    pairs: list[tuple[str, str]] = []
+    seen: set[tuple[str, str]] = set()
+    for qid, judged in qrels.items():
+        if qid not in queries:
+            report.queries_not_in_file += 1
+            continue
+        if not queries[qid].strip():
+            report.empty_queries += 1
+            continue
+        relevant = [d for d, grade in judged.items() if grade > 0]
+        kept = [d for d in relevant if d in docs and docs[d].strip()]
+        report.pairs_without_document += len(relevant) - len(kept)
+        if not kept:
+            report.queries_without_document += 1
+            continue
+        for doc in kept:
+            if (qid, doc) in seen:
+                report.duplicate_pairs += 1
+                continue
+            seen.add((qid, doc))
+            pairs.append((qid, doc))
+    report.pairs = len(pairs)
+    report.queries = len({q for q, _ in pairs})
+    return pairs, report
+
+
+def bm25_negatives(pairs: list[tuple[str, str]], queries: dict[str, str], docs: dict[str, str],
+                   qrels: dict[str, dict[str, int]], seed: int) -> dict[str, str]:
+    """One hard negative per training query: its top BM25 hit that is not judged relevant (bm25s)."""
+    import bm25s
+
+    ids = sorted(docs)
+    retriever = bm25s.BM25()
+    retriever.index(bm25s.tokenize([docs[d] for d in ids], stopwords="en", show_progress=False), show_progress=False)
+    wanted = sorted({q for q, _ in pairs})
+    hits, _ = retriever.retrieve(bm25s.tokenize([queries[q] for q in wanted], stopwords="en", show_progress=False),
+                                 k=min(10, len(ids)), show_progress=False)
+    negatives: dict[str, str] = {}
+    for qid, row in zip(wanted, hits):
+        for index in row:
+            doc = ids[int(index)]
+            if qrels.get(qid, {}).get(doc, 0) <= 0:
+                negatives[qid] = doc
+                break
+    return negatives
+
+
+def _split(pairs: list[tuple[str, str]], val_fraction: float, seed: int) -> tuple[list[str], list[str]]:
+    query_ids = sorted({q for q, _ in pairs})
+    random.Random(seed).shuffle(query_ids)
+    n_val = max(1, round(len(query_ids) * val_fraction))
+    if len(query_ids) - n_val < 1:
+        raise ConfigError(f"{len(query_ids)} usable training quer(ies): too few to hold {n_val} out for validation")
+    return query_ids[n_val:], query_ids[:n_val]
+
+
+def tune(job: JobConfig, job_file: str | Path, queries_path: str | Path, qrels_path: str | Path, out: str | Path,
+         negatives: Negatives = "none", epochs: int = 1, batch_size: int = 32, learning_rate: float = 2e-5,
+         warmup_ratio: float = 0.1, val_fraction: float = 0.1, dev_qrels: str | Path | None = None,
+         seed: int = 42) -> TuneReport:
+    """Fine-tune ``job``'s model on (query, relevant document) pairs; return what was done, with the tuned
+    model folder (a sentence-transformers folder with its model card) and a job variant that uses it."""
+    started = time.perf_counter()
+    missing = [m for m in ("sentence_transformers", "datasets", "accelerate", "bm25s") if find_spec(m) is None]
+    if missing:  # checked first: a missing extra fails before any work, not after the corpus was read
+        raise ConfigError(f"reembed tune needs its extra ({', '.join(missing)} missing): "
+                          "pip install 'reembed[tune]' (or bash infra/install.sh --test)")
+    from datasets import Dataset
+    import torch
+    from sentence_transformers import SentenceTransformer, SentenceTransformerTrainer, SentenceTransformerTrainingArguments
+    from sentence_transformers.base.sampler import BatchSamplers
+    from sentence_transformers.sentence_transformer.evaluation import InformationRetrievalEvaluator
+    from sentence_transformers.sentence_transformer.losses import MultipleNegativesRankingLoss
+    from transformers import set_seed
+
+    from reembed.workers.model_loader import load_profile
+
+    set_seed(seed)
+    torch.use_deterministic_algorithms(True, warn_only=True)
+    if not 0 <= warmup_ratio < 1:
+        raise ConfigError(f"warm-up is a fraction of the steps, 0 <= ratio < 1, not {warmup_ratio}")
+    out = Path(out)
+    queries = read_queries(queries_path)
+    duplicates: list[tuple[str, str]] = []
+    qrels = read_qrels(qrels_path, duplicates)
+    docs = corpus_texts(job)
+    pairs, report = training_pairs(queries, qrels, docs, len(duplicates))
+    for reason, count in report.model_dump().items():
+        if count and reason not in ("pairs", "queries"):
+            logger.warning("training data: %d %s left out", count, reason.replace("_", " "))
+    if not pairs:
+        raise ConfigError(f"{qrels_path}: no (query, relevant document) pair whose query is in {queries_path} and "
+                          f"whose document is in the job's corpus; see the counts above")
+    if dev_qrels is not None:
+        dev = read_qrels(dev_qrels)
+        train_q, val_q = sorted({q for q, _ in pairs} - set(dev)), sorted(q for q in dev if q in queries)
+        val_judged = {q: {d for d, g in dev[q].items() if g > 0 and d in docs} for q in val_q}
+    else:
+        train_q, val_q = _split(pairs, val_fraction, seed)
+        val_judged = {q: {d for d, g in qrels[q].items() if g > 0 and d in docs} for q in val_q}
+    train_set = set(train_q)
+    train_pairs = [(q, d) for q, d in pairs if q in train_set]
+    profile = load_profile(job.model)
+    mined = bm25_negatives(train_pairs, queries, docs, qrels, seed) if negatives == "bm25" else {}
+    columns: dict[str, list[str]] = {"anchor": [queries[q] for q, _ in train_pairs],
+                                     "positive": [docs[d] for _, d in train_pairs]}
+    if negatives != "none":
+        keep = [i for i, (q, _) in enumerate(train_pairs) if q in mined]
+        columns = {"anchor": [columns["anchor"][i] for i in keep], "positive": [columns["positive"][i] for i in keep],
+                   "negative": [docs[mined[train_pairs[i][0]]] for i in keep]}
+    model = SentenceTransformer(profile.path, device="cpu")
+    model.max_seq_length = profile.max_seq_length
+    evaluator = InformationRetrievalEvaluator(
+        queries={q: queries[q] for q in val_q}, corpus=docs, relevant_docs=val_judged, name="val",
+        query_prompt=profile.query_prompt or None, corpus_prompt=profile.document_prompt or None,
+        ndcg_at_k=[10], mrr_at_k=[10], accuracy_at_k=[1], precision_recall_at_k=[100], map_at_k=[10],
+        show_progress_bar=False, batch_size=64, write_csv=False)
+    base_score = float(evaluator(model)[evaluator.primary_metric])  # e.g. val_cosine_ndcg@10
+    metric = f"eval_{evaluator.primary_metric}"
+    checkpoints = out / "checkpoints"
+    prompts = {k: v for k, v in (("anchor", profile.query_prompt), ("positive", profile.document_prompt),
+                                 ("negative", profile.document_prompt)) if v and k in columns}
+    args = SentenceTransformerTrainingArguments(
+        output_dir=str(checkpoints), num_train_epochs=epochs, per_device_train_batch_size=batch_size,
+        learning_rate=learning_rate, warmup_steps=warmup_ratio, seed=seed, data_seed=seed,
+        batch_sampler=BatchSamplers.NO_DUPLICATES, eval_strategy="epoch", save_strategy="epoch",
+        load_best_model_at_end=True, metric_for_best_model=metric, greater_is_better=True, save_total_limit=1,
+        logging_steps=10, report_to=[], use_cpu=True, dataloader_num_workers=0, prompts=prompts or None,
+        disable_tqdm=True)
+    trainer = SentenceTransformerTrainer(model=model, args=args, train_dataset=Dataset.from_dict(columns),
+                                         loss=MultipleNegativesRankingLoss(model), evaluator=evaluator)
+    trainer.train()
+    history = [h for h in trainer.state.log_history if metric in h]
+    best = max(history, key=lambda h: h[metric]) if history else {metric: base_score, "epoch": 0}
+    model_dir = out / "model"
+    trainer.model.save(str(model_dir))
+    shutil.rmtree(checkpoints, ignore_errors=True)
+    seconds = round(time.perf_counter() - started, 1)
+    result = TuneReport(
+        model_path=str(model_dir.resolve()), base_model=job.model.name, base_revision=job.model.revision,
+        job_variant=str((out / "job.yaml").resolve()), train_pairs=len(columns["anchor"]),
+        train_queries=len(train_q), val_queries=len(val_q), negatives=negatives,
+        hard_negatives=len(mined), epochs=epochs, best_epoch=float(best.get("epoch", 0)),
+        val_metric="ndcg@10", val_score=round(float(best[metric]), 6), base_val_score=round(base_score, 6),
+        val_scores=[round(float(h[metric]), 6) for h in history], loss="MultipleNegativesRankingLoss",
+        batch_size=batch_size, learning_rate=learning_rate, warmup_ratio=warmup_ratio, seed=seed,
+        data={"queries": {"path": str(Path(queries_path).resolve()), "sha256": _sha256(queries_path)},
+              "qrels": {"path": str(Path(qrels_path).resolve()), "sha256": _sha256(qrels_path)},
+              **({"dev_qrels": {"path": str(Path(dev_qrels).resolve()), "sha256": _sha256(dev_qrels)}}
+                 if dev_qrels else {})},
+        data_report=report, seconds=seconds)
+    (model_dir / CARD).write_text(json.dumps(result.model_dump(mode="json"), indent=2) + "\n")
+    _write_variant(job_file, out / "job.yaml", result.model_path)
+    logger.info("tuned %s on %d pairs (%s negatives) in %.0f s: validation nDCG@10 %.4f -> %.4f; model %s",
+                job.model.name, result.train_pairs, negatives, seconds, base_score, result.val_score, model_dir)
+    return result
+
+
+def _write_variant(job_file: str | Path, target: Path, model_path: str) -> None:
+    """The job file with ``model.name`` pointing at the tuned folder and relative paths made absolute, so
+    `reembed run` on it is an ordinary backfill of the same corpus into the same output and index."""
+    raw = yaml.safe_load(Path(job_file).read_text()) or {}
+    base = Path(job_file).resolve().parent
+    for section, key in (("corpus", "uri"), ("output", "uri"), ("index", "path"), ("gate", "queries"),
+                         ("gate", "qrels"), ("gate", "pairs")):
+        value = (raw.get(section) or {}).get(key)
+        if isinstance(value, str) and "://" not in value and not Path(value).is_absolute():
+            raw[section][key] = str((base / value).resolve())
+    raw.setdefault("model", {})
+    raw["model"] = {**(raw["model"] or {}), "name": model_path}
+    target.write_text("# written by `reembed tune`: the job with its tuned model\n" + yaml.safe_dump(raw, sort_keys=False))

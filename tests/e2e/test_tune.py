@@ -1,0 +1,100 @@
+"""`reembed tune` (issue 17, first part): training data checked before training, real training steps on a
+SciFact slice with a tiny model, the model card's fields, a same-seed re-run reproducing the validation score,
+and a job variant that loads the tuned model."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from conftest import SCIFACT, cli_in_process, last_json, write_jsonl
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(scope="module")
+def slice_job(tmp_path_factory, scifact_docs, tiny_bert) -> dict:
+    """120 training queries of SciFact's train qrels with their documents plus as many others, a tiny model, and
+    four flaws the data check must report: a judged query missing from the queries file, an empty query, a
+    duplicate judgement and a query whose only relevant document is not in the corpus."""
+    from reembed.flows.evaluate import read_qrels, read_queries
+
+    folder = tmp_path_factory.mktemp("tune")
+    qrels = read_qrels(SCIFACT / "qrels" / "train.tsv")
+    queries = read_queries(SCIFACT / "queries.jsonl")
+    chosen = sorted(qrels)[:120]
+    relevant = {d for q in chosen for d in qrels[q]}
+    by_id = {str(d["_id"]): d for d in scifact_docs}
+    others = [d for d in scifact_docs if str(d["_id"]) not in relevant][:120]
+    absent_query = chosen[-1]  # its documents are kept out of the corpus
+    docs = [by_id[d] for d in sorted(relevant - set(qrels[absent_query])) if d in by_id] + others
+    write_jsonl(folder / "corpus.jsonl", docs)
+    lines = ["query-id\tcorpus-id\tscore"]
+    for q in chosen:
+        lines += [f"{q}\t{d}\t{g}" for d, g in qrels[q].items()]
+    lines += [f"{chosen[0]}\t{next(iter(qrels[chosen[0]]))}\t1", "999999\t" + str(docs[0]["_id"]) + "\t1",
+              "999998\t" + str(docs[1]["_id"]) + "\t1"]
+    (folder / "train.tsv").write_text("\n".join(lines) + "\n")
+    query_rows = [{"_id": q, "text": queries[q]} for q in chosen] + [{"_id": "999998", "text": "  "}]
+    write_jsonl(folder / "queries.jsonl", query_rows)
+    (folder / "job.yaml").write_text(
+        "name: tuneslice\ncorpus: {uri: corpus.jsonl, id: _id, text: '{title} {text}'}\n"
+        f"model: {{name: {tiny_bert}}}\n")
+    return {"folder": folder, "docs": docs, "chosen": chosen}
+
+
+def _tune(slice_job: dict, out: Path, *extra: str):
+    folder = slice_job["folder"]
+    res = cli_in_process("tune", str(folder / "job.yaml"), "--queries", str(folder / "queries.jsonl"),
+                         "--qrels", str(folder / "train.tsv"), "--out", str(out), "--epochs", "2",
+                         "--batch-size", "16", "--json", *extra)
+    assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
+    return last_json(res.stdout)
+
+
+def test_tune_checks_the_data_trains_and_writes_a_model_card(slice_job, tmp_path, caplog) -> None:
+    report = _tune(slice_job, tmp_path / "a", "--negatives", "bm25")
+    data = report["data_report"]
+    assert data["queries_not_in_file"] == 1 and data["empty_queries"] == 1 and data["duplicate_pairs"] == 1
+    assert data["queries_without_document"] == 1 and data["pairs_without_document"] >= 1
+    assert data["queries"] == len(slice_job["chosen"]) - 1
+    assert any("duplicate pairs left out" in r.getMessage() for r in caplog.records)
+    assert report["train_queries"] + report["val_queries"] == data["queries"] and report["val_queries"] >= 10
+    assert report["negatives"] == "bm25" and 0 < report["hard_negatives"] <= report["train_queries"]
+    assert report["epochs"] == 2 and len(report["val_scores"]) == 2 and report["best_epoch"] in (1.0, 2.0)
+    assert report["val_score"] == max(report["val_scores"]) and 0 <= report["base_val_score"] <= 1
+    model = Path(report["model_path"])
+    card = json.loads((model / "reembed_tune.json").read_text())
+    for field in ("base_model", "data", "loss", "negatives", "batch_size", "learning_rate", "warmup_ratio",
+                  "seed", "val_score", "val_scores", "seconds", "train_pairs"):
+        assert card[field] == report[field], field
+    assert card["loss"] == "MultipleNegativesRankingLoss" and card["seed"] == 42
+    assert set(card["data"]) == {"queries", "qrels"} and len(card["data"]["qrels"]["sha256"]) == 64
+    assert (model / "config_sentence_transformers.json").exists() and (model / "modules.json").exists()
+    # The variant is the job with the tuned model: it loads, and the model it names encodes.
+    from reembed.flows.config import load_job
+    from reembed.workers.encoder import Encoder
+
+    variant = load_job(report["job_variant"])
+    assert variant.model.name == report["model_path"] and variant.name == "tuneslice"
+    assert Path(variant.corpus.uri).resolve() == (slice_job["folder"] / "corpus.jsonl").resolve()
+    vectors, _ = Encoder(variant.model).encode(["a query about cells"], kind="query")
+    assert vectors.shape[0] == 1
+
+
+def test_a_second_tune_with_the_same_seed_gives_the_same_validation_score(slice_job, tmp_path) -> None:
+    first = _tune(slice_job, tmp_path / "a")
+    second = _tune(slice_job, tmp_path / "b")
+    assert first["negatives"] == "none" and first["hard_negatives"] == 0
+    assert second["val_score"] == pytest.approx(first["val_score"], abs=0.001)
+    assert second["val_scores"] == pytest.approx(first["val_scores"], abs=0.001)
+
+
+def test_tune_refuses_data_with_no_usable_pair(slice_job, tmp_path) -> None:
+    folder = slice_job["folder"]
+    (tmp_path / "qrels.tsv").write_text("query-id\tcorpus-id\tscore\nnope\tnothing\t1\n")
+    res = cli_in_process("tune", str(folder / "job.yaml"), "--queries", str(folder / "queries.jsonl"),
+                         "--qrels", str(tmp_path / "qrels.tsv"), "--out", str(tmp_path / "x"))
+    assert res.returncode == 2 and "no (query, relevant document) pair" in res.stderr
