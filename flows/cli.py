@@ -360,8 +360,9 @@ def status(job: str, overrides: tuple[str, ...], verbose: bool, as_json: bool) -
               help="training judgements, BEIR qrels TSV (never the test qrels the gate uses)", show_envvar=True)
 @click.option("--dev-qrels", type=click.Path(exists=True, dir_okay=False), default=None,
               help="judgements that pick the epoch; default: 10% of the training queries held out", show_envvar=True)
-@click.option("--negatives", type=click.Choice(["none", "bm25"]), default="none", show_default=True,
-              help="hard negatives per pair: none (in-batch only) or bm25 (the top lexical hit not judged relevant)",
+@click.option("--negatives", type=click.Choice(["none", "bm25", "dense"]), default="none", show_default=True,
+              help="a hard negative per query besides the in-batch ones: none; bm25 (the top lexical hit not judged "
+                   "relevant); dense (the live collection's best such hit after its first 3, for unlabelled positives)",
               show_envvar=True)
 @click.option("--epochs", default=1, show_default=True, type=click.IntRange(1, 50), show_envvar=True)
 @click.option("--batch-size", default=32, show_default=True, type=click.IntRange(2, 4096),

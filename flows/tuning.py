@@ -32,7 +32,8 @@ from reembed.indexing.records import TuneDataReport, TuneReport
 
 logger = logging.getLogger(__name__)
 
-Negatives = Literal["none", "bm25"]
+Negatives = Literal["none", "bm25", "dense"]
+DENSE_SKIP = 3  # dense negatives skip the live collection's first hits: unlabelled positives sit there
 CARD = "reembed_tune.json"
 
 
@@ -106,6 +107,32 @@ def bm25_negatives(pairs: list[tuple[str, str]], queries: dict[str, str], docs: 
     return negatives
 
 
+def dense_negatives(job: JobConfig, pairs: list[tuple[str, str]], queries: dict[str, str], docs: dict[str, str],
+                    qrels: dict[str, dict[str, int]], skip: int = DENSE_SKIP) -> dict[str, str]:
+    """One hard negative per training query from the live collection (the model being tuned, as deployed):
+    its best hit after the first ``skip`` ranks that is not judged relevant. Reads the alias, never qrels
+    other than the training ones it is given."""
+    from reembed.flows.evaluate import search_run
+    from reembed.indexing.index import open_index
+    from reembed.workers.encoder import Encoder
+
+    wanted = sorted({q for q, _ in pairs})
+    with open_index(job.index) as index:
+        if index.alias_target(job.name) is None:
+            raise ConfigError(f"--negatives dense mines the live collection, and alias {job.name!r} does not exist "
+                              f"in {index.where}: run the job first, or use --negatives bm25")
+        vectors, _ = Encoder(job.model).encode([queries[q] for q in wanted], kind="query")
+        run = search_run(index, job.name, vectors, wanted, skip + 20, chunked=job.chunking is not None)
+    negatives: dict[str, str] = {}
+    for qid in wanted:
+        ranked = sorted(run.get(qid, {}).items(), key=lambda kv: -kv[1])[skip:]
+        for doc, _ in ranked:
+            if qrels.get(qid, {}).get(doc, 0) <= 0 and doc in docs:
+                negatives[qid] = doc
+                break
+    return negatives
+
+
 def _split(pairs: list[tuple[str, str]], val_fraction: float, seed: int) -> tuple[list[str], list[str]]:
     query_ids = sorted({q for q, _ in pairs})
     random.Random(seed).shuffle(query_ids)
@@ -162,7 +189,10 @@ def tune(job: JobConfig, job_file: str | Path, queries_path: str | Path, qrels_p
     train_set = set(train_q)
     train_pairs = [(q, d) for q, d in pairs if q in train_set]
     profile = load_profile(job.model)
-    mined = bm25_negatives(train_pairs, queries, docs, qrels, seed) if negatives == "bm25" else {}
+    mined = (bm25_negatives(train_pairs, queries, docs, qrels, seed) if negatives == "bm25" else
+             dense_negatives(job, train_pairs, queries, docs, qrels) if negatives == "dense" else {})
+    if negatives != "none":
+        logger.info("%s hard negatives for %d of %d training queries", negatives, len(mined), len(train_q))
     columns: dict[str, list[str]] = {"anchor": [queries[q] for q, _ in train_pairs],
                                      "positive": [docs[d] for _, d in train_pairs]}
     if negatives != "none":

@@ -98,3 +98,25 @@ def test_tune_refuses_data_with_no_usable_pair(slice_job, tmp_path) -> None:
     res = cli_in_process("tune", str(folder / "job.yaml"), "--queries", str(folder / "queries.jsonl"),
                          "--qrels", str(tmp_path / "qrels.tsv"), "--out", str(tmp_path / "x"))
     assert res.returncode == 2 and "no (query, relevant document) pair" in res.stderr
+
+
+def test_dense_negatives_come_from_the_live_collection(slice_job, tmp_path, ray_session) -> None:
+    """--negatives dense needs the live alias (a clear refusal before the first run), then mines it: each
+    training query gets a hit of the live collection past its first ranks that is not judged relevant."""
+    from reembed.flows.config import load_job
+    from reembed.flows.run_flow import run_job
+
+    folder = slice_job["folder"]
+    job_file = tmp_path / "job.yaml"
+    job_file.write_text((folder / "job.yaml").read_text().replace("corpus.jsonl", str(folder / "corpus.jsonl"))
+                        + f"output: {{uri: {tmp_path / 'vectors'}}}\nindex: {{path: {tmp_path / 'qdrant'}}}\n")
+    args = ["tune", str(job_file), "--queries", str(folder / "queries.jsonl"), "--qrels", str(folder / "train.tsv"),
+            "--out", str(tmp_path / "tuned"), "--negatives", "dense", "--batch-size", "16", "--json"]
+    refused = cli_in_process(*args)
+    assert refused.returncode == 2 and "mines the live collection" in refused.stderr
+    summary = run_job(load_job(job_file))
+    assert summary.points == len(slice_job["docs"])
+    res = cli_in_process(*args)
+    assert res.returncode == 0, res.stderr[-3000:]
+    report = last_json(res.stdout)
+    assert report["negatives"] == "dense" and report["hard_negatives"] >= report["train_queries"] * 0.9
