@@ -344,9 +344,16 @@ class Upserts:
 
 
 def _store_gone(exc: BaseException, what: str, embedded: "Embedded | None") -> StorageUnavailable:
-    """One line for a store that stayed away through every retry: what failed, and what a re-run reuses."""
+    """One line for a store that stayed away through every retry: which one (an upsert talks to the object
+    store and to Qdrant), what failed, and what a re-run reuses."""
+    chain, current = [], exc
+    while current is not None and len(chain) < 20:
+        chain.append(current)
+        current = current.__cause__ or current.__context__
+    qdrant = any(type(e).__module__.split(".")[0] in ("qdrant_client", "httpx", "httpcore", "grpc") for e in chain)
+    store = "the Qdrant server" if qdrant else "the object store"
     done = f"; the {len(embedded.fresh)} shard(s) this run wrote before are kept" if embedded else ""
-    return StorageUnavailable(f"the object store did not answer: {what} failed after its retries "
+    return StorageUnavailable(f"{store} did not answer: {what} failed after its retries "
                               f"({type(exc).__name__}: {exc}){done}. Re-run the job once the store is back: it "
                               "resumes from what was written")
 

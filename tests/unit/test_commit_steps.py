@@ -272,3 +272,25 @@ def test_the_summary_table_carries_the_guards_and_the_gate() -> None:
     assert not any(r["metric"] in ("guards", "gate_result", "shards") for r in rows)
     assert [(r["version"], r["collection"], r["score"], r["passed"]) for r in gate_table(gate)] == [
         ("candidate", "v2", 0.5, False), ("live", "v1", 0.61, False)]
+
+
+def test_a_store_that_stayed_away_is_named_in_one_line() -> None:
+    """An upsert talks to two stores: the line says which one did not answer (from the exception's chain)."""
+    import httpx
+
+    from reembed.flows.run_flow import _store_gone
+
+    try:
+        try:
+            raise ConnectionRefusedError(111, "Connection refused")
+        except ConnectionRefusedError as refused:
+            raise httpx.ConnectError("All connection attempts failed") from refused
+    except httpx.ConnectError as exc:
+        qdrant = str(_store_gone(exc, "the upsert of shard s1", None))
+    assert qdrant.startswith("the Qdrant server did not answer: the upsert of shard s1 failed after its retries")
+
+    class EndpointConnectionError(Exception):  # botocore's name
+        pass
+
+    s3 = str(_store_gone(EndpointConnectionError('Could not connect to "http://127.0.0.1:9/b"'), "shard s2", None))
+    assert s3.startswith("the object store did not answer: shard s2") and "Re-run the job once the store is back" in s3
