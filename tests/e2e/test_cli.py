@@ -60,9 +60,14 @@ def test_every_command_fails_in_one_line_without_traceback(tmp_path: Path) -> No
 
     pairs = tmp_path / "pairs.jsonl"
     pairs.write_text('{"sentence1": "a", "sentence2": "b", "label": 1.0}\n')
+    queries = tmp_path / "queries.jsonl"
+    queries.write_text('{"_id": "q1", "text": "a question"}\n')
+    qrels = tmp_path / "qrels.tsv"
+    qrels.write_text("query-id\tcorpus-id\tscore\nq1\tdoc-001\t1\n")
     extra = {"run": [], "plan": [], "search": ["q"], "status": [], "eval": ["--pairs", str(pairs)],
              "versions": [], "rollback": [], "reindex": [], "history": [], "deploy": ["--cron", "0 3 * * *"],
-             "serve": ["--cron", "0 3 * * *"], "dashboard": []}
+             "serve": ["--cron", "0 3 * * *"], "dashboard": [],
+             "tune": ["--queries", str(queries), "--qrels", str(qrels)]}
     no_job = {"undeploy": ["sample"], "deployments": [], "worker": []}  # commands about the Prefect server
     assert set(cli.commands) == set(extra) | set(no_job), "a new command must join this test"
     for command, args in no_job.items():

@@ -85,9 +85,11 @@ def test_prefect_yaml_deploys_what_reembed_deploy_does(prefect_server, tmp_path)
 
     prefect = str(Path(sys.executable).parent / "prefect")
     assert run_cli("deployments", "--json").returncode == 0
-    from reembed.flows.operations.scheduling import ensure_pool
-
-    ensure_pool("reembed")  # as `prefect work-pool create reembed --type process` (the file's first step)
+    # The file's first step, through Prefect's CLI: a subprocess reads PREFECT_API_URL (the session server); the
+    # pytest process keeps the settings it imported Prefect with, which may be its own temporary server.
+    pool = subprocess.run([prefect, "--no-prompt", "work-pool", "create", "reembed", "--type", "process"],
+                          capture_output=True, text=True, timeout=120, cwd=tmp_path)
+    assert pool.returncode == 0 or "already exists" in pool.stdout + pool.stderr, pool.stdout + pool.stderr
     deployed = subprocess.run([prefect, "--no-prompt", "deploy", "--all", "--prefect-file",
                                str(ROOT / "infra" / "prefect" / "prefect.yaml")],
                               capture_output=True, text=True, timeout=300, cwd=tmp_path)
