@@ -8,7 +8,7 @@ only if the tuned model is no worse; (4) `reembed eval` of the live alias again.
 recall@100, the gain in points, whether the gate passed, and the seconds of each step (the tune's is the figure
 issue 17 bounds at 20 minutes on 2 CPU cores).
 
-    .venv/bin/python bench/tune.py --negatives dense [--epochs 1] [--work /tmp/tune-bench] [--json]
+    .venv/bin/python bench/tune.py --negatives none [--epochs N] [--learning-rate LR] [--work /tmp/tune-bench] [--json]
 """
 
 from __future__ import annotations
@@ -36,8 +36,9 @@ def _cli(*args: str) -> tuple[dict, float]:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--negatives", choices=["none", "bm25", "dense"], default="dense")
-    parser.add_argument("--epochs", type=int, default=1)
+    parser.add_argument("--negatives", choices=["none", "bm25", "dense"], default="none")
+    parser.add_argument("--epochs", type=int, default=None, help="default: tune's own")
+    parser.add_argument("--learning-rate", default=None, help="default: tune's own")
     parser.add_argument("--work", default="/tmp/reembed-tune-bench", help="kept between runs: the base run is reused")
     parser.add_argument("--json", action="store_true")
     args = parser.parse_args()
@@ -55,14 +56,22 @@ def main() -> None:
     steps: dict[str, float] = {}
     base_run, steps["base_run_s"] = _cli("run", str(job))
     base, steps["base_eval_s"] = _cli("eval", str(job), *test)
-    out = work / f"tuned-{args.negatives}-{args.epochs}"
+    out = work / f"tuned-{args.negatives}-{args.epochs or 'default'}-{args.learning_rate or 'default'}"
+    if base_run.get("collection") != base.get("collection"):
+        sys.exit(f"the live alias is not the base model's version ({base.get('collection')}): "
+                 f"`reembed rollback {job}` to it, or use a new --work folder")
     tuned, steps["tune_s"] = _cli("tune", str(job), "--queries", str(SCIFACT / "queries.jsonl"), "--qrels",
                                   str(SCIFACT / "qrels" / "train.tsv"), "--negatives", args.negatives,
-                                  "--epochs", str(args.epochs), "--out", str(out))
+                                  *(["--epochs", str(args.epochs)] if args.epochs else []),
+                                  *(["--learning-rate", args.learning_rate] if args.learning_rate else []),
+                                  "--out", str(out))
     backfill, steps["backfill_s"] = _cli("run", tuned["job_variant"])
-    after, steps["after_eval_s"] = _cli("eval", str(job), *test)
+    after, steps["after_eval_s"] = _cli("eval", str(job), *test)  # queries encoded by the live (tuned) model
+    if after.get("collection") != base.get("collection"):
+        _cli("rollback", str(job), base["collection"])  # the base live again: the next run reuses this folder
     result = {
-        "negatives": args.negatives, "epochs": args.epochs, "train_pairs": tuned["train_pairs"],
+        "negatives": args.negatives, "epochs": tuned["epochs"], "learning_rate": tuned["learning_rate"],
+        "train_pairs": tuned["train_pairs"], "tuned_collection": after.get("collection"),
         "val_score": tuned["val_score"], "base_val_score": tuned["base_val_score"],
         "base_ndcg@10": round(base["ndcg@10"], 4), "tuned_ndcg@10": round(after["ndcg@10"], 4),
         "gain_points": round(100 * (after["ndcg@10"] - base["ndcg@10"]), 2),

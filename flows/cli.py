@@ -283,13 +283,15 @@ def plan(job: str, overrides: tuple[str, ...], verbose: bool, limit: int | None,
               "built with the job's current model settings", show_envvar=True)
 def search(job: str, query: str, overrides: tuple[str, ...], verbose: bool, k: int, chunks: bool, as_json: bool,
            version: str | None) -> None:
-    """Embed QUERY with JOB's model and print the top hits from its alias (doc id, score, snippet).
+    """Embed QUERY and print the top hits from JOB's alias (doc id, score, snippet).
 
-    With chunking on, each document appears once, represented by its best-matching chunk.
+    The query is encoded with the model that built the version searched (its manifest says which), which after a
+    tuned backfill or a rollback is not always the job file's. With chunking on, each document appears once, represented by its best-matching chunk.
     """
     _setup_logging(verbose)
     try:
         from reembed.flows.config import load_job
+        from reembed.flows.versions import query_model
         from reembed.indexing.index import open_index
         from reembed.workers.encoder import Encoder
 
@@ -300,7 +302,7 @@ def search(job: str, query: str, overrides: tuple[str, ...], verbose: bool, k: i
                                         f"`reembed versions {job}` lists them")
             if version is None and index.alias_target(cfg.name) is None:
                 raise FileNotFoundError(f"alias {cfg.name!r} does not exist in {index.where}; run `reembed run {job}` first")
-            encoder = Encoder(cfg.model)
+            encoder = Encoder(query_model(cfg, index, version or cfg.name))  # the served version's model
             vectors, _ = encoder.encode([query], kind="query")
             hits = index.search(version or cfg.name, vectors[0], k, collapse=cfg.chunking is not None and not chunks)
     except _user_errors() as exc:
@@ -368,7 +370,7 @@ def status(job: str, overrides: tuple[str, ...], verbose: bool, as_json: bool) -
 @click.option("--batch-size", default=32, show_default=True, type=click.IntRange(2, 4096),
               help="pairs per step: each query's other positives in the batch are its in-batch negatives",
               show_envvar=True)
-@click.option("--learning-rate", default=2e-5, show_default=True, type=click.FloatRange(0, 1, min_open=True),
+@click.option("--learning-rate", default=5e-5, show_default=True, type=click.FloatRange(0, 1, min_open=True),
               show_envvar=True)
 @click.option("--seed", default=42, show_default=True, type=int, help="the same seed reproduces the model",
               show_envvar=True)
@@ -441,17 +443,18 @@ def evaluate(job: str, overrides: tuple[str, ...], verbose: bool, queries: str |
     try:
         from reembed.flows.config import load_job
         from reembed.flows.evaluate import evaluate_pairs, evaluate_retrieval
+        from reembed.flows.versions import query_model
         from reembed.indexing.index import open_index
         from reembed.workers.encoder import Encoder
 
         cfg = load_job(job, list(overrides))
-        encoder = Encoder(cfg.model)
         if pairs:
-            metrics = evaluate_pairs(encoder, pairs, pairs_format)  # type: ignore[arg-type]
+            metrics = evaluate_pairs(Encoder(cfg.model), pairs, pairs_format)  # type: ignore[arg-type]
         else:
             with open_index(cfg.index) as index:
                 if index.alias_target(cfg.name) is None:
                     raise FileNotFoundError(f"alias {cfg.name!r} does not exist in {index.where}; run `reembed run {job}` first")
+                encoder = Encoder(query_model(cfg, index, cfg.name))  # the live version's model, as a search uses
                 metrics = evaluate_retrieval(cfg, encoder, index, cfg.name, queries, qrels, depth)  # type: ignore[arg-type]
     except _user_errors() as exc:
         _fail(exc, verbose)

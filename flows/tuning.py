@@ -113,6 +113,7 @@ def dense_negatives(job: JobConfig, pairs: list[tuple[str, str]], queries: dict[
     its best hit after the first ``skip`` ranks that is not judged relevant. Reads the alias, never qrels
     other than the training ones it is given."""
     from reembed.flows.evaluate import search_run
+    from reembed.flows.versions import query_model
     from reembed.indexing.index import open_index
     from reembed.workers.encoder import Encoder
 
@@ -121,7 +122,7 @@ def dense_negatives(job: JobConfig, pairs: list[tuple[str, str]], queries: dict[
         if index.alias_target(job.name) is None:
             raise ConfigError(f"--negatives dense mines the live collection, and alias {job.name!r} does not exist "
                               f"in {index.where}: run the job first, or use --negatives bm25")
-        vectors, _ = Encoder(job.model).encode([queries[q] for q in wanted], kind="query")
+        vectors, _ = Encoder(query_model(job, index, job.name)).encode([queries[q] for q in wanted], kind="query")
         run = search_run(index, job.name, vectors, wanted, skip + 20, chunked=job.chunking is not None)
     negatives: dict[str, str] = {}
     for qid in wanted:
@@ -143,7 +144,7 @@ def _split(pairs: list[tuple[str, str]], val_fraction: float, seed: int) -> tupl
 
 
 def tune(job: JobConfig, job_file: str | Path, queries_path: str | Path, qrels_path: str | Path, out: str | Path,
-         negatives: Negatives = "none", epochs: int = 1, batch_size: int = 32, learning_rate: float = 2e-5,
+         negatives: Negatives = "none", epochs: int = 1, batch_size: int = 32, learning_rate: float = 5e-5,
          warmup_ratio: float = 0.1, val_fraction: float = 0.1, dev_qrels: str | Path | None = None,
          seed: int = 42) -> TuneReport:
     """Fine-tune ``job``'s model on (query, relevant document) pairs; return what was done, with the tuned
@@ -240,23 +241,29 @@ def tune(job: JobConfig, job_file: str | Path, queries_path: str | Path, qrels_p
               **({"dev_qrels": {"path": str(Path(dev_qrels).resolve()), "sha256": _sha256(dev_qrels)}}
                  if dev_qrels else {})},
         data_report=report, seconds=seconds)
+    if result.val_score < result.base_val_score:
+        logger.warning("the tuned model scores below the base model on validation (nDCG@10 %.4f < %.4f): check the "
+                       "judgements; a backfill with it is likely to be blocked by the quality gate", result.val_score,
+                       result.base_val_score)
     (model_dir / CARD).write_text(json.dumps(result.model_dump(mode="json"), indent=2) + "\n")
-    _write_variant(job_file, out / "job.yaml", result.model_path)
+    _write_variant(job, job_file, out / "job.yaml", result.model_path)
     logger.info("tuned %s on %d pairs (%s negatives) in %.0f s: validation nDCG@10 %.4f -> %.4f; model %s",
                 job.model.name, result.train_pairs, negatives, seconds, base_score, result.val_score, model_dir)
     return result
 
 
-def _write_variant(job_file: str | Path, target: Path, model_path: str) -> None:
-    """The job file with ``model.name`` pointing at the tuned folder and relative paths made absolute, so
-    `reembed run` on it is an ordinary backfill of the same corpus into the same output and index."""
+def _write_variant(job: JobConfig, job_file: str | Path, target: Path, model_path: str) -> None:
+    """The job file with ``model.name`` pointing at the tuned folder, so `reembed run` on it is an ordinary
+    backfill of the same corpus into the same output and index. Where the job's corpus, output and index are
+    come from the job as loaded (relative paths resolved against the job file's folder, defaults and ``--set``
+    included): the variant lives in another folder, and a default such as ``./reembed-data`` would otherwise
+    point its backfill at an empty store beside it, with nothing live to gate against."""
     raw = yaml.safe_load(Path(job_file).read_text()) or {}
-    base = Path(job_file).resolve().parent
-    for section, key in (("corpus", "uri"), ("output", "uri"), ("index", "path"), ("gate", "queries"),
-                         ("gate", "qrels"), ("gate", "pairs")):
-        value = (raw.get(section) or {}).get(key)
-        if isinstance(value, str) and "://" not in value and not Path(value).is_absolute():
-            raw[section][key] = str((base / value).resolve())
-    raw.setdefault("model", {})
-    raw["model"] = {**(raw["model"] or {}), "name": model_path}
+    for section, key, value in (("corpus", "uri", job.corpus.uri), ("output", "uri", job.output.uri),
+                                ("index", "path", job.index.path)):
+        raw[section] = {**(raw.get(section) or {}), key: value}
+    if job.gate is not None:
+        raw["gate"] = {**(raw.get("gate") or {}),
+                       **{k: v for k in ("queries", "qrels", "pairs") if (v := getattr(job.gate, k))}}
+    raw["model"] = {**(raw.get("model") or {}), "name": model_path}
     target.write_text("# written by `reembed tune`: the job with its tuned model\n" + yaml.safe_dump(raw, sort_keys=False))

@@ -22,6 +22,7 @@ from reembed.indexing.records import Manifest, ReindexResult, RollbackResult, St
 from reembed.indexing.upload import upsert_part
 from reembed.indexing.storage import filesystem, full_uri, join, read_json
 from reembed.indexing.vector_store import VectorStore, arrow_to_vectors
+from reembed.workers.settings import ModelSettings
 
 logger = logging.getLogger(__name__)
 
@@ -54,6 +55,31 @@ def drop_version(index: VectorIndex, version: str) -> None:
     index.remove_alias(version)
 
 
+# What makes a model's vectors what they are; the rest (device, dtype, batch budget, threads, attention kernel)
+# is how this machine runs it, and stays the job's.
+MODEL_IDENTITY = ("name", "revision", "pooling", "normalize", "max_seq_length", "truncate_dim", "query_prompt",
+                  "document_prompt")
+
+
+def query_model(job: JobConfig, index: VectorIndex, name: str) -> ModelSettings:
+    """The model to encode queries with for a search of ``name`` (the alias or a version): the one that built
+    the version it serves, from that version's manifest. The job file's model may be another one: after a tuned
+    or rolled-back version went live, or a backfill of a new model that the gate blocked, a query encoded with
+    it would search vectors of a different model and rank nonsense without an error. The job's own model is
+    used when the version records none (or is not in the index)."""
+    physical = index.alias_target(name) or index.resolve(name)
+    manifest = (VectorStore(job.output.uri, version_of(physical), job.output.storage_options).read_manifest()
+                if physical else None)
+    if manifest is None or not manifest.model_settings:
+        return job.model
+    built = ModelSettings(**manifest.model_settings)
+    model = job.model.model_copy(update={k: getattr(built, k) for k in MODEL_IDENTITY})
+    if model != job.model:
+        logger.info("%s serves %s, built with model %s: queries are encoded with it, not with the job's %s",
+                    name, version_of(physical), built.name, job.model.name)
+    return model
+
+
 def list_versions(job: JobConfig, index: VectorIndex | None, live: str | None = None) -> list[VersionInfo]:
     """Every version with a committed vector set, newest first, with its point count and whether it is live.
 
@@ -64,6 +90,7 @@ def list_versions(job: JobConfig, index: VectorIndex | None, live: str | None = 
     if index is not None:
         live = live_version(index, job.name)
     versions = []
+    measured: dict[str, tuple[str, float]] = {}  # version -> (when, score) a later gate measured it at as the live one
     for manifest_path in fs.glob(f"{root.rstrip('/')}/{job.name}-*/current.json"):
         collection = manifest_path.rstrip("/").split("/")[-2]
         if not pattern.match(collection):
@@ -72,6 +99,11 @@ def list_versions(job: JobConfig, index: VectorIndex | None, live: str | None = 
         manifest = Manifest.from_json(read_json(uri, job.output.storage_options), uri)
         if manifest is None:
             continue
+        gate = manifest.gate
+        if gate is not None and gate.live_score is not None:
+            when = manifest.finished_at or ""
+            if version_of(gate.live) not in measured or when > measured[version_of(gate.live)][0]:
+                measured[version_of(gate.live)] = (when, gate.live_score)
         physical = index.resolve(collection) if index is not None else None
         versions.append(VersionInfo(
             collection=collection, physical=physical, model=manifest.model, dim=manifest.dim,
@@ -79,6 +111,9 @@ def list_versions(job: JobConfig, index: VectorIndex | None, live: str | None = 
             vector_rows=manifest.vector_rows, score=manifest.score, finished_at=manifest.finished_at,
             in_index=physical is not None, gate=manifest.gate_status,
         ))
+    for version in versions:  # a first version is never gated itself; the gate that replaced it scored it
+        if version.score is None and version.collection in measured:
+            version.score = measured[version.collection][1]
     versions.sort(key=lambda v: v.finished_at or "", reverse=True)
     return versions
 

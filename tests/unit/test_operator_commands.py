@@ -16,8 +16,8 @@ import pytest
 
 from conftest import no_encoding
 from reembed.flows.config import load_job
-from reembed.flows.versions import (GateRefused, ReindexFailed, apply_retention, list_versions, physicals, reindex,
-                                    rollback)
+from reembed.flows.versions import (GateRefused, ReindexFailed, apply_retention, list_versions, physicals,
+                                    query_model, reindex, rollback)
 from reembed.indexing.index import IndexSettings, open_index
 from reembed.indexing.records import GateResult, Manifest, ManifestPart, part_schema, point_id
 from reembed.indexing.upload import upsert_part
@@ -34,7 +34,8 @@ def _job(tmp_path, engine: str):
 
 
 def _commit(job, version: str = VERSION, parts: int = 2, rows: int = 20, seed: int = 0, gate: bool | None = None,
-            finished_at: str | None = None, live: bool = True) -> tuple[VectorStore, np.ndarray]:
+            finished_at: str | None = None, live: bool = True, gated_against: str = "x",
+            model_settings: dict | None = None) -> tuple[VectorStore, np.ndarray]:
     """A committed vector set of ``parts`` parts of ``rows`` rows, indexed (and live, unless a blocked backfill
     or ``live=False``), as a run leaves it; ``gate`` is its quality gate's verdict (None: no gate)."""
     store = VectorStore(job.output.uri, version, job.output.storage_options)
@@ -50,11 +51,12 @@ def _commit(job, version: str = VERSION, parts: int = 2, rows: int = 20, seed: i
                           "source_row": list(range(1, rows + 1))}, schema=part_schema(DIM, chunked=False))
         uri = store.write_part(f"s{p}", table, {}, f"fp{p}")
         manifest_parts.append(ManifestPart(shard_id=f"s{p}", part_uri=uri, source=f"f{p}.jsonl"))
-    verdict = None if gate is None else GateResult(metric="ndcg@10", new=version, live="x", new_score=0.5,
+    verdict = None if gate is None else GateResult(metric="ndcg@10", new=version, live=gated_against, new_score=0.5,
                                                    live_score=0.6, tolerance=0.01 if gate else 0.0, passed=gate)
     store.write_manifest(Manifest(collection=version, alias=job.name, model="m", dim=DIM, parts=manifest_parts,
                                   shards=[p.shard_id for p in manifest_parts], vector_rows=parts * rows,
-                                  input_rows=parts * rows, gate=verdict,
+                                  input_rows=parts * rows, gate=verdict, model_settings=model_settings,
+                                  score=verdict.new_score if verdict else None,
                                   finished_at=finished_at or datetime.now(timezone.utc).isoformat()))
     with open_index(job.index) as index:
         index.ensure_collection(version, DIM)
@@ -314,3 +316,33 @@ def test_a_damaged_alias_file_says_how_to_repair_it_and_rollback_repairs_it(tmp_
         assert [(v.collection, v.live) for v in list_versions(job, index)] == [(_name(2), True), (_name(1), False)]
     (aside,) = (tmp_path / "qdrant").glob("aliases.json.damaged-*")
     assert aside.read_text() == '{"unit": "unit-0000'
+
+
+@pytest.mark.parametrize("engine", ["edge", "local"])
+def test_a_first_version_shows_the_score_the_gate_that_replaced_it_measured(tmp_path, engine) -> None:
+    """A first version is never gated itself (nothing live to compare with); the backfill gated against it
+    scored it as the live one, and `reembed versions` shows that score beside the candidate's own."""
+    job = _job(tmp_path, engine)
+    _commit(job, finished_at="2026-12-01T00:00:00+00:00")
+    _commit(job, version="unit-bbbbbbbbbbbb", seed=1, gate=True, gated_against=VERSION,
+            finished_at="2026-12-02T00:00:00+00:00")
+    with open_index(job.index) as index:
+        versions = {v.collection: v for v in list_versions(job, index)}
+    assert versions["unit-bbbbbbbbbbbb"].score == 0.5 and versions["unit-bbbbbbbbbbbb"].live
+    assert versions[VERSION].score == 0.6 and not versions[VERSION].live
+
+
+def test_queries_are_encoded_with_the_model_of_the_version_searched(tmp_path) -> None:
+    """After a tuned backfill (or a rollback) the job file's model is not the one that built the live vectors:
+    search and eval take the served version's model from its manifest, and keep how this machine runs it."""
+    job = _job(tmp_path, "edge")
+    job.model.device = "cpu"
+    tuned = {**job.model.model_dump(mode="json"), "name": str(tmp_path / "tuned" / "model"), "device": "auto",
+             "query_prompt": "query: "}
+    _commit(job, finished_at="2026-12-01T00:00:00+00:00")  # records no model: the job's is all there is
+    _commit(job, version="unit-bbbbbbbbbbbb", seed=1, model_settings=tuned, finished_at="2026-12-02T00:00:00+00:00")
+    with open_index(job.index) as index:
+        live = query_model(job, index, "unit")
+        assert live.name == tuned["name"] and live.query_prompt == "query: " and live.device == "cpu"
+        assert query_model(job, index, VERSION) == job.model  # a version searched by name: its own (none recorded)
+        assert query_model(job, index, "unit-bbbbbbbbbbbb") == live
