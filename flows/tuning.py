@@ -7,6 +7,9 @@ deciding), keep monitoring. Training is sentence-transformers' `SentenceTransfor
 (query, relevant document) pairs whose texts are built exactly as a run builds them: the job's template over
 its own corpus, the model's query and document prompts applied as at encode time.
 
+Where it trains: in this process, or, when the job names a Ray cluster (``runtime.ray_address``), as a Ray
+Train job there (a TorchTrainer, one worker per GPU); both run `fit_model`, so the model is the same.
+
 What `tune` reads: the job's corpus, the queries and the qrels it is given (the training judgements). A part of
 those queries is held out to pick the epoch (or a dev qrels file is given); test qrels are never its input.
 """
@@ -21,14 +24,14 @@ import shutil
 import time
 from importlib.util import find_spec
 from pathlib import Path
-from typing import Literal
+from typing import Any, Callable, Literal
 
 import yaml
 
 from reembed.flows.config import ConfigError, JobConfig
 from reembed.flows.evaluate import read_qrels, read_queries
 from reembed.indexing.corpus import plan_shards, read_shard
-from reembed.indexing.records import TuneDataReport, TuneReport
+from reembed.indexing.records import FitResult, FitSpec, TuneDataReport, TuneReport
 
 logger = logging.getLogger(__name__)
 
@@ -154,18 +157,8 @@ def tune(job: JobConfig, job_file: str | Path, queries_path: str | Path, qrels_p
     if missing:  # checked first: a missing extra fails before any work, not after the corpus was read
         raise ConfigError(f"reembed tune needs its extra ({', '.join(missing)} missing): "
                           "pip install 'reembed[tune]' (or bash infra/install.sh --test)")
-    from datasets import Dataset
-    import torch
-    from sentence_transformers import SentenceTransformer, SentenceTransformerTrainer, SentenceTransformerTrainingArguments
-    from sentence_transformers.base.sampler import BatchSamplers
-    from sentence_transformers.sentence_transformer.evaluation import InformationRetrievalEvaluator
-    from sentence_transformers.sentence_transformer.losses import MultipleNegativesRankingLoss
-    from transformers import set_seed
-
     from reembed.workers.model_loader import load_profile
 
-    set_seed(seed)
-    torch.use_deterministic_algorithms(True, warn_only=True)
     if not 0 <= warmup_ratio < 1:
         raise ConfigError(f"warm-up is a fraction of the steps, 0 <= ratio < 1, not {warmup_ratio}")
     out = Path(out)
@@ -200,47 +193,30 @@ def tune(job: JobConfig, job_file: str | Path, queries_path: str | Path, qrels_p
         keep = [i for i, (q, _) in enumerate(train_pairs) if q in mined]
         columns = {"anchor": [columns["anchor"][i] for i in keep], "positive": [columns["positive"][i] for i in keep],
                    "negative": [docs[mined[train_pairs[i][0]]] for i in keep]}
-    model = SentenceTransformer(profile.path, device="cpu")
-    model.max_seq_length = profile.max_seq_length
-    evaluator = InformationRetrievalEvaluator(
-        queries={q: queries[q] for q in val_q}, corpus=docs, relevant_docs=val_judged, name="val",
-        query_prompt=profile.query_prompt or None, corpus_prompt=profile.document_prompt or None,
-        ndcg_at_k=[10], mrr_at_k=[10], accuracy_at_k=[1], precision_recall_at_k=[100], map_at_k=[10],
-        show_progress_bar=False, batch_size=64, write_csv=False)
-    base_score = float(evaluator(model)[evaluator.primary_metric])  # e.g. val_cosine_ndcg@10
-    metric = f"eval_{evaluator.primary_metric}"
-    checkpoints = out / "checkpoints"
-    prompts = {k: v for k, v in (("anchor", profile.query_prompt), ("positive", profile.document_prompt),
-                                 ("negative", profile.document_prompt)) if v and k in columns}
-    args = SentenceTransformerTrainingArguments(
-        output_dir=str(checkpoints), num_train_epochs=epochs, per_device_train_batch_size=batch_size,
-        learning_rate=learning_rate, warmup_steps=warmup_ratio, seed=seed, data_seed=seed,
-        batch_sampler=BatchSamplers.NO_DUPLICATES, eval_strategy="epoch", save_strategy="epoch",
-        load_best_model_at_end=True, metric_for_best_model=metric, greater_is_better=True, save_total_limit=1,
-        logging_steps=10, report_to=[], use_cpu=True, dataloader_num_workers=0, prompts=prompts or None,
-        disable_tqdm=True)
-    trainer = SentenceTransformerTrainer(model=model, args=args, train_dataset=Dataset.from_dict(columns),
-                                         loss=MultipleNegativesRankingLoss(model), evaluator=evaluator)
-    trainer.train()
-    history = [h for h in trainer.state.log_history if metric in h]
-    best = max(history, key=lambda h: h[metric]) if history else {metric: base_score, "epoch": 0}
+    spec = FitSpec(
+        model_path=str(profile.path), max_seq_length=profile.max_seq_length,
+        query_prompt=profile.query_prompt or None, document_prompt=profile.document_prompt or None,
+        columns=columns, val_queries={q: queries[q] for q in val_q}, val_corpus=docs,
+        val_relevant={q: sorted(v) for q, v in val_judged.items()}, epochs=epochs, batch_size=batch_size,
+        learning_rate=learning_rate, warmup_ratio=warmup_ratio, seed=seed)
     model_dir = out / "model"
-    trainer.model.save(str(model_dir))
-    shutil.rmtree(checkpoints, ignore_errors=True)
+    on_ray = job.runtime.ray_address is not None
+    fit = fit_on_ray(job, spec, model_dir, out / "ray-train") if on_ray else fit_model(spec, model_dir, out / "checkpoints")
     seconds = round(time.perf_counter() - started, 1)
     result = TuneReport(
         model_path=str(model_dir.resolve()), base_model=job.model.name, base_revision=job.model.revision,
         job_variant=str((out / "job.yaml").resolve()), train_pairs=len(columns["anchor"]),
         train_queries=len(train_q), val_queries=len(val_q), negatives=negatives,
-        hard_negatives=len(mined), epochs=epochs, best_epoch=float(best.get("epoch", 0)),
-        val_metric="ndcg@10", val_score=round(float(best[metric]), 6), base_val_score=round(base_score, 6),
-        val_scores=[round(float(h[metric]), 6) for h in history], loss="MultipleNegativesRankingLoss",
+        hard_negatives=len(mined), epochs=epochs, best_epoch=fit.best_epoch,
+        val_metric="ndcg@10", val_score=round(fit.best_score, 6), base_val_score=round(fit.base_score, 6),
+        val_scores=[round(v, 6) for v in fit.scores], loss="MultipleNegativesRankingLoss",
         batch_size=batch_size, learning_rate=learning_rate, warmup_ratio=warmup_ratio, seed=seed,
         data={"queries": {"path": str(Path(queries_path).resolve()), "sha256": _sha256(queries_path)},
               "qrels": {"path": str(Path(qrels_path).resolve()), "sha256": _sha256(qrels_path)},
               **({"dev_qrels": {"path": str(Path(dev_qrels).resolve()), "sha256": _sha256(dev_qrels)}}
                  if dev_qrels else {})},
-        data_report=report, seconds=seconds)
+        data_report=report, seconds=seconds, trained_on="ray-train" if on_ray else "in-process",
+        workers=fit.workers, device=fit.device)
     if result.val_score < result.base_val_score:
         logger.warning("the tuned model scores below the base model on validation (nDCG@10 %.4f < %.4f): check the "
                        "judgements; a backfill with it is likely to be blocked by the quality gate", result.val_score,
@@ -248,8 +224,111 @@ def tune(job: JobConfig, job_file: str | Path, queries_path: str | Path, qrels_p
     (model_dir / CARD).write_text(json.dumps(result.model_dump(mode="json"), indent=2) + "\n")
     _write_variant(job, job_file, out / "job.yaml", result.model_path)
     logger.info("tuned %s on %d pairs (%s negatives) in %.0f s: validation nDCG@10 %.4f -> %.4f; model %s",
-                job.model.name, result.train_pairs, negatives, seconds, base_score, result.val_score, model_dir)
+                job.model.name, result.train_pairs, negatives, seconds, fit.base_score, result.val_score, model_dir)
     return result
+
+
+def fit_model(spec: FitSpec, model_dir: Path, checkpoints: Path, device: str = "cpu",
+              prepare: Callable[[Any], Any] | None = None) -> FitResult:
+    """Train ``spec`` with sentence-transformers' trainer and save the best epoch's model (by validation
+    nDCG@10) to ``model_dir``. The same code runs in-process and inside each Ray Train worker, where torch's
+    process group is already set up and the trainer's distributed data loading follows it (``prepare``: Ray's
+    ``prepare_trainer`` there)."""
+    import torch
+    from datasets import Dataset
+    from sentence_transformers import SentenceTransformer, SentenceTransformerTrainer, SentenceTransformerTrainingArguments
+    from sentence_transformers.base.sampler import BatchSamplers
+    from sentence_transformers.sentence_transformer.evaluation import InformationRetrievalEvaluator
+    from sentence_transformers.sentence_transformer.losses import MultipleNegativesRankingLoss
+    from transformers import set_seed
+
+    set_seed(spec.seed)
+    torch.use_deterministic_algorithms(True, warn_only=True)
+    model = SentenceTransformer(spec.model_path, device=device)
+    if spec.max_seq_length:
+        model.max_seq_length = spec.max_seq_length
+    evaluator = InformationRetrievalEvaluator(
+        queries=spec.val_queries, corpus=spec.val_corpus,
+        relevant_docs={q: set(d) for q, d in spec.val_relevant.items()}, name="val",
+        query_prompt=spec.query_prompt, corpus_prompt=spec.document_prompt,
+        ndcg_at_k=[10], mrr_at_k=[10], accuracy_at_k=[1], precision_recall_at_k=[100], map_at_k=[10],
+        show_progress_bar=False, batch_size=64, write_csv=False)
+    base_score = float(evaluator(model)[evaluator.primary_metric])  # e.g. val_cosine_ndcg@10
+    metric = f"eval_{evaluator.primary_metric}"
+    prompts = {k: v for k, v in (("anchor", spec.query_prompt), ("positive", spec.document_prompt),
+                                 ("negative", spec.document_prompt)) if v and k in spec.columns}
+    args = SentenceTransformerTrainingArguments(
+        output_dir=str(checkpoints), num_train_epochs=spec.epochs, per_device_train_batch_size=spec.batch_size,
+        learning_rate=spec.learning_rate, warmup_steps=spec.warmup_ratio, seed=spec.seed, data_seed=spec.seed,
+        batch_sampler=BatchSamplers.NO_DUPLICATES, eval_strategy="epoch", save_strategy="epoch",
+        load_best_model_at_end=True, metric_for_best_model=metric, greater_is_better=True, save_total_limit=1,
+        logging_steps=10, report_to=[], use_cpu=device == "cpu", dataloader_num_workers=0,
+        prompts=prompts or None, disable_tqdm=True)
+    trainer = SentenceTransformerTrainer(model=model, args=args, train_dataset=Dataset.from_dict(spec.columns),
+                                         loss=MultipleNegativesRankingLoss(model), evaluator=evaluator)
+    if prepare is not None:
+        trainer = prepare(trainer)
+    trainer.train()
+    history = [h for h in trainer.state.log_history if metric in h]
+    best = max(history, key=lambda h: h[metric]) if history else {metric: base_score, "epoch": 0}
+    if trainer.is_world_process_zero():
+        trainer.model.save(str(model_dir))
+    shutil.rmtree(checkpoints, ignore_errors=True)
+    return FitResult(base_score=base_score, scores=[float(h[metric]) for h in history],
+                     best_epoch=float(best.get("epoch", 0)), best_score=float(best[metric]), device=device,
+                     workers=max(1, trainer.args.world_size))
+
+
+def _ray_train_worker(config: dict) -> None:
+    """One Ray Train worker: train, and (rank 0) hand the model back as the run's checkpoint."""
+    import tempfile
+
+    import ray.train
+    from ray.train.huggingface.transformers import prepare_trainer
+    from ray.train.torch import get_device
+
+    spec = FitSpec(**config["spec"])
+    with tempfile.TemporaryDirectory(prefix="reembed-tune-") as tmp:
+        fit = fit_model(spec, Path(tmp) / "model", Path(tmp) / "checkpoints", str(get_device()), prepare_trainer)
+        rank0 = ray.train.get_context().get_world_rank() == 0
+        checkpoint = ray.train.Checkpoint.from_directory(tmp) if rank0 else None
+        ray.train.report({"fit": fit.model_dump_json()}, checkpoint=checkpoint)
+
+
+def fit_on_ray(job: JobConfig, spec: FitSpec, model_dir: Path, storage: Path) -> FitResult:
+    """Train as a Ray Train job on the job's Ray cluster (``runtime.ray_address``): a TorchTrainer with one
+    worker per GPU the cluster has (one CPU worker where it has none), the best model copied back to
+    ``model_dir``. ``storage`` holds Ray Train's checkpoints; on a multi-node cluster it must be a folder every
+    node sees."""
+    import ray
+    from ray.train import RunConfig, ScalingConfig
+    from ray.train.torch import TorchTrainer
+
+    from reembed.flows.ray_pool import init_ray
+
+    started = init_ray(job)
+    try:
+        gpus = int(ray.cluster_resources().get("GPU", 0))
+        workers = max(1, gpus)
+        logger.info("training as a Ray Train job on %s: %d worker(s), %s", job.runtime.ray_address, workers,
+                    "one GPU each" if gpus else "CPU")
+        storage.mkdir(parents=True, exist_ok=True)
+        trainer = TorchTrainer(
+            _ray_train_worker, train_loop_config={"spec": spec.model_dump(mode="json")},
+            scaling_config=ScalingConfig(num_workers=workers, use_gpu=gpus > 0),
+            run_config=RunConfig(name=f"reembed-tune-{spec.seed}-{int(time.time())}",
+                                 storage_path=str(storage.resolve())))
+        result = trainer.fit()
+        if result.checkpoint is None:
+            raise RuntimeError(f"the Ray Train job reported no model: {result.error or 'no checkpoint'}")
+        with result.checkpoint.as_directory() as folder:
+            shutil.copytree(Path(folder) / "model", model_dir, dirs_exist_ok=True)
+        fit = FitResult.model_validate_json(result.metrics["fit"])
+    finally:
+        if started:
+            ray.shutdown()
+    shutil.rmtree(storage, ignore_errors=True)
+    return fit
 
 
 def _write_variant(job: JobConfig, job_file: str | Path, target: Path, model_path: str) -> None:

@@ -394,6 +394,37 @@ class TuneDataReport(Record):
     duplicate_pairs: int = 0
 
 
+class FitSpec(Record):
+    """What one training needs, sent as is to a Ray Train worker: the base model, the training columns
+    (anchor, positive and, with hard negatives, negative texts, prompts not yet applied) and the validation
+    set that picks the epoch."""
+
+    model_path: str
+    max_seq_length: int | None = None
+    query_prompt: str | None = None
+    document_prompt: str | None = None
+    columns: dict[str, list[str]]
+    val_queries: dict[str, str]
+    val_corpus: dict[str, str]
+    val_relevant: dict[str, list[str]]
+    epochs: int
+    batch_size: int
+    learning_rate: float
+    warmup_ratio: float
+    seed: int
+
+
+class FitResult(Record):
+    """What a training reports back: validation nDCG@10 of the base model and after each epoch, the epoch kept."""
+
+    base_score: float
+    scores: list[float] = Field(default_factory=list)
+    best_epoch: float
+    best_score: float
+    workers: int = 1  # Ray Train workers (1 in-process)
+    device: str = "cpu"
+
+
 class TuneReport(Record):
     """`reembed tune --json`, and the model card (``reembed_tune.json``) in the tuned model's folder."""
 
@@ -420,3 +451,6 @@ class TuneReport(Record):
     data: dict[str, dict[str, str]] = Field(default_factory=dict)  # file -> path and sha256
     data_report: TuneDataReport
     seconds: float
+    trained_on: str = "in-process"  # or "ray-train" (a TorchTrainer on the job's Ray cluster)
+    workers: int = 1
+    device: str = "cpu"

@@ -120,3 +120,27 @@ def test_dense_negatives_come_from_the_live_collection(slice_job, tmp_path, ray_
     assert res.returncode == 0, res.stderr[-3000:]
     report = last_json(res.stdout)
     assert report["negatives"] == "dense" and report["hard_negatives"] >= report["train_queries"] * 0.9
+
+
+def test_on_a_ray_cluster_tune_trains_as_a_ray_train_job(slice_job, tmp_path, ray_address) -> None:
+    """With `runtime.ray_address` set, training runs as a Ray Train TorchTrainer on that cluster (one CPU
+    worker: the session Ray has no GPU) and the model comes back to --out; the same seed gives the validation
+    scores of an in-process tune."""
+    local = _tune(slice_job, tmp_path / "local")
+    on_ray = _tune(slice_job, tmp_path / "ray", "--set", f"runtime.ray_address={ray_address}")
+    assert (local["trained_on"], on_ray["trained_on"]) == ("in-process", "ray-train")
+    assert on_ray["workers"] == 1 and on_ray["device"] == "cpu"
+    assert on_ray["val_scores"] == pytest.approx(local["val_scores"], abs=0.001), (local, on_ray)
+    assert on_ray["base_val_score"] == pytest.approx(local["base_val_score"], abs=0.001), (local, on_ray)
+    model = Path(on_ray["model_path"])
+    assert (model / "modules.json").exists() and json.loads((model / "reembed_tune.json").read_text()) == on_ray
+    assert not (tmp_path / "ray" / "ray-train").exists()  # Ray Train's checkpoints are not left behind
+    # The worker trained what the in-process tune trained: weights that moved from the base model's, to within
+    # float noise of the in-process ones (its torch runs one thread where this process runs two).
+    from safetensors.torch import load_file
+
+    weights = {k: load_file(Path(r["model_path"]) / "model.safetensors") for k, r in (("local", local), ("ray", on_ray))}
+    base = load_file(Path(local["base_model"]) / "model.safetensors")
+    moved = max((weights["local"][k] - base[k]).abs().max().item() for k in base)
+    apart = max((weights["local"][k] - weights["ray"][k]).abs().max().item() for k in base)
+    assert moved > 1e-5 and apart < moved / 3, (moved, apart, local["val_scores"], on_ray["val_scores"])
