@@ -67,8 +67,6 @@ def main() -> None:
                                   "--out", str(out))
     backfill, steps["backfill_s"] = _cli("run", tuned["job_variant"])
     after, steps["after_eval_s"] = _cli("eval", str(job), *test)  # queries encoded by the live (tuned) model
-    if after.get("collection") != base.get("collection"):
-        _cli("rollback", str(job), base["collection"])  # the base live again: the next run reuses this folder
     result = {
         "negatives": args.negatives, "epochs": tuned["epochs"], "learning_rate": tuned["learning_rate"],
         "train_pairs": tuned["train_pairs"], "tuned_collection": after.get("collection"),
@@ -85,6 +83,11 @@ def main() -> None:
     else:
         for key, value in result.items():
             print(f"{key:>22}  {value}")
+    if after.get("collection") != base.get("collection"):  # the base live again: the next run reuses this folder
+        res = subprocess.run([sys.executable, "-m", "reembed.flows.cli", "rollback", str(job), base["collection"]],
+                             capture_output=True, text=True)
+        if res.returncode != 0:
+            print(f"could not make the base live again: {res.stderr.strip()[-500:]}", file=sys.stderr)
 
 
 if __name__ == "__main__":

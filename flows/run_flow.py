@@ -92,7 +92,14 @@ def run_job(job: JobConfig, force_reason: str | None = None, limit: int | None =
             from reembed.flows.planning import preflight
 
             preflight(job)
-        record.summary = _run(job, force_reason, limit, progress, plan, lease)
+        try:
+            record.summary = _run(job, force_reason, limit, progress, plan, lease)
+        except StorageUnavailable:
+            raise
+        except Exception as exc:
+            if unreachable(exc):  # a driver-side read or write outside the steps that name themselves
+                raise _store_gone(exc, "a step of the run", None) from None
+            raise
         return record.summary
 
 
@@ -227,8 +234,7 @@ class RunSession:
         """Before the first write to the collection: until the manifest is written, a later run must not
         assume the collection equals it."""
         if not self._marked:
-            self.store.mark_writing({"collection": self.plan.collection,
-                                     "started_at": datetime.now(timezone.utc).isoformat()})
+            mark_writing_task(self)
             self._marked = True
 
     def start_actors(self) -> ActorPool:
@@ -268,6 +274,13 @@ class Reconciled:
 
 
 # --- plan, embed, upsert -------------------------------------------------------------------------------------
+
+
+@task(name="mark-writing", retries=2, retry_delay_seconds=[2, 10], **_RETRY)
+def mark_writing_task(run: "RunSession") -> None:
+    """The collection's "writing" marker, a step like the others: an object store away for a few seconds
+    when the first shard is ready is ridden out by the step's retries, not taken for the end of the run."""
+    run.store.mark_writing({"collection": run.plan.collection, "started_at": datetime.now(timezone.utc).isoformat()})
 
 
 @task(name="plan-shards", retries=2, retry_delay_seconds=[2, 10], **_RETRY)
@@ -567,7 +580,7 @@ def alias_task(run: RunSession) -> None:
 
 @task(name="retention", retries=1, retry_delay_seconds=[5], **_RETRY)
 def retention_task(run: RunSession) -> list[str]:
-    return apply_retention(run.job, run.index, run.job.index.keep_versions)
+    return apply_retention(run.job, run.index, run.job.index.keep_versions, previous=run.plan.live)
 
 
 # --- helpers ---------------------------------------------------------------------------------------------------

@@ -148,22 +148,25 @@ def job_status(job: JobConfig, index: VectorIndex) -> StatusInfo:
     )
 
 
-def retained(versions: list[VersionInfo], keep: int) -> list[VersionInfo]:
+def retained(versions: list[VersionInfo], keep: int, previous: str | None = None) -> list[VersionInfo]:
     """The versions retention keeps, of ``versions`` (newest first): the newest ``keep`` that could serve (gate
-    passed, forced or not applied), the live one, and the newest version of all when its gate failed (the latest
+    passed, forced or not applied), the live one, the one that served before the run that just moved the alias
+    (``previous``: what an operator rolls back to after a bad backfill, even when it is older than ``keep``
+    newer versions, as after a rollback), and the newest version of all when its gate failed (the latest
     backfill attempt, for an operator to look at or force). Gate-failed versions never count towards ``keep``,
     so blocked backfills cannot push the last good versions out."""
     kept = [v for v in versions if v.servable][:keep]
-    kept += [v for v in versions if v.live and v not in kept]
+    kept += [v for v in versions if (v.live or v.collection == previous) and v not in kept]
     if versions and not versions[0].servable and versions[0] not in kept:
         kept.append(versions[0])
     return kept
 
 
-def apply_retention(job: JobConfig, index: VectorIndex, keep: int) -> list[str]:
-    """Delete the collections and vector sets of the versions ``retained`` does not keep; never the live one."""
+def apply_retention(job: JobConfig, index: VectorIndex, keep: int, previous: str | None = None) -> list[str]:
+    """Delete the collections and vector sets of the versions ``retained`` does not keep; never the live one,
+    nor ``previous`` (the version live before this run moved the alias)."""
     versions = list_versions(job, index)
-    kept = {v.collection for v in retained(versions, keep)}
+    kept = {v.collection for v in retained(versions, keep, previous)}
     retired = []
     for version in versions:
         if version.collection in kept or version.live:

@@ -43,8 +43,9 @@ class IndexSettings(BaseModel):
                                 "have been written, into segments of about this size, so building it never holds more "
                                 "than one segment's worth in memory (one build over a million points peaks near 3 GB)")
     keep_versions: int = Field(3, ge=1, description="retention: newest versions that could serve kept (gate passed, "
-                               "forced or not applied; gate-failed ones do not count), with the live one and the "
-                               "latest attempt; older collections and vector sets are deleted")
+                               "forced or not applied; gate-failed ones do not count), with the live one, the one "
+                               "that served before the run and the latest attempt; older collections and vector sets "
+                               "are deleted")
     green_timeout: int = Field(600, ge=1, description="seconds to wait for the collection to turn green after a bulk load")
     timeout: int = Field(60, ge=1, description="seconds per request to a server")
 

@@ -150,8 +150,8 @@ def test_plan_fresh_half_done_refresh_and_changed_model(tmp_path, ray_session) -
     state = run_job(job, return_state=True)  # the resumed run: the half-done shard is upserted, the other embedded
     assert state.is_completed() and state.result().shards_embedded == 1
     # every step of the data path is a task run of this flow run in Prefect's API (what its UI shows)
-    expected = ("plan-shards", "embed-", "upsert-", "vector-set", "check-guards", "reconcile", "check-invariant",
-                "write-manifest", "quality-gate", "move-alias", "retention")
+    expected = ("plan-shards", "embed-", "mark-writing", "upsert-", "vector-set", "check-guards", "reconcile",
+                "check-invariant", "write-manifest", "quality-gate", "move-alias", "retention")
     deadline = time.monotonic() + 60  # task run states reach the API through Prefect's event stream, a bit later
     while True:
         steps = _task_runs(state.state_details.flow_run_id)

@@ -229,6 +229,24 @@ def test_retention_does_not_count_blocked_backfills(tmp_path, engine) -> None:
     assert not (tmp_path / "vectors" / _name(3)).exists() and (tmp_path / "vectors" / _name(1) / "current.json").exists()
 
 
+@pytest.mark.parametrize("engine", ["edge", "local"])
+def test_retention_keeps_the_version_that_served_before_the_run(tmp_path, engine) -> None:
+    """After a rollback to the oldest version, the next backfill must not delete it: it is what served until
+    that run moved the alias, and the first thing an operator rolls back to if the new one disappoints."""
+    job = _job(tmp_path, engine)
+    for i in (1, 2, 3):
+        _commit(job, _name(i), gate=True, finished_at=f"2026-01-0{i}T00:00:00+00:00")
+    with open_index(job.index) as index:
+        rollback(job, index, _name(1))
+    _commit(job, _name(4), gate=True, finished_at="2026-01-04T00:00:00+00:00")  # the next backfill goes live
+    with open_index(job.index) as index:
+        assert index.alias_target("unit") == _name(4)
+        retired = apply_retention(job, index, keep=2, previous=_name(1))
+        assert retired == [_name(2)]  # neither among the newest 2 that could serve nor the one that served before
+        assert [v.collection for v in list_versions(job, index)] == [_name(4), _name(3), _name(1)]
+        assert apply_retention(job, index, keep=2) == [_name(1)]  # a later run, with another version before it
+
+
 def _moved_job(tmp_path, engine: str, output: str, index: str):
     return load_job(tmp_path / "job.yaml", [f"output.uri={output}", f"index.path={index}", f"index.engine={engine}"])
 
