@@ -388,7 +388,8 @@ def embed_shards(run: RunSession, upserts: Upserts, progress: ProgressMode, cloc
         storage_options=job.output.storage_options, model_fingerprint=plan.model_fingerprint,
         input_fingerprint=plan.input_fps[s.shard_id], chunking=job.chunking, reuse_uris=reuse.get(s.uri, []),
         reuse_since=reuse_since,
-        progress_seconds=min(1.0, job.runtime.progress_seconds)) for s in plan.todo}
+        progress_seconds=min(1.0, job.runtime.progress_seconds),
+        lease=run.lease.for_actors() if run.lease is not None else None) for s in plan.todo}
     clock.encode_started = time.perf_counter()
     with ThreadPoolTaskRunner(max_workers=pool.slots) as runner, \
             RunProgress(plan.todo, progress, job.runtime.progress_seconds, log.info, board,

@@ -88,6 +88,15 @@ class Record(BaseModel):
 R = TypeVar("R", bound=Record)
 
 
+class LeaseFence(Record):
+    """Where the run's lease lives and the token it holds it with: an actor writes a shard's output only while
+    that token is still the lease's (``indexing.fence``)."""
+
+    uri: str
+    token: str
+    job: str
+
+
 class ShardTask(Record):
     """One shard's work as the flow hands it to an embedding actor: where to read, where to write, what to reuse."""
 
@@ -102,6 +111,7 @@ class ShardTask(Record):
     reuse_uris: list[str] = Field(default_factory=list)
     reuse_since: str | None = None  # ``finished_at`` of the manifest that named ``reuse_uris``
     progress_seconds: float = 1.0
+    lease: LeaseFence | None = None  # None: no lease to check (a worker called outside a run)
 
 
 class ActorInfo(Record):

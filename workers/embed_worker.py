@@ -19,6 +19,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from reembed.indexing.corpus import read_shard
+from reembed.indexing.fence import check_fence
 from reembed.indexing.records import ActorInfo, ShardMarker, ShardResult, ShardTask, part_schema
 from reembed.indexing.vector_store import SNIPPET_CHARS, VectorStore, arrow_to_vectors, text_sha256, vectors_to_arrow
 from reembed.workers.actor_metrics import actor_metrics
@@ -129,6 +130,7 @@ class EmbedWorker:
             "dropped_tokens": stats.dropped_tokens,
         }
         writing = time.perf_counter()
+        check_fence(task.lease, task.storage_options)  # a driver that lost its job's lease gets nothing written
         part = store.write_part(shard.shard_id, table, metadata, task.input_fingerprint)
         quarantine = store.write_quarantine(shard.shard_id, rows.rejected, task.input_fingerprint)
         write_s = time.perf_counter() - writing
@@ -153,6 +155,7 @@ class EmbedWorker:
             host=socket.gethostname(),
             pid=os.getpid(),
         )
+        check_fence(task.lease, task.storage_options)
         store.write_marker(ShardMarker(**result.model_dump(), stage="written"))
         if self.metrics is not None:
             self.metrics.encoded(len(todo))

@@ -51,7 +51,8 @@ from typing import Any, Literal, TypeVar, cast
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from reembed.indexing.records import Record
+from reembed.indexing.fence import LeaseLost  # raised here and, by the actors, there
+from reembed.indexing.records import LeaseFence, Record
 from reembed.indexing.storage import (StorageOptions, StorageUnavailable, conditional_writes, filesystem, join,
                                       protocol_of, put_json_if, read_json, read_json_tagged, transient, write_json)
 
@@ -98,10 +99,6 @@ class LeaseHeld(RuntimeError):
     """Another run of the job holds its lease, and waiting for it (``lease.wait``) ran out."""
 
 
-class LeaseLost(RuntimeError):
-    """This run's lease was taken over (it stopped renewing for longer than ``lease.ttl``): it must not commit."""
-
-
 def lease_uri(output_uri: str, job: str) -> str:
     return join(output_uri, "_leases", f"{job}.json")
 
@@ -119,6 +116,11 @@ class JobLease:
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._renew_loop, name=f"lease-{record.job}", daemon=True)
         self._thread.start()
+
+    def for_actors(self) -> LeaseFence:
+        """What an actor checks before it writes a shard's output (``indexing.fence``): this lease's file and
+        token. The driver's own writes are fenced in memory; the actors' are not in this process."""
+        return LeaseFence(uri=self.uri, token=self.record.token, job=self.record.job)
 
     def _still_ours(self) -> bool:
         """Read the lease; when another run holds it now, say so in ``lost`` and return False."""

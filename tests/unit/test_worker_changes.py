@@ -129,3 +129,34 @@ def test_chunked_documents_reuse_their_stored_chunks(tmp_path, tiny_bert) -> Non
     assert {k: v for k, v in new.items() if k[0] != "d1"} == {k: v for k, v in old.items() if k[0] != "d1"}
     changed = [k for k in new if k[0] == "d1"]
     assert changed and all(new[k] != old.get(k) for k in changed)  # chunked and encoded again
+
+
+def test_an_actor_writes_nothing_once_its_run_lost_the_lease(tmp_path, tiny_bert) -> None:
+    """A driver SIGKILLed on a cluster leaves its actors working until Ray notices; the run that took the job
+    over must not find their output (a "written" marker over its own "indexed" one) afterwards."""
+    import pytest
+
+    from reembed.flows.operations.lease import LeaseLost as DriverLeaseLost
+    from reembed.indexing.fence import LeaseLost
+    from reembed.indexing.records import LeaseFence
+    from reembed.indexing.storage import write_json
+
+    worker = EmbedWorker(ModelSettings(name=str(tiny_bert)), cpu_threads=1)
+    corpus = tmp_path / "corpus.jsonl"
+    _write(corpus, [{"id": f"d{i}", "text": f"document {i}", "lang": "en"} for i in range(4)])
+    lease = tmp_path / "out" / "_leases" / "unit.json"
+    write_json(str(lease), {"token": "first", "holder": "host:1", "command": "reembed run"})
+    fence = LeaseFence(uri=str(lease), token="first", job="unit")
+    ours = worker.process_shard(_task(corpus, tmp_path, "fp1", [], None).model_copy(update={"lease": fence}))
+    assert ours.encoded == 4  # still the run's lease: written as usual
+
+    write_json(str(lease), {"token": "second", "holder": "host:2", "command": "reembed run"})  # taken over
+    stale = _task(corpus, tmp_path, "fp2", [], None).model_copy(update={"lease": fence})
+    with pytest.raises(LeaseLost, match="lease lost to host:2: .* taken over by reembed run on host:2"):
+        worker.process_shard(stale)
+    assert DriverLeaseLost is LeaseLost  # the flow's handling (no retry, the run stops) applies to it
+    store_files = sorted(p.name for p in (tmp_path / "out").rglob("*") if p.is_file())
+    assert any("fp1" in name for name in store_files), store_files  # parts are named by input fingerprint
+    assert not any("fp2" in name for name in store_files), store_files  # and there is none of the stale shard
+    marker = json.loads(next((tmp_path / "out").rglob("shards/s1.json")).read_text())
+    assert marker["input_fingerprint"] == "fp1"  # the marker is still the one written under the lease
