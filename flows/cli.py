@@ -374,8 +374,10 @@ def status(job: str, overrides: tuple[str, ...], verbose: bool, as_json: bool) -
               show_envvar=True)
 @click.option("--seed", default=42, show_default=True, type=int, help="the same seed reproduces the model",
               show_envvar=True)
-@click.option("--out", "out_dir", type=click.Path(file_okay=False), default=None,
-              help="folder for the tuned model and its job variant; default <output.uri>/../tuned/<name>-<seed>",
+@click.option("--out", "out_dir", default=None,
+              help="folder (or s3:// prefix) for the tuned model and its job variant; default: "
+                   "<output.uri>/../tuned/<name>-<seed> for a local output, <output.uri>/_tuned/<name>-<seed> on "
+                   "object storage (the variant then goes beside JOB, as <job>.tuned-<seed>.yaml)",
               show_envvar=True)
 @click.option("--json", "as_json", is_flag=True, help="print the report as one JSON object on the last line",
               show_envvar=True)
@@ -394,13 +396,13 @@ def tune(job: str, overrides: tuple[str, ...], verbose: bool, queries: str, qrel
     try:
         from reembed.flows.config import load_job
         from reembed.flows.tuning import tune as run_tune
-        from reembed.indexing.storage import protocol_of
+        from reembed.indexing.storage import join, protocol_of
 
         cfg = load_job(job, list(overrides))
-        if out_dir is None:
-            if protocol_of(cfg.output.uri) != "file":
-                raise click.UsageError("give --out: the output is on object storage, the tuned model goes to a folder")
-            out_dir = str(Path(cfg.output.uri).parent / "tuned" / f"{cfg.name}-{seed}")
+        if out_dir is None:  # beside the vectors: on object storage, where every node of a cluster can read it
+            out_dir = (str(Path(cfg.output.uri.removeprefix("file://")).parent / "tuned" / f"{cfg.name}-{seed}")
+                       if protocol_of(cfg.output.uri) in ("file", "local") else
+                       join(cfg.output.uri, "_tuned", f"{cfg.name}-{seed}"))
         report = run_tune(cfg, job, queries, qrels, out_dir, negatives=negatives, epochs=epochs,  # type: ignore[arg-type]
                           batch_size=batch_size, learning_rate=learning_rate, dev_qrels=dev_qrels, seed=seed)
     except _user_errors() as exc:

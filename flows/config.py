@@ -317,7 +317,10 @@ def load_job(path: str | os.PathLike[str], overrides: list[str] | None = None) -
     for section in (job.corpus, job.output):
         if not _is_local(section.uri):
             section.storage_options = section.storage_options.with_env_defaults()
-    model_path = Path(job.model.name).expanduser()
-    if job.model.name.startswith((".", "/", "~")) or (base / model_path).is_dir():
-        job.model.name = _resolve(base, job.model.name)
+    if not _is_local(job.model.name):  # a tuned model on object storage: read with its own options, or the output's
+        job.model.storage_options = (job.model.storage_options or job.output.storage_options).with_env_defaults()
+    else:
+        model_path = Path(job.model.name).expanduser()
+        if job.model.name.startswith((".", "/", "~")) or (base / model_path).is_dir():
+            job.model.name = _resolve(base, job.model.name)
     return job

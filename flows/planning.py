@@ -37,7 +37,7 @@ def preflight(job: JobConfig) -> None:
     files = list_files(job.corpus)
     for uri in files[:PREFLIGHT_FILES]:
         check_columns(uri, job.corpus)
-    resolve_model_path(job.model.name, job.model.revision)
+    resolve_model_path(job.model.name, job.model.revision, job.model.storage_options)
     fs, path = filesystem(job.output.uri, job.output.storage_options)
     if protocol_of(job.output.uri) in ("s3", "s3a"):
         bucket = path.split("/", 1)[0]

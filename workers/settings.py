@@ -11,6 +11,8 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
+from reembed.indexing.storage import StorageOptions
+
 PoolingMode = Literal["cls", "mean", "max", "lasttoken", "weightedmean", "mean_sqrt_len_tokens"]
 Device = Literal["auto", "cpu", "cuda"]
 DType = Literal["auto", "float32", "float16", "bfloat16"]
@@ -31,8 +33,12 @@ class ModelSettings(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
 
-    name: str = Field("all-MiniLM-L6-v2", description="bundled name, local folder, or hub id where a hub is reachable")
+    name: str = Field("all-MiniLM-L6-v2", description="bundled name, local folder, s3:// folder (copied to a local "
+                      "cache once per version of its files), or hub id where a hub is reachable")
     revision: str | None = Field(None, description="hub revision, when `name` is a hub id")
+    storage_options: StorageOptions | None = Field(
+        None, description="a model folder on object storage (`name: s3://...`, as `reembed tune` writes it): "
+        "endpoint and credentials; default: the output's")
     pooling: PoolingMode | None = Field(None, description="override the model's 1_Pooling/config.json")
     normalize: bool = Field(True, description="L2-normalise vectors (cosine similarity becomes a dot product)")
     max_seq_length: int | None = Field(None, description="override sentence_bert_config.json's max_seq_length")

@@ -144,3 +144,74 @@ def test_on_a_ray_cluster_tune_trains_as_a_ray_train_job(slice_job, tmp_path, ra
     moved = max((weights["local"][k] - base[k]).abs().max().item() for k in base)
     apart = max((weights["local"][k] - weights["ray"][k]).abs().max().item() for k in base)
     assert moved > 1e-5 and apart < moved / 3, (moved, apart, local["val_scores"], on_ray["val_scores"])
+
+
+def test_on_object_storage_the_tuned_model_goes_there_and_the_backfill_reads_it(slice_job, tmp_path, s3_server,
+                                                                                ray_session) -> None:
+    """A job whose output is on s3://: `reembed tune` (no --out) puts the model and its card under
+    `<output>/_tuned/`, where every node of a cluster can read it, and the variant beside the job file; the
+    backfill of that variant loads the model from there (a local copy per version of its files), and the
+    version it builds is the tuned model's: its vectors are that model's, and a search encodes queries with it."""
+    import numpy as np
+    import pyarrow.parquet as pq
+    import s3fs
+
+    from reembed.flows.config import load_job
+    from reembed.flows.run_flow import run_job
+    from reembed.indexing.storage import StorageOptions
+    from reembed.indexing.vector_store import VectorStore, arrow_to_vectors
+    from reembed.workers.encoder import Encoder
+    from reembed.workers.remote_model import fetch_model
+    from reembed.workers.settings import ModelSettings
+
+    folder = slice_job["folder"]
+    job_file = tmp_path / "job.yaml"
+    job_file.write_text(
+        (folder / "job.yaml").read_text().replace("corpus.jsonl", str(folder / "corpus.jsonl"))
+        + "output:\n  uri: s3://reembed/tune-s3/vectors\n"
+        + f"  storage_options: {{endpoint_url: '{s3_server['endpoint']}', key: {s3_server['key']}, "
+        + f"secret: {s3_server['secret']}}}\n"
+        + f"index: {{path: {tmp_path / 'qdrant'}}}\n")
+    res = cli_in_process("tune", str(job_file), "--queries", str(folder / "queries.jsonl"), "--qrels",
+                         str(folder / "train.tsv"), "--batch-size", "16", "--learning-rate", "1e-3", "--json")
+    assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
+    report = last_json(res.stdout)
+    assert report["model_path"] == "s3://reembed/tune-s3/vectors/_tuned/tuneslice-42/model"
+    assert report["job_variant"] == str((tmp_path / "job.tuned-42.yaml").resolve())
+    fs = s3fs.S3FileSystem(key=s3_server["key"], secret=s3_server["secret"],
+                           client_kwargs={"endpoint_url": s3_server["endpoint"]}, skip_instance_cache=True)
+    stored = {p.rsplit("/model/", 1)[1] for p in fs.find("reembed/tune-s3/vectors/_tuned/tuneslice-42/model")}
+    assert {"config.json", "modules.json", "model.safetensors", "reembed_tune.json"} <= stored
+    card = json.loads(fs.cat_file("reembed/tune-s3/vectors/_tuned/tuneslice-42/model/reembed_tune.json"))
+    assert card == report  # the card went up with the model
+    assert fs.exists("reembed/tune-s3/vectors/_tuned/tuneslice-42/job.yaml")  # a copy of the variant beside it
+    assert not any(Path("/tmp").glob("reembed-tune-*/model"))  # the local training folder is gone
+
+    variant = load_job(report["job_variant"])
+    assert variant.model.name == report["model_path"] and variant.model.storage_options is not None
+    summary = run_job(variant)
+    assert summary.status == "ok" and summary.points == len(slice_job["docs"])
+    options = StorageOptions(endpoint_url=s3_server["endpoint"], key=s3_server["key"], secret=s3_server["secret"])
+    manifest = VectorStore(variant.output.uri, summary.collection, options).read_manifest()
+    assert manifest.model_settings["name"] == report["model_path"]
+    assert "storage_options" not in manifest.model_settings  # credentials never go into the manifest
+    local_copy = fetch_model(report["model_path"], options)
+    assert (local_copy / "reembed_tune.json").exists() and fetch_model(report["model_path"], options) == local_copy
+    with fs.open(manifest.parts[0].part_uri.removeprefix("s3://")) as fh:
+        part = pq.read_table(fh, columns=["doc_id", "text", "vector"])
+    by_id = {str(d["_id"]): f"{d['title']} {d['text']}" for d in slice_job["docs"]}
+    ids = part["doc_id"].to_pylist()[:20]
+    tuned, _ = Encoder(ModelSettings(name=str(local_copy))).encode([by_id[i] for i in ids], kind="document")
+    assert np.allclose(arrow_to_vectors(part["vector"])[:20], tuned, atol=1e-5)  # the tuned model's vectors
+    base, _ = Encoder(load_job(job_file).model).encode([by_id[i] for i in ids], kind="document")
+    agreement = (tuned * base).sum(axis=1)  # cosine of each document's tuned and base vectors
+    far = int(np.argmin(agreement))
+    assert agreement[far] < 0.99, agreement  # and not the base model's
+    hits = last_json(cli_in_process("search", str(job_file), by_id[ids[far]], "-k", "3", "--json").stdout)
+    assert hits[0]["doc_id"] == ids[far] and hits[0]["score"] > 0.999, hits  # the query is encoded by the
+    # version's (tuned) model, read from S3: the job file's own (the base) would score its own text below 0.99
+    # a folder rewritten in place is fetched again (the copy is keyed by its files' sizes and ETags), the old copy
+    # goes; an unchanged one is not fetched twice (above)
+    fs.pipe_file("reembed/tune-s3/vectors/_tuned/tuneslice-42/model/README.md", b"rewritten\n")
+    again = fetch_model(report["model_path"], options)
+    assert again != local_copy and (again / "README.md").read_text() == "rewritten\n" and not local_copy.exists()

@@ -57,6 +57,22 @@ def test_secrets_never_printed(job_file: Path) -> None:
     assert opts["secret"] == "very-secret-value"
 
 
+def test_a_model_on_object_storage_is_read_with_the_outputs_options(job_file: Path, monkeypatch) -> None:
+    """`reembed tune` writes a model under an s3:// output; its variant names it, and the actors that load it
+    (on any node) get the output's endpoint and credentials with the model settings, never through a manifest."""
+    monkeypatch.setenv("AWS_ENDPOINT_URL", "http://127.0.0.1:9")
+    monkeypatch.setenv("AWS_ACCESS_KEY_ID", "AKIAOUTPUT")
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "output-secret")
+    job = load_job(job_file, ["model.name=s3://bucket/vectors/_tuned/demo-42/model"])
+    options = job.model.storage_options
+    assert options is not None and options.endpoint_url == "http://127.0.0.1:9"
+    assert options.fsspec_kwargs("s3")["secret"] == "output-secret"
+    own = load_job(job_file, ["model.name=s3://other/model", "model.storage_options.endpoint_url=http://127.0.0.1:8"])
+    assert own.model.storage_options.endpoint_url == "http://127.0.0.1:8"  # its own, when given
+    assert load_job(job_file).model.storage_options is None  # a bundled or local model needs none
+    assert "output-secret" not in job.model_dump_json() and "output-secret" not in repr(job)
+
+
 def test_errors_name_the_key(job_file: Path) -> None:
     with pytest.raises(ConfigError, match="runtime.num_actors"):
         load_job(job_file, ["runtime.num_actors=zero"])
