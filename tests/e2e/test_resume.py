@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import last_json, no_actors, no_encoding, run_cli, write_jsonl
+from conftest import cli_in_process, last_json, no_actors, no_encoding, write_jsonl
 from reembed.flows.config import load_job
 from reembed.flows.run_flow import run_job
 from resume_helpers import (_assert_same, _indexed, _job, _kill_when, _markers, _points, _start,
@@ -62,13 +62,14 @@ def test_incremental_refresh_on_scifact(tmp_path, scifact_docs, ray_session) -> 
 
 
 @pytest.mark.parametrize(("after_markers", "engine"), [(None, "edge"), (1, "edge"), (5, "local")])
-def test_sigkill_of_the_flow_then_resume(tmp_path, kill_reference, after_markers, engine) -> None:
-    """Kill during start-up, after the first shard commits (Edge mid-upsert), and after five of eight (local mode)."""
+def test_sigkill_of_the_flow_then_resume(tmp_path, kill_reference, after_markers, engine, ray_address) -> None:
+    """Kill during start-up, after the first shard commits (Edge mid-upsert), and after five of eight (local mode).
+    The killed run is a console-script subprocess on the session Ray; the resume runs in this process."""
     docs, ref_vectors, ref_points = kill_reference
     write_jsonl(tmp_path / "corpus.jsonl", docs)
     job_path = _job(tmp_path, "killed", f"index: {{engine: {engine}}}\n")
     job = load_job(job_path)
-    proc = _start(job_path)
+    proc = _start(job_path, ray_address=ray_address)
     if after_markers is None:  # during start-up: once the run holds its lease, before any shard can commit
         _wait_for(tmp_path / "reembed-data" / "vectors" / "_leases" / "killed.json", proc)
         _kill_when(proc, lambda: True)
@@ -78,7 +79,7 @@ def test_sigkill_of_the_flow_then_resume(tmp_path, kill_reference, after_markers
     before = _markers(job)
     done_rows = sum(m["rows"] for m in before.values()
                     if (Path(m["part_uri"]).exists() and m.get("input_fingerprint")))
-    res = run_cli("run", str(job_path), "--json")
+    res = cli_in_process("run", str(job_path), "--json")
     assert res.returncode == 0, res.stderr[-3000:]
     summary = last_json(res.stdout)
     assert summary["encoded"] == len(docs) - done_rows, (summary, len(before))

@@ -8,7 +8,7 @@ import os
 import signal
 import time
 
-from conftest import last_json, run_cli, write_jsonl
+from conftest import cli_in_process, last_json, write_jsonl
 from reembed.flows.config import load_job
 from reembed.flows.run_flow import run_job
 from reembed.indexing.vector_store import VectorStore
@@ -38,7 +38,7 @@ def test_killing_a_ray_worker_mid_shard(tmp_path, kill_reference) -> None:
     _assert_same(_vectors(load_job(job_path)), ref_vectors)
 
 
-def test_sigkill_then_resume_on_s3(tmp_path, kill_reference, s3_server) -> None:
+def test_sigkill_then_resume_on_s3(tmp_path, kill_reference, s3_server, ray_address) -> None:
     import s3fs
 
     docs, ref_vectors, ref_points = kill_reference
@@ -57,11 +57,11 @@ def test_sigkill_then_resume_on_s3(tmp_path, kill_reference, s3_server) -> None:
         fs.invalidate_cache()
         return bool(fs.glob("reembed/killed-out/*/shards/*.json"))
 
-    _kill_when(_start(job_path), first_marker_on_s3, poll_s=0.2)
+    _kill_when(_start(job_path, ray_address=ray_address), first_marker_on_s3, poll_s=0.2)
     fs.invalidate_cache()
     killed = fs.glob("reembed/killed-out/*/shards/*.json")
     assert killed, "no shard finished before the kill: the resume would test nothing"
-    res = run_cli("run", str(job_path), "--json")
+    res = cli_in_process("run", str(job_path), "--json")
     assert res.returncode == 0, res.stderr[-3000:]
     summary = last_json(res.stdout)
     assert summary["points"] == summary["vector_rows"] == len(docs)
@@ -71,14 +71,15 @@ def test_sigkill_then_resume_on_s3(tmp_path, kill_reference, s3_server) -> None:
     _assert_same(_vectors(job), ref_vectors)
 
 
-def test_sigkill_during_a_refresh_upsert_then_rerun_heals_the_collection(tmp_path, kill_reference) -> None:
+def test_sigkill_during_a_refresh_upsert_then_rerun_heals_the_collection(tmp_path, kill_reference,
+                                                                        ray_address) -> None:
     """A refresh killed after its first shard's points reached the live collection leaves ``writing.json``;
     the re-run trusts nothing about the collection, compares its ids in full, and ends equal to a clean build."""
     docs = [dict(d) for d in kill_reference[0]]
     write_jsonl(tmp_path / "live" / "corpus.jsonl", docs)
     job_path = _job(tmp_path / "live", "refreshed")
     job = load_job(job_path)
-    first = run_cli("run", str(job_path), "--json")
+    first = cli_in_process("run", str(job_path), "--json")
     assert first.returncode == 0, first.stderr[-3000:]
     for i in range(3, len(docs), 12):  # two or three edits in every shard of 25
         docs[i]["text"] += " (edited)"
@@ -86,12 +87,12 @@ def test_sigkill_during_a_refresh_upsert_then_rerun_heals_the_collection(tmp_pat
     old = {k: m["input_fingerprint"] for k, m in _markers(job).items()}
     store = VectorStore(job.output.uri, job.collection_name(384))
 
-    _kill_when(_start(job_path), lambda: any(  # once a re-embedded shard's points are upserted
+    _kill_when(_start(job_path, ray_address=ray_address), lambda: any(  # once a re-embedded shard's points are upserted
         m["stage"] == "indexed" and m["input_fingerprint"] != old.get(k) for k, m in _markers(job).items()),
         poll_s=0.02, what="refresh")
     assert store.writing() is not None, "killed after the commit: the trial tested nothing"
 
-    res = run_cli("run", str(job_path), "--json")
+    res = cli_in_process("run", str(job_path), "--json")
     assert res.returncode == 0, res.stderr[-3000:]
     summary = last_json(res.stdout)
     assert summary["points"] == summary["vector_rows"] == len(docs) and summary["encoded"] < len(docs), summary

@@ -12,7 +12,7 @@ from reembed.indexing.index import open_index
 from resume_helpers import _assert_same, _job, _kill_group, _points, _start, _vectors, _wait_for
 
 
-def test_two_runs_of_one_job_at_once(tmp_path, kill_reference) -> None:
+def test_two_runs_of_one_job_at_once(tmp_path, kill_reference, ray_address) -> None:
     """The first holds the lease; a second without --wait exits 3 naming it; a third waits, then finds nothing
     to do; the run log holds both runs that ran and the refused one as skipped; the index equals a single clean
     run."""
@@ -20,10 +20,10 @@ def test_two_runs_of_one_job_at_once(tmp_path, kill_reference) -> None:
     write_jsonl(tmp_path / "corpus.jsonl", docs)
     job_path = _job(tmp_path, "killed")
     job = load_job(job_path)
-    first = _start(job_path)
+    first = _start(job_path, ray_address=ray_address)
     _wait_for(tmp_path / "reembed-data" / "vectors" / "_leases" / "killed.json", first)
-    waiting = _start(job_path, "--wait", "600")
-    refused = run_cli("run", str(job_path), "--json")
+    waiting = _start(job_path, "--wait", "600", ray_address=ray_address)
+    refused = cli_in_process("run", str(job_path), "--json")
     assert refused.returncode == 3, refused.stderr[-3000:]
     assert "another run of job 'killed' is in progress: reembed run on" in refused.stderr
     assert first.wait(600) == 0
@@ -49,29 +49,29 @@ def test_two_runs_of_one_job_at_once(tmp_path, kill_reference) -> None:
     assert status["last_run_status"] == "up-to-date" and 0 <= status["last_success_age_s"] < 600
 
     (tmp_path / "corpus.jsonl").rename(tmp_path / "moved.jsonl")  # a failed run is recorded too
-    failed = run_cli("run", str(job_path))
+    failed = cli_in_process("run", str(job_path))
     assert failed.returncode == 2
     last = last_json(cli_in_process("history", str(job_path), "--json", "--limit", "1").stdout)
     assert [r["status"] for r in last] == ["failed"] and "corpus.jsonl" in last[0]["error"]
 
 
-def test_the_lease_of_a_sigkilled_run_is_taken_over_after_it_expires(tmp_path, kill_reference) -> None:
+def test_the_lease_of_a_sigkilled_run_is_taken_over_after_it_expires(tmp_path, kill_reference, ray_address) -> None:
     docs, ref_vectors, ref_points = kill_reference
     write_jsonl(tmp_path / "corpus.jsonl", docs)
     job_path = _job(tmp_path, "killed", "lease: {ttl: 15}\n")
     job = load_job(job_path)
-    proc = _start(job_path)
+    proc = _start(job_path, ray_address=ray_address)
     lease = tmp_path / "reembed-data" / "vectors" / "_leases" / "killed.json"
     _wait_for(lease, proc)
     time.sleep(2)
     _kill_group(proc)
     held = json.loads(lease.read_text())  # as if it ran on another worker host: only expiry can free it
     lease.write_text(json.dumps({**held, "holder": "another-host:" + held["holder"].rsplit(":", 1)[1]}))
-    refused = run_cli("run", str(job_path))
+    refused = cli_in_process("run", str(job_path))
     assert refused.returncode == 3 and "another run of job 'killed' is in progress" in refused.stderr
     runs = last_json(cli_in_process("history", str(job_path), "--json").stdout)
     assert [r["status"] for r in runs] == ["interrupted", "skipped"]  # the killed run's process is gone
-    res = run_cli("run", str(job_path), "--json", "--wait", "120")
+    res = run_cli("run", str(job_path), "--json", "--wait", "120", "--set", f"runtime.ray_address={ray_address}")
     assert res.returncode == 0, res.stderr[-3000:]  # it got the lease within --wait (exit 3 otherwise)
     assert "taking over the expired lease" in res.stderr
     took_over = last_json(cli_in_process("history", str(job_path), "--json", "--limit", "1").stdout)[0]
