@@ -126,24 +126,32 @@ def test_on_a_ray_cluster_tune_trains_as_a_ray_train_job(slice_job, tmp_path, ra
     """With `runtime.ray_address` set, training runs as a Ray Train TorchTrainer on that cluster (one CPU
     worker: the session Ray has no GPU) and the model comes back to --out; the same seed gives the validation
     scores of an in-process tune."""
+    import torch
+
     local = _tune(slice_job, tmp_path / "local")
     on_ray = _tune(slice_job, tmp_path / "ray", "--set", f"runtime.ray_address={ray_address}")
     assert (local["trained_on"], on_ray["trained_on"]) == ("in-process", "ray-train")
     assert on_ray["workers"] == 1 and on_ray["device"] == "cpu"
-    assert on_ray["val_scores"] == pytest.approx(local["val_scores"], abs=0.001), (local, on_ray)
+    # The same recipe, not the same bits: a one-CPU Ray worker and this process do not train bit for bit alike
+    # (measured: weights apart by 14-37% of how far they moved, validation nDCG@10 of this near-random tiny model
+    # apart by up to 0.0015), so the check is on what the worker trained, by its direction.
+    assert on_ray["val_scores"] == pytest.approx(local["val_scores"], abs=0.005), (local, on_ray)
     assert on_ray["base_val_score"] == pytest.approx(local["base_val_score"], abs=0.001), (local, on_ray)
     model = Path(on_ray["model_path"])
     assert (model / "modules.json").exists() and json.loads((model / "reembed_tune.json").read_text()) == on_ray
     assert not (tmp_path / "ray" / "ray-train").exists()  # Ray Train's checkpoints are not left behind
-    # The worker trained what the in-process tune trained: weights that moved from the base model's, to within
-    # float noise of the in-process ones (its torch runs one thread where this process runs two).
+    # The worker trained what the in-process tune trained: its weights moved from the base model's, in the
+    # direction the in-process tune moved them (the cosine of the two updates over every weight: 0.996-0.997
+    # measured; an in-process tune with another seed, same data, gives 0.25-0.34).
     from safetensors.torch import load_file
 
     weights = {k: load_file(Path(r["model_path"]) / "model.safetensors") for k, r in (("local", local), ("ray", on_ray))}
     base = load_file(Path(local["base_model"]) / "model.safetensors")
-    moved = max((weights["local"][k] - base[k]).abs().max().item() for k in base)
-    apart = max((weights["local"][k] - weights["ray"][k]).abs().max().item() for k in base)
-    assert moved > 1e-5 and apart < moved / 3, (moved, apart, local["val_scores"], on_ray["val_scores"])
+    update = {k: torch.cat([(w[n] - base[n]).flatten() for n in sorted(base)]) for k, w in weights.items()}
+    moved = {k: u.abs().max().item() for k, u in update.items()}
+    agree = torch.nn.functional.cosine_similarity(update["local"], update["ray"], dim=0).item()
+    print(f"weights moved {moved}, updates' cosine {agree:.3f}")
+    assert min(moved.values()) > 1e-5 and agree > 0.9, (moved, agree, local["val_scores"], on_ray["val_scores"])
 
 
 def test_on_object_storage_the_tuned_model_goes_there_and_the_backfill_reads_it(slice_job, tmp_path, s3_server,
