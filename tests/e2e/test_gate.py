@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import csv
 import json
+import shutil
 from pathlib import Path
 
 import pytest
@@ -38,26 +39,49 @@ def _random_model(folder: Path) -> Path:
     return folder / "random-st"
 
 
-@pytest.fixture()
-def gated_job(tmp_path, scifact_docs):
+def _write_gated_job(folder: Path, scifact_docs: list[dict]) -> Path:
+    """The first 300 SciFact documents, the test qrels of those among them, and a job gated on them."""
     docs = scifact_docs[:300]
     ids = {d["_id"] for d in docs}
-    write_jsonl(tmp_path / "corpus.jsonl", docs)
+    write_jsonl(folder / "corpus.jsonl", docs)
     with (SCIFACT / "qrels" / "test.tsv").open(encoding="utf-8", newline="") as fh:
         rows = [r for r in csv.reader(fh, delimiter="\t")][1:]
     kept = [r for r in rows if r[1].strip() in ids]
     assert len(kept) >= 10
-    (tmp_path / "qrels.tsv").write_text("query-id\tcorpus-id\tscore\n" + "".join("\t".join(r).strip() + "\n" for r in kept))
-    (tmp_path / "job.yaml").write_text(
+    (folder / "qrels.tsv").write_text("query-id\tcorpus-id\tscore\n" + "".join("\t".join(r).strip() + "\n" for r in kept))
+    (folder / "job.yaml").write_text(
         "name: gated\ncorpus: {uri: corpus.jsonl, id: _id, text: '{title} {text}'}\n"
         f"gate: {{queries: '{SCIFACT / 'queries.jsonl'}', qrels: qrels.tsv, metric: ndcg@10, tolerance: 0.02}}\n"
     )
-    return tmp_path / "job.yaml"
+    return folder / "job.yaml"
+
+
+@pytest.fixture(scope="module")
+def good_runs(tmp_path_factory, scifact_docs, ray_session):
+    """The good model's first run of the gated job, one per index engine, built when a test first asks for it:
+    the folder (corpus, job, vectors, index) and the run's summary. Tests copy the folder before running in it."""
+    built: dict[str, tuple[Path, object]] = {}
+
+    def good_run(engine: str) -> tuple[Path, object]:
+        if engine not in built:
+            job = _write_gated_job(tmp_path_factory.mktemp(f"gated-{engine}"), scifact_docs)
+            built[engine] = (job.parent, run_job(load_job(job, [f"index.engine={engine}"])))
+        return built[engine]
+
+    return good_run
+
+
+def _live_copy(good_runs, engine: str, tmp_path: Path):
+    """A copy of the good run's folder for one test (its alias is live on the good model's version), its job
+    file and the good run's summary."""
+    folder, summary = good_runs(engine)
+    shutil.copytree(folder, tmp_path / "gated")
+    return tmp_path / "gated" / "job.yaml", summary
 
 
 @pytest.mark.parametrize("engine", ["edge", "local"])
-def test_gate_blocks_a_worse_model_and_force_overrides(gated_job, ray_session, engine) -> None:
-    good = run_job(load_job(gated_job, [f"index.engine={engine}"]))
+def test_gate_blocks_a_worse_model_and_force_overrides(good_runs, tmp_path, engine) -> None:
+    gated_job, good = _live_copy(good_runs, engine, tmp_path)
     assert good.gate is None  # nothing live yet: nothing to compare with
     bad_model = _random_model(gated_job.parent)
     bad_job = load_job(gated_job, [f"model.name={bad_model}", f"index.engine={engine}"])
@@ -91,10 +115,10 @@ def test_gate_blocks_a_worse_model_and_force_overrides(gated_job, ray_session, e
         assert index.alias_target("gated") == forced.collection == gate.new
 
 
-def test_gate_lets_an_equal_model_through(gated_job, ray_session) -> None:
-    good = run_job(load_job(gated_job))
-    near = run_job(load_job(gated_job, ["model.max_seq_length=255"]))
+def test_gate_lets_an_equal_model_through(good_runs, tmp_path) -> None:
+    gated_job, good = _live_copy(good_runs, "edge", tmp_path)
+    near = run_job(load_job(gated_job, ["model.max_seq_length=255", "index.engine=edge"]))
     assert near.collection != good.collection
     assert near.gate.passed and abs(near.gate.new_score - near.gate.live_score) < 0.02
-    with open_index(load_job(gated_job).index) as index:
+    with open_index(load_job(gated_job, ["index.engine=edge"]).index) as index:
         assert index.alias_target("gated") == near.collection
