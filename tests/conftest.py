@@ -20,7 +20,10 @@ ROOT = Path(__file__).resolve().parents[1]
 DATASETS = ROOT.parent / "shared" / "datasets"
 SCIFACT = DATASETS / "scifact"
 
-# Prefect runs without a server: each process starts its own temporary one on a throwaway home.
+# Prefect runs without a server: each process starts its own temporary one on a throwaway home (an xdist
+# worker too: it would otherwise inherit its controller's home and share one database with the other worker).
+if os.environ.get("PYTEST_XDIST_WORKER"):
+    os.environ["PREFECT_HOME"] = tempfile.mkdtemp(prefix="reembed-prefect-")
 os.environ.setdefault("PREFECT_HOME", tempfile.mkdtemp(prefix="reembed-prefect-"))
 os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
 os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "120")  # first start migrates its database
@@ -33,85 +36,32 @@ os.environ.setdefault("REEMBED_RUNTIME__RAY_INIT_TIMEOUT", "600")
 
 @pytest.hookimpl(tryfirst=True)
 def pytest_cmdline_main(config: pytest.Config) -> None:
-    """The README's test command (`pytest tests`), `pytest tests/e2e` and the unit loop (a bare `pytest`, which
-    runs tests/unit) run on two pytest-xdist workers (``REEMBED_TEST_WORKERS``, default 2) unless ``-n`` says
-    otherwise (``-n 0``: one process); a run of named modules or tests stays in one process."""
+    """The unit loop (a bare `pytest`, or `pytest tests/unit`) runs on two pytest-xdist workers, a module per
+    work unit (``REEMBED_TEST_WORKERS``, default 2; ``-n`` given wins, ``-n 0`` is one process): it waits more
+    than it computes (lease expiries, a hub that never answers, imports), 60 s in one process, about 45 on two.
+    The whole suite (`pytest tests`) stays in one process: it is CPU-bound, and two workers made it no faster
+    but 40% more CPU-hungry (docs/testing.md)."""
     if getattr(config.option, "numprocesses", "no xdist") is not None or hasattr(config, "workerinput"):
         return
-    whole = {ROOT / "tests", ROOT / "tests" / "e2e", ROOT / "tests" / "unit"}
     base = config.rootpath if config.args_source == pytest.Config.ArgsSource.TESTPATHS else config.invocation_params.dir
-    if any((base / arg.split("::")[0]).resolve() in whole for arg in config.args):
+    if config.args and all((base / arg).resolve() == ROOT / "tests" / "unit" for arg in config.args):
         workers = int(os.environ.get("REEMBED_TEST_WORKERS", "2"))
         config.option.numprocesses = workers
         if workers:
-            config.option.dist = "loadgroup"
-
-
-# The whole suite runs on two pytest-xdist workers (`pytest_cmdline_main` above): one
-# works while the other waits for a cron minute, a server or a cluster. A work unit is a module (its module
-# fixtures are built once), except where modules read one session fixture: those go to one worker together.
-_SHARED_GROUPS = {
-    "test_resume.py": "kill_reference", "test_resume_faults.py": "kill_reference",
-    "test_resume_lease.py": "kill_reference",
-    "test_e2e_scifact.py": "scifact_full", "test_quality.py": "scifact_full",
-}
-# The longest units first (wall seconds in one process at 84d0c87, docs/testing.md), so that no long one starts
-# last while the other worker idles; the rest keep their collection order.
-_LONGEST_FIRST = ["test_s3_and_cluster.py", "kill_reference", "test_tune_loop.py", "scifact_full",
-                  "test_schedule.py", "test_faults.py", "test_versions.py", "test_gate.py", "test_cli.py",
-                  "test_bench.py", "test_tune.py", "test_bad_input.py"]
-
-
-def _group(item: pytest.Item) -> str:
-    name = Path(str(item.fspath)).name
-    return _SHARED_GROUPS.get(name, name)
+            config.option.dist = "loadfile"
 
 
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
-    """Everything under tests/e2e is slow (it starts Ray, Prefect, S3 or a subprocess run); tests/unit is not.
-    Each test gets its work unit (``xdist_group``) and the longest units come first."""
+    """Everything under tests/e2e is slow (it starts Ray, Prefect, S3 or a subprocess run); tests/unit is not."""
     e2e = Path(__file__).parent / "e2e"
     for item in items:
         if e2e in Path(str(item.fspath)).parents:
             item.add_marker(pytest.mark.slow)
-        if item.get_closest_marker("xdist_group") is None:
-            item.add_marker(pytest.mark.xdist_group(_group(item)))
-    rank = {group: i for i, group in enumerate(_LONGEST_FIRST)}
-    items.sort(key=lambda item: rank.get(_group(item), len(rank)))  # stable: the rest keep their order
-
-
-def _tree_cpu_seconds() -> float | None:
-    """CPU seconds (user + system) of this pytest process and every live process below it, each with the
-    children it has reaped: its Ray (GCS, raylet, workers), the servers and subprocess runs it started. Per
-    process, so two xdist workers each count their own; a process orphaned by a kill is no longer counted."""
-    try:
-        entries = [e for e in os.scandir("/proc") if e.name.isdigit()]
-    except OSError:  # not Linux
-        return None
-    parent: dict[int, int] = {}
-    ticks: dict[int, int] = {}
-    for entry in entries:
-        try:
-            with open(f"/proc/{entry.name}/stat") as fh:
-                fields = fh.read().rsplit(")", 1)[1].split()
-        except (OSError, IndexError):  # exited meanwhile
-            continue
-        pid = int(entry.name)
-        parent[pid] = int(fields[1])
-        ticks[pid] = sum(int(v) for v in fields[11:15])  # utime, stime, cutime, cstime
-    children: dict[int, list[int]] = {}
-    for pid, ppid in parent.items():
-        children.setdefault(ppid, []).append(pid)
-    total, todo = 0, [os.getpid()]
-    while todo:
-        pid = todo.pop()
-        total += ticks.get(pid, 0)
-        todo.extend(children.get(pid, []))
-    return total / os.sysconf("SC_CLK_TCK")
 
 
 def _machine_cpu_seconds() -> float | None:
-    """CPU seconds the whole machine has spent busy (user + system, all cores) since boot."""
+    """CPU seconds the whole machine has spent busy (user + system, all cores) since boot: a test's cost counts
+    the Ray workers, servers and subprocesses it keeps busy, which the pytest process's own clock misses."""
     try:
         with open("/proc/stat") as fh:
             ticks = [int(v) for v in fh.readline().split()[1:]]
@@ -122,71 +72,33 @@ def _machine_cpu_seconds() -> float | None:
 
 _CPU_BY_TEST: dict[str, float] = {}
 _WALL_BY_TEST: dict[str, float] = {}
-_SESSION_START: dict[str, float | None] = {}
-_STARTED = pytest.StashKey[tuple]()
-_CALLED = pytest.StashKey[float | None]()
-
-
-def pytest_sessionstart(session: pytest.Session) -> None:
-    _SESSION_START.update(wall=time.monotonic(), cpu=_machine_cpu_seconds())
 
 
 @pytest.hookimpl(wrapper=True)
 def pytest_runtest_protocol(item: pytest.Item, nextitem):
-    """Time each test from setup to teardown, in wall seconds and in its process tree's CPU seconds, so the
-    lists at the end show what to make cheaper (wall time alone hides it: a test that waits for a cron minute
-    costs little, one that encodes a corpus keeps both cores busy)."""
-    item.stash[_STARTED] = (time.monotonic(), _tree_cpu_seconds(), nextitem is None)
-    return (yield)
-
-
-@pytest.hookimpl(wrapper=True)
-def pytest_runtest_makereport(item: pytest.Item, call):
-    """The teardown report carries the test's figures (``user_properties``), so they reach the xdist
-    controller, which prints them."""
-    report = yield
-    if call.when == "call":
-        item.stash[_CALLED] = _tree_cpu_seconds()
-    if call.when == "teardown" and _STARTED in item.stash:
-        started, cpu, last = item.stash[_STARTED]
-        # The last test's teardown also ends the session's Ray, whose workers die orphaned: their CPU leaves
-        # the tree uncounted, so that test is counted up to the end of its call.
-        now = item.stash.get(_CALLED, None) if last else _tree_cpu_seconds()
-        report.user_properties.append(("wall_s", round(time.monotonic() - started, 1)))
-        if cpu is not None and now is not None:
-            report.user_properties.append(("cpu_s", round(now - cpu, 1)))
-    return report
-
-
-def pytest_runtest_logreport(report: pytest.TestReport) -> None:
-    if report.when == "teardown":
-        figures = dict(report.user_properties)
-        if "wall_s" in figures:
-            _WALL_BY_TEST[report.nodeid] = figures["wall_s"]
-        if "cpu_s" in figures:
-            _CPU_BY_TEST[report.nodeid] = figures["cpu_s"]
+    """Keep the machine's CPU seconds over each test (setup to teardown), so the list at the end shows what to
+    make cheaper (wall time alone hides it: half the suite waits while the other half computes)."""
+    start, started = _machine_cpu_seconds(), time.monotonic()
+    try:
+        return (yield)
+    finally:
+        end = _machine_cpu_seconds()
+        _WALL_BY_TEST[item.nodeid] = round(time.monotonic() - started, 1)
+        if start is not None and end is not None:
+            _CPU_BY_TEST[item.nodeid] = round(end - start, 1)
 
 
 def pytest_terminal_summary(terminalreporter) -> None:
-    """The 15 tests that kept their process trees busiest, beside pytest's ``--durations``, and how busy the
-    whole machine was over the session (the figure that says whether more workers could help)."""
+    """The 15 tests that kept the machine busiest, beside pytest's ``--durations``."""
     if not _CPU_BY_TEST:
         return
-    terminalreporter.write_sep("=", "CPU seconds per test (its pytest process tree, setup to teardown), 15 highest")
+    terminalreporter.write_sep("=", "machine CPU seconds per test (setup to teardown), 15 highest")
     for nodeid, cpu in sorted(_CPU_BY_TEST.items(), key=lambda kv: -kv[1])[:15]:
         terminalreporter.write_line(f"{cpu:8.1f}s  {nodeid}")
     terminalreporter.write_line(f"{sum(_CPU_BY_TEST.values()):8.1f}s  in all {len(_CPU_BY_TEST)} tests")
-    start, now = _SESSION_START.get("cpu"), _machine_cpu_seconds()
-    wall = time.monotonic() - _SESSION_START.get("wall", time.monotonic())
-    if start is not None and now is not None and wall > 0:
-        busy = now - start
-        terminalreporter.write_line(f"the machine: {busy:.0f} CPU-s busy in {wall:.0f} s of wall time, "
-                                    f"{busy / wall / (os.cpu_count() or 1):.0%} of its {os.cpu_count()} cores")
     report = os.environ.get("REEMBED_TEST_CPU_REPORT")
-    if report:  # every test's CPU and wall seconds, for docs/testing.md's table of parts
-        Path(report).write_text(json.dumps({"cpu_s": _CPU_BY_TEST, "wall_s": _WALL_BY_TEST,
-                                            "machine_cpu_s": None if start is None or now is None
-                                            else round(now - start), "wall_s_total": round(wall)}, indent=1))
+    if report:  # every test's machine CPU seconds and wall seconds, for docs/testing.md's table of parts
+        Path(report).write_text(json.dumps({"cpu_s": _CPU_BY_TEST, "wall_s": _WALL_BY_TEST}, indent=1))
         terminalreporter.write_line(f"every test's CPU and wall seconds: {report}")
 
 
