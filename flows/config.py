@@ -119,9 +119,10 @@ class RuntimeSettings(BaseModel):
         5, gt=0, description="seconds between progress reports (actors to the driver, and log lines when not a terminal)")
     keep_actors: bool = Field(
         False,
-        description="after a run, keep its embedding actors loaded for the next run in the same process with the "
-        "same model and resources (a notebook, a service calling run_job, a test session); only where that process's "
-        "Ray outlives the run; parked actors hold their Ray resources until reused or released",
+        description="after a run, keep its embedding actors loaded for the next run in the same process on the "
+        "same resources (a notebook, a service calling run_job, a test session), which loads its own model in them "
+        "where it differs; only where that process's Ray outlives the run; parked actors hold their Ray resources "
+        "until reused or released",
     )
 
 

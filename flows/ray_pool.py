@@ -6,6 +6,7 @@ spread over the cluster's nodes. Only shard descriptions (URIs) go in and counts
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import os
 import queue
@@ -98,7 +99,8 @@ def gpu_actor_cpus(nodes: list[dict[str, Any]], gpus_per_actor: float) -> int:
 
 @dataclass
 class _Parked:
-    """Actors a ``runtime.keep_actors`` run left loaded, and what they were started for."""
+    """Actors a ``runtime.keep_actors`` run left loaded, and the seat they were started for (Ray job, resources,
+    threads, slots); the model they hold can change (``EmbedWorker.load``)."""
 
     key: tuple
     actors: list[Any]
@@ -129,6 +131,11 @@ def _model_stamp(job: JobConfig) -> tuple:
                         for f in root.rglob("*") if f.is_file()))
 
 
+def model_key(job: JobConfig) -> str:
+    """What an actor's loaded model must match: the model settings and each model file's path, size and mtime."""
+    return hashlib.sha256(repr((job.model.model_dump_json(), _model_stamp(job))).encode()).hexdigest()[:16]
+
+
 def _take_parked(key: tuple, need: int, exact: bool) -> list[Any] | None:
     """The parked actors when they were started for ``key`` and are ``need`` of them, or at least that many
     unless ``exact`` (``runtime.num_actors`` asked for a number; otherwise a pool with fewer shards than actors
@@ -140,7 +147,7 @@ def _take_parked(key: tuple, need: int, exact: bool) -> list[Any] | None:
     if parked.key == key and (len(parked.actors) == need if exact else len(parked.actors) >= need):
         return parked.actors
     _kill(parked.actors)
-    logger.info("released %d parked embedding actor(s) started for another model or resources", len(parked.actors))
+    logger.info("released %d parked embedding actor(s) started for other resources", len(parked.actors))
     return None
 
 
@@ -188,7 +195,10 @@ class ActorPool:
 
     Starting an actor costs seconds (importing torch and transformers, loading the model): with
     ``runtime.keep_actors`` a pool adopts the actors the previous pool in this process parked when they were
-    started for the same Ray job, model files, settings and resources.
+    started for the same Ray job and resources; one that holds another model loads this pool's in place
+    (its process, with torch and transformers imported, stays). Every shard names the model its actor must
+    hold (``ShardTask.model_key``), so an actor Ray restarted with the model it was first built for loads the
+    right one again before it encodes.
     """
 
     def __init__(self, job: JobConfig, max_actors: int) -> None:
@@ -222,6 +232,8 @@ class ActorPool:
         self.keep = rt.keep_actors
         self._gone: set[int] = set()  # actors that died and did not come back
         self._actor_cls, self._model, self._threads, self._per_actor = actor_cls, job.model, threads, slots
+        self.model_key = model_key(job)
+        self.ready_timeout = rt.ray_init_timeout
         self._options = options
         self._lock = threading.Lock()
         self._open = True  # False once shut down: a replacement that loads later is killed, not lent out
@@ -233,14 +245,13 @@ class ActorPool:
         self._restarted = False  # an actor died (and came back, or not): its restart budget is spent, not kept
         parked = None
         if self.keep:  # what parked actors must have been started for to serve this pool: the same Ray job,
-            # model (settings and files), resources and threads
-            self.key = (ray.get_runtime_context().get_job_id(), job.model.model_dump_json(), _model_stamp(job),
-                        tuple(sorted(options.items())), slots, threads)
+            # resources, threads and slots (the model they hold is loaded in place when it differs)
+            self.key = (ray.get_runtime_context().get_job_id(), tuple(sorted(options.items())), slots, threads)
             parked = _take_parked(self.key, n, exact=rt.num_actors is not None)
         infos = self._reuse(parked) if parked is not None else None
         reused = infos is not None
         if infos is None:
-            self.actors = [actor_cls.remote(job.model, threads) for _ in range(n)]
+            self.actors = [actor_cls.remote(job.model, threads, self.model_key) for _ in range(n)]
             try:
                 infos = ray.get([a.ready.remote() for a in self.actors], timeout=rt.ray_init_timeout)
             except Exception as exc:
@@ -249,7 +260,6 @@ class ActorPool:
         self.infos: list[ActorInfo] = infos
         n = len(self.actors)
         self.dim = self.infos[0].dim
-        self.ready_timeout = rt.ray_init_timeout
         self.slots = slots * n  # shards in flight at once: the flow sizes its task runner from this one number
         self._idle: queue.Queue = queue.Queue()
         for _ in range(slots):  # an actor is lent out once per slot: that many shards run in it at once
@@ -260,12 +270,12 @@ class ActorPool:
                     "GPU" if use_gpu else "CPU", slots, len({i.node for i in self.infos}))
 
     def _reuse(self, parked: list[Any]) -> list[ActorInfo] | None:
-        """Adopt parked actors once each answers (a quick call: their model is loaded); None, and they are
-        killed, when one does not."""
+        """Adopt parked actors once each holds this pool's model (loaded in place where it held another);
+        None, and they are killed, when one does not answer or cannot load it."""
         import ray
 
         try:
-            infos = ray.get([a.ready.remote() for a in parked], timeout=30)
+            infos = ray.get([a.load.remote(self._model, self.model_key) for a in parked], timeout=self.ready_timeout)
         except Exception as exc:
             logger.warning("parked embedding actors did not answer (%s: %s); starting new ones",
                            type(exc).__name__, exc)
@@ -280,6 +290,7 @@ class ActorPool:
         actor = self._borrow()
         usable = True
         try:
+            task = task.model_copy(update={"model": self._model, "model_key": self.model_key})
             return ray.get(actor.process_shard.remote(task, board))
         except ray.exceptions.RayTaskError as exc:
             # Surface the worker's own exception (e.g. CorpusError), not Ray's wrapper with a remote traceback.
@@ -330,7 +341,7 @@ class ActorPool:
         import ray
 
         try:
-            ray.get(actor.ready.remote(), timeout=self.ready_timeout)
+            ray.get(actor.load.remote(self._model, self.model_key), timeout=self.ready_timeout)
             logger.warning("an embedding actor was restarted; it takes shards again")
             return True
         except Exception as exc:  # gone for good: the other actors take its shards
@@ -356,7 +367,7 @@ class ActorPool:
             self._gone.add(id(actor))
             self.lost += 1
             left = len(self.actors) - len(self._gone)
-            new = self._actor_cls.remote(self._model, self._threads)
+            new = self._actor_cls.remote(self._model, self._threads, self.model_key)
             self._pending.append(new)
         _kill([actor])
         logger.warning("an embedding actor %s; carrying on with %d, and starting a replacement (%s)",

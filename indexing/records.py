@@ -20,7 +20,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationIn
 
 from reembed.indexing.corpus import CorpusSettings, Shard
 from reembed.indexing.storage import StorageOptions
-from reembed.workers.settings import ChunkingSettings
+from reembed.workers.settings import ChunkingSettings, ModelSettings
 
 logger = logging.getLogger(__name__)
 
@@ -112,6 +112,9 @@ class ShardTask(Record):
     reuse_since: str | None = None  # ``finished_at`` of the manifest that named ``reuse_uris``
     progress_seconds: float = 1.0
     lease: LeaseFence | None = None  # None: no lease to check (a worker called outside a run)
+    # The model the pool's actors must hold for this shard (set by the pool): an actor holding another loads it
+    model: ModelSettings | None = None
+    model_key: str | None = None
 
 
 class ActorInfo(Record):
@@ -121,6 +124,7 @@ class ActorInfo(Record):
     model: str
     node: str | None
     pid: int
+    model_key: str | None = None  # which model settings and files it holds (the pool's key for them)
 
 
 class ShardResult(Record):

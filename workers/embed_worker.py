@@ -7,9 +7,11 @@ file, and return a ``ShardResult`` (counts and URIs, never vectors).
 
 from __future__ import annotations
 
+import gc
 import logging
 import os
 import socket
+import threading
 import time
 from dataclasses import dataclass
 from typing import Any, NamedTuple
@@ -45,19 +47,45 @@ _ABSENT = object()  # a compared column the old part lacks: equal to nothing, so
 class EmbedWorker:
     """Load the model once; embed Arrow batches and whole shards with it."""
 
-    def __init__(self, model: ModelSettings, cpu_threads: int | None = None) -> None:
-        self.encoder = Encoder(model, cpu_threads=cpu_threads)
+    def __init__(self, model: ModelSettings, cpu_threads: int | None = None, model_key: str | None = None) -> None:
+        self.cpu_threads = cpu_threads
+        self._loading = threading.Lock()
+        self.metrics = None
+        self._load(model, model_key)
+
+    def _load(self, model: ModelSettings, model_key: str | None) -> None:
+        self.encoder = None  # the old weights go before the new ones load (a GPU holds one model at a time)
+        gc.collect()
+        self.encoder = Encoder(model, cpu_threads=self.cpu_threads)
+        self.model_key = model_key
         self.model_id = self.encoder.profile.model_id
         self.dim = self.encoder.dim
-        self.metrics = actor_metrics(self.model_id, self.encoder.device)  # None outside a Ray actor
+        if self.metrics is None:
+            self.metrics = actor_metrics(self.model_id, self.encoder.device)  # None outside a Ray actor
+        else:  # one set of Ray metrics per process; its series are labelled with the model now loaded
+            self.metrics.tags = {"model": self.model_id}
+
+    def load(self, model: ModelSettings, model_key: str) -> ActorInfo:
+        """Hold the model ``model_key`` names, loading it in place of the one held if it differs: a parked
+        actor adopted by a run of another model keeps its process (torch and transformers already imported,
+        seconds saved) and only its weights change."""
+        with self._loading:
+            if model_key != self.model_key:
+                logger.info("loading %s in place of %s", model.name, self.model_id)
+                self._load(model, model_key)
+        return self.ready()
 
     def ready(self) -> ActorInfo:
         """Cheap call the flow uses to wait until the model is loaded, and to learn where the actor lives."""
-        return ActorInfo(dim=self.dim, model=self.model_id, node=_node_id(), pid=os.getpid())
+        return ActorInfo(dim=self.dim, model=self.model_id, node=_node_id(), pid=os.getpid(), model_key=self.model_key)
 
     def process_shard(self, task: ShardTask, progress: Any | None = None) -> ShardResult:
         """Read, embed and write one shard. ``progress`` (a Ray actor handle with ``update``) hears how many
         of the shard's input rows are done, at most every ``task.progress_seconds`` and once at the end."""
+        if task.model is not None and task.model_key is not None:
+            # The model the pool expects, always: Ray restarts a dead actor with the model it was first built
+            # for, which may not be the one it held since (``load``).
+            self.load(task.model, task.model_key)
         start = time.perf_counter()
         shard, chunking = task.shard, task.chunking
         report = _Reporter(progress, shard.shard_id, task.progress_seconds)

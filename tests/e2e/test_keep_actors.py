@@ -1,5 +1,6 @@
 """``runtime.keep_actors``: a run's embedding actors stay loaded for the next in-process run that needs the same
-ones, are replaced when the model, its files or the resources differ, and are killed without the setting."""
+resources, load another model (or a model folder rewritten in place) in their own process, are replaced when the
+resources differ, and are killed without the setting."""
 
 from __future__ import annotations
 
@@ -7,10 +8,12 @@ import os
 import time
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 import tiny_models
 from conftest import write_jsonl
+from resume_helpers import _vectors
 from reembed.flows import ray_pool
 from reembed.flows.config import load_job
 from reembed.flows.run_flow import run_job
@@ -18,12 +21,12 @@ from reembed.flows.run_flow import run_job
 DOCS = [{"id": f"d{i}", "text": f"Document {i} is about bread, tides and bees number {i}."} for i in range(8)]
 
 
-def _job(folder: Path, model: Path, keep: bool, name: str = "keep") -> object:
+def _job(folder: Path, model: Path, keep: bool, name: str = "keep", sets: tuple[str, ...] = ()) -> object:
     write_jsonl(folder / "corpus.jsonl", DOCS)
     (folder / "job.yaml").write_text(
         f"name: {name}\ncorpus: {{uri: corpus.jsonl}}\nmodel: {{name: '{model}'}}\n"
         f"runtime: {{shard_rows: 4, keep_actors: {str(keep).lower()}}}\n")
-    return load_job(folder / "job.yaml")
+    return load_job(folder / "job.yaml", list(sets))
 
 
 def _parked_pids() -> list[int]:
@@ -32,6 +35,13 @@ def _parked_pids() -> list[int]:
     parked = ray_pool._parked
     assert parked is not None, "no actors were kept"
     return sorted(i.pid for i in ray.get([a.ready.remote() for a in parked.actors], timeout=60))
+
+
+def _parked_keys() -> list[str | None]:
+    """The model each parked actor holds (the pool's key for its settings and files)."""
+    import ray
+
+    return [i.model_key for i in ray.get([a.ready.remote() for a in ray_pool._parked.actors], timeout=60)]
 
 
 def _gone(pids: list[int], deadline_s: float = 60) -> bool:
@@ -63,7 +73,8 @@ def clean_slate(ray_session, monkeypatch):
 
 def test_kept_actors_serve_the_next_run_and_make_way_for_others(tmp_path, tiny_bert, clean_slate) -> None:
     ray = clean_slate
-    first = run_job(_job(tmp_path / "a", tiny_bert, keep=True))
+    first_job = _job(tmp_path / "a", tiny_bert, keep=True)
+    first = run_job(first_job)
     assert first.points == len(DOCS)
     kept = _parked_pids()
     assert len(kept) == 2  # two shards on the session Ray's two CPUs
@@ -80,18 +91,32 @@ def test_kept_actors_serve_the_next_run_and_make_way_for_others(tmp_path, tiny_b
     assert len(single) == 1 and not set(single) & set(kept) and _gone(kept)
     kept = single
 
-    other = tiny_models.bert(tmp_path / "other-model", "cls")  # another model: the parked actor makes way
-    run_job(_job(tmp_path / "c", other, keep=True, name="keep-c"))
-    replaced = _parked_pids()
-    assert not set(replaced) & set(kept) and _gone(kept)
+    other = tiny_models.bert(tmp_path / "other-model", "cls")  # another model: the parked actor loads it in place
+    c = _job(tmp_path / "c", other, keep=True, name="keep-c", sets=("runtime.num_actors=1",))
+    run_job(c)
+    assert _parked_pids() == kept  # the same process: torch and transformers were not imported again
+    held = _parked_keys()
+    assert held == [ray_pool.model_key(c)]
 
-    weights = next(other.rglob("model.safetensors"))  # the same folder rewritten in place: not reused either
+    weights = next(other.rglob("model.safetensors"))  # the same folder rewritten in place: loaded again
     os.utime(weights, ns=(time.time_ns(), time.time_ns()))
-    run_job(_job(tmp_path / "d", other, keep=True, name="keep-d"))
-    assert not set(_parked_pids()) & set(replaced) and _gone(replaced)
+    d = _job(tmp_path / "d", other, keep=True, name="keep-d", sets=("runtime.num_actors=1",))
+    run_job(d)
+    assert _parked_pids() == kept and _parked_keys() == [ray_pool.model_key(d)] != held
+
+    # what the reloaded actor wrote is the other model's vectors: equal to a fresh actor's, not the first model's
+    assert ray_pool.release_parked_actors() == 1 and _gone(kept)
+    e = _job(tmp_path / "e", other, keep=True, name="keep-e", sets=("runtime.num_actors=1",))
+    run_job(e)
+    assert not set(_parked_pids()) & set(kept)
+    reloaded, fresh, first_model = _vectors(d), _vectors(e), _vectors(first_job)
+    assert reloaded.keys() == fresh.keys() == first_model.keys()
+    for doc in fresh:
+        assert np.allclose(reloaded[doc], fresh[doc], atol=1e-6)
+    assert not all(np.allclose(first_model[doc], fresh[doc], atol=1e-3) for doc in fresh)
 
     last = _parked_pids()
-    assert ray_pool.release_parked_actors() == len(last) == 2 and ray_pool._parked is None and _gone(last)
+    assert ray_pool.release_parked_actors() == len(last) == 1 and ray_pool._parked is None and _gone(last)
     end = time.monotonic() + 60  # Ray returns the CPUs once it sees the actors gone
     while ray.available_resources().get("CPU", 0) < 2 and time.monotonic() < end:
         time.sleep(0.2)
