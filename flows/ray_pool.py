@@ -232,7 +232,9 @@ class ActorPool:
         self.keep = rt.keep_actors
         self._gone: set[int] = set()  # actors that died and did not come back
         self._actor_cls, self._model, self._threads, self._per_actor = actor_cls, job.model, threads, slots
-        self.model_key = model_key(job)
+        # Only kept actors ever hold another model than they were built with; for the others no key is needed
+        # (and the model folder is not listed again).
+        self.model_key = model_key(job) if rt.keep_actors else None
         self.ready_timeout = rt.ray_init_timeout
         self._options = options
         self._lock = threading.Lock()
@@ -287,10 +289,11 @@ class ActorPool:
     def process_shard(self, task: ShardTask, board: Any | None = None) -> ShardResult:
         import ray
 
+        if self.model_key is not None:
+            task = task.model_copy(update={"model": self._model, "model_key": self.model_key})
         actor = self._borrow()
         usable = True
         try:
-            task = task.model_copy(update={"model": self._model, "model_key": self.model_key})
             return ray.get(actor.process_shard.remote(task, board))
         except ray.exceptions.RayTaskError as exc:
             # Surface the worker's own exception (e.g. CorpusError), not Ray's wrapper with a remote traceback.

@@ -65,7 +65,7 @@ class EmbedWorker:
         else:  # one set of Ray metrics per process; its series are labelled with the model now loaded
             self.metrics.tags = {"model": self.model_id}
 
-    def load(self, model: ModelSettings, model_key: str) -> ActorInfo:
+    def load(self, model: ModelSettings, model_key: str | None) -> ActorInfo:
         """Hold the model ``model_key`` names, loading it in place of the one held if it differs: a parked
         actor adopted by a run of another model keeps its process (torch and transformers already imported,
         seconds saved) and only its weights change."""

@@ -29,19 +29,21 @@ def _job(folder: Path, model: Path, keep: bool, name: str = "keep", sets: tuple[
     return load_job(folder / "job.yaml", list(sets))
 
 
-def _parked_pids() -> list[int]:
+def _parked() -> list:
+    """What each parked actor reports: its pid and the model it holds (the pool's key for its settings and files)."""
     import ray
 
     parked = ray_pool._parked
     assert parked is not None, "no actors were kept"
-    return sorted(i.pid for i in ray.get([a.ready.remote() for a in parked.actors], timeout=60))
+    return ray.get([a.ready.remote() for a in parked.actors], timeout=60)
+
+
+def _parked_pids() -> list[int]:
+    return sorted(i.pid for i in _parked())
 
 
 def _parked_keys() -> list[str | None]:
-    """The model each parked actor holds (the pool's key for its settings and files)."""
-    import ray
-
-    return [i.model_key for i in ray.get([a.ready.remote() for a in ray_pool._parked.actors], timeout=60)]
+    return [i.model_key for i in _parked()]
 
 
 def _gone(pids: list[int], deadline_s: float = 60) -> bool:
