@@ -184,8 +184,9 @@ def test_chromium_shows_both_jobs_and_saves_a_screenshot(two_jobs, tmp_path) -> 
         shutil.copy(shot, Path(os.environ["REEMBED_SCREENSHOTS"]) / "dashboard.png")
 
 
-def test_chromium_shows_the_summary_artifact_in_the_prefect_ui(tmp_path, prefect_server) -> None:
-    """A run through the console script publishes its artifacts to the session's `prefect server`; the same
+def test_chromium_shows_the_summary_artifact_in_the_prefect_ui(tmp_path, prefect_server, ray_address) -> None:
+    """A run through the console script (on the session's Ray) publishes its artifacts to the session's
+    `prefect server`; the same
     browser loads that flow run's page in Prefect's UI: the Artifacts tab lists the summary, shards, headline
     and progress artifacts, the summary's card and its table show the run's point count."""
     import re
@@ -197,7 +198,7 @@ def test_chromium_shows_the_summary_artifact_in_the_prefect_ui(tmp_path, prefect
 
     chromium = _binary("chromium")
     job = _job(tmp_path / "ui", "ui-run")
-    res = run_cli("run", str(job), "--json")
+    res = run_cli("run", str(job), "--json", "--set", f"runtime.ray_address={ray_address}")
     assert res.returncode == 0, res.stderr[-3000:]
     summary = last_json(res.stdout)
     points, collection = summary["points"], summary["collection"]

@@ -18,7 +18,8 @@ def progress_model(tmp_path_factory) -> Path:
                             max_seq_length=256)
 
 
-def test_one_8mb_file_uses_both_actors_with_progress_inside_shards(tmp_path, progress_model) -> None:
+def test_one_8mb_file_uses_both_actors_with_progress_inside_shards(tmp_path, progress_model, ray_address) -> None:
+    """The console script on the session's Ray (both its CPUs, the parked actors released first)."""
     if not (SCIFACT / "corpus.jsonl").exists():
         pytest.skip("SciFact not found")
     folder = tmp_path / "scifact"
@@ -26,7 +27,8 @@ def test_one_8mb_file_uses_both_actors_with_progress_inside_shards(tmp_path, pro
     (folder / "job.yaml").write_text(
         f"name: sf\ncorpus: {{uri: {SCIFACT / 'corpus.jsonl'}, id: _id, text: '{{title}} {{text}}'}}\n"
         f"model: {{name: {progress_model}}}\nruntime: {{num_actors: 2, progress_seconds: 1}}\n")
-    res = run_cli("run", str(folder / "job.yaml"), "--json", timeout=900)
+    res = run_cli("run", str(folder / "job.yaml"), "--json", "--set", f"runtime.ray_address={ray_address}",
+                  timeout=900)
     assert res.returncode == 0, res.stderr[-3000:]
     summary = last_json(res.stdout)
     assert summary["input_rows"] == 5183 and summary["shards_total"] >= 2 and summary["actors_used"] == 2

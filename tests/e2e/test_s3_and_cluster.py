@@ -56,7 +56,9 @@ def local_reference(tmp_path_factory, scifact_docs, ray_session):
             "folder": folder}
 
 
-def test_s3_corpus_and_output_match_local_run(local_reference, s3_server, tmp_path: Path) -> None:
+def test_s3_corpus_and_output_match_local_run(local_reference, s3_server, tmp_path: Path, ray_address) -> None:
+    """The console script, on the session's Ray, reads its corpus from S3 and writes vectors, lease and run log
+    there."""
     fs = s3fs.S3FileSystem(key=s3_server["key"], secret=s3_server["secret"],
                            client_kwargs={"endpoint_url": s3_server["endpoint"]}, skip_instance_cache=True)
     fs.put_file(str(local_reference["folder"] / "corpus.jsonl"), "reembed/corpus/slice.jsonl")
@@ -71,8 +73,11 @@ def test_s3_corpus_and_output_match_local_run(local_reference, s3_server, tmp_pa
         "output: {uri: s3://reembed/vectors}\n"
         "runtime: {shard_rows: 50}\n"
     )
+    # On the session's Ray, with the two actors a local Ray on this machine gives the reference run (on a
+    # cluster, the plan would otherwise expect eight and cut the corpus finer than the reference's four shards).
     env = {"AWS_ACCESS_KEY_ID": s3_server["key"], "AWS_SECRET_ACCESS_KEY": s3_server["secret"],
-           "AWS_ENDPOINT_URL": s3_server["endpoint"], "AWS_DEFAULT_REGION": "us-east-1"}
+           "AWS_ENDPOINT_URL": s3_server["endpoint"], "AWS_DEFAULT_REGION": "us-east-1",
+           "REEMBED_RUNTIME__RAY_ADDRESS": ray_address, "REEMBED_RUNTIME__NUM_ACTORS": "2"}
     res = run_cli("run", str(job), "--set", f"index.path={tmp_path / 'qdrant'}", "--json", env=env)
     assert res.returncode == 0, res.stderr[-4000:]
     assert s3_server["secret"] not in res.stdout + res.stderr
@@ -89,9 +94,11 @@ def test_s3_corpus_and_output_match_local_run(local_reference, s3_server, tmp_pa
     assert not fs.exists("reembed/vectors/_leases/slice.json")  # the lease was released
 
 
-def _s3_job(server: SeaweedS3, folder: Path, tmp_path: Path) -> tuple[Path, dict[str, str], s3fs.S3FileSystem]:
+def _s3_job(server: SeaweedS3, folder: Path, tmp_path: Path,
+            ray_address: str) -> tuple[Path, dict[str, str], s3fs.S3FileSystem]:
     """The reference slice's corpus on ``server``, and a job reading it from there and writing vectors (and its
-    lease and run log) there too; the environment that carries the credentials."""
+    lease and run log) there too; the environment that carries the credentials and the session Ray's address
+    (runs join it: the outage is the store's, not Ray's)."""
     fs = s3fs.S3FileSystem(key=server.key, secret=server.secret, client_kwargs={"endpoint_url": server.endpoint},
                            skip_instance_cache=True)
     fs.put_file(str(folder / "corpus.jsonl"), "reembed/corpus/slice.jsonl")
@@ -100,7 +107,8 @@ def _s3_job(server: SeaweedS3, folder: Path, tmp_path: Path) -> tuple[Path, dict
                    f"output: {{uri: s3://reembed/vectors}}\nindex: {{path: {tmp_path / 'qdrant'}}}\n"
                    "runtime: {shard_rows: 25}\n")
     env = {**os.environ, "AWS_ACCESS_KEY_ID": server.key, "AWS_SECRET_ACCESS_KEY": server.secret,
-           "AWS_ENDPOINT_URL": server.endpoint, "AWS_DEFAULT_REGION": "us-east-1"}
+           "AWS_ENDPOINT_URL": server.endpoint, "AWS_DEFAULT_REGION": "us-east-1",
+           "REEMBED_RUNTIME__RAY_ADDRESS": ray_address}
     return job, env, fs
 
 
@@ -132,14 +140,14 @@ def _run_with_outage(job: Path, env: dict[str, str], server: SeaweedS3, fs: s3fs
     return subprocess.CompletedProcess(cmd, run.returncode, out.read_text(), err.read_text())
 
 
-def test_an_s3_outage_shorter_than_the_retries_is_ridden_out(local_reference, tmp_path: Path) -> None:
+def test_an_s3_outage_shorter_than_the_retries_is_ridden_out(local_reference, tmp_path: Path, ray_address) -> None:
     """The S3 server is killed mid-run and back 6 s later: the bounded, logged retries ride it out and the run
     ends as a clean run does."""
     server = SeaweedS3(tmp_path / "seaweed")
     server.data.mkdir()
     server.start()
     try:
-        job, env, fs = _s3_job(server, local_reference["folder"], tmp_path)
+        job, env, fs = _s3_job(server, local_reference["folder"], tmp_path, ray_address)
         res = _run_with_outage(job, env, server, fs, 6.0, tmp_path)
         assert res.returncode == 0, res.stderr[-4000:]
         assert "an S3 request did not go through; retrying it in" in res.stderr  # logged, never silent
@@ -154,14 +162,15 @@ def test_an_s3_outage_shorter_than_the_retries_is_ridden_out(local_reference, tm
         server.stop()
 
 
-def test_an_s3_outage_past_the_retries_stops_the_run_and_a_rerun_resumes(local_reference, tmp_path: Path) -> None:
+def test_an_s3_outage_past_the_retries_stops_the_run_and_a_rerun_resumes(local_reference, tmp_path: Path,
+                                                                         ray_address) -> None:
     """The S3 server stays away: the run stops within its bounded retries with one line that says so, and a
     re-run once it is back completes with nothing lost or duplicated."""
     server = SeaweedS3(tmp_path / "seaweed")
     server.data.mkdir()
     server.start()
     try:
-        job, env, fs = _s3_job(server, local_reference["folder"], tmp_path)
+        job, env, fs = _s3_job(server, local_reference["folder"], tmp_path, ray_address)
         res = _run_with_outage(job, env, server, fs, None, tmp_path)
         assert res.returncode == 1, res.stdout[-2000:] + res.stderr[-4000:]
         (line,) = [ln for ln in res.stderr.splitlines() if ln.startswith("error:")]

@@ -21,6 +21,15 @@ def _api_deployment(prefect_server: str, name: str):
         return client.read_deployment_by_name(f"reembed-job/{name}")
 
 
+def _on_session_ray(ray_address: str) -> dict[str, str]:
+    """The environment of a worker or `reembed serve`: the flow runs it starts join the session's Ray (its
+    address as the job setting's env twin) instead of each starting a local Ray of its own; what these tests
+    check is the scheduling, and a shared cluster is how a worker runs in production."""
+    import os
+
+    return {**os.environ, "REEMBED_RUNTIME__RAY_ADDRESS": ray_address}
+
+
 @pytest.fixture
 def job_file(tmp_path) -> Path:
     """The sample job with a secret in it (a Qdrant API key), writing under tmp_path."""
@@ -195,7 +204,7 @@ def _scheduled_runs(prefect_server: str, deployment_id, after=None) -> list:
             and (after is None or r.start_time > after)]
 
 
-def test_a_worker_runs_the_schedule_and_api_triggers(prefect_server, job_file, tmp_path) -> None:
+def test_a_worker_runs_the_schedule_and_api_triggers(prefect_server, job_file, tmp_path, ray_address) -> None:
     """`reembed worker` runs a run started through the API (with an override) and the runs the schedule fires
     every minute; after a document changes, the next scheduled run encodes exactly that document; the run log
     records each run with its trigger."""
@@ -217,7 +226,7 @@ def test_a_worker_runs_the_schedule_and_api_triggers(prefect_server, job_file, t
     deployment = last_json(deployed.stdout)
     log = (tmp_path / "worker.log").open("w")
     worker = subprocess.Popen([*reembed_cli(), "worker", "--pool", pool], stdout=log, stderr=subprocess.STDOUT,
-                              start_new_session=True, cwd=ROOT)
+                              start_new_session=True, cwd=ROOT, env=_on_session_ray(ray_address))
     from prefect.settings import PREFECT_API_URL, temporary_settings
 
     try:
@@ -282,7 +291,7 @@ def _completed_scheduled(prefect_server: str, deployment_id, after, tmp_path, de
         time.sleep(3)
 
 
-def test_serve_runs_the_schedule_in_one_process(prefect_server, job_file, tmp_path) -> None:
+def test_serve_runs_the_schedule_in_one_process(prefect_server, job_file, tmp_path, ray_address) -> None:
     import subprocess
     import time
 
@@ -294,7 +303,8 @@ def test_serve_runs_the_schedule_in_one_process(prefect_server, job_file, tmp_pa
 
     log = (tmp_path / "serve.log").open("w")
     server = subprocess.Popen([*reembed_cli(), "serve", str(job_file), "--cron", "* * * * *", "--name", "served"],
-                              stdout=log, stderr=subprocess.STDOUT, start_new_session=True, cwd=ROOT)
+                              stdout=log, stderr=subprocess.STDOUT, start_new_session=True, cwd=ROOT,
+                              env=_on_session_ray(ray_address))
     try:
         deadline = time.monotonic() + 120
         while True:  # serve registers its deployment first
@@ -315,7 +325,7 @@ def test_serve_runs_the_schedule_in_one_process(prefect_server, job_file, tmp_pa
     assert [(r.trigger, r.status, r.points) for r in records][:1] == [("schedule", "ok", 40)]
 
 
-def test_two_triggers_at_once_write_once(prefect_server, job_file, tmp_path) -> None:
+def test_two_triggers_at_once_write_once(prefect_server, job_file, tmp_path, ray_address) -> None:
     """Two runs of one deployment triggered together: one writes, the other is cancelled by the deployment's
     concurrency limit (or, had it started after, finds nothing to do); the collection equals one clean run."""
     import subprocess
@@ -336,7 +346,7 @@ def test_two_triggers_at_once_write_once(prefect_server, job_file, tmp_path) -> 
     assert deployed.returncode == 0, deployed.stderr[-3000:]
     log = (tmp_path / "worker.log").open("w")
     worker = subprocess.Popen([*reembed_cli(), "worker", "--pool", pool], stdout=log, stderr=subprocess.STDOUT,
-                              start_new_session=True, cwd=ROOT)
+                              start_new_session=True, cwd=ROOT, env=_on_session_ray(ray_address))
     try:
         with temporary_settings(updates={PREFECT_API_URL: prefect_server}):
             runs = [run_deployment("reembed-job/twice", timeout=0) for _ in range(2)]
