@@ -12,23 +12,30 @@ from conftest import cli_in_process, last_json, write_jsonl
 from reembed.flows.config import load_job
 from reembed.flows.run_flow import run_job
 from reembed.indexing.vector_store import VectorStore
-from resume_helpers import (_assert_same, _cmdline, _descendants, _indexed, _job, _kill_when, _markers, _points,
+from resume_helpers import (_assert_same, _cmdline, _indexed, _job, _kill_when, _markers, _points,
                             _start, _vectors)
 
 
-def test_killing_a_ray_worker_mid_shard(tmp_path, kill_reference) -> None:
+def test_killing_a_ray_worker_mid_shard(tmp_path, kill_reference, ray_address) -> None:
+    """The run (a console-script subprocess on the session's Ray) loses an embedding actor once it has written
+    a shard: the actor is SIGKILLed by the PID its shard marker names (its own run's actor, at work on the
+    next shard), Ray restarts it, the shard in flight is retried, and the run ends equal to a clean one."""
     docs, ref_vectors, _ = kill_reference
     write_jsonl(tmp_path / "corpus.jsonl", docs)
     job_path = _job(tmp_path, "killed")
-    proc = _start(job_path)
+    proc = _start(job_path, ray_address=ray_address)
     victim = None
     deadline = time.time() + 120
     while victim is None and time.time() < deadline and proc.poll() is None:
-        workers = [p for p in _descendants(proc.pid) if "EmbedWorker" in _cmdline(p)]
-        markers = list((tmp_path / "reembed-data" / "vectors").glob("*/shards/*.json"))
-        if workers and markers:  # actors are up and at least one shard is through: kill one mid-run
-            victim = workers[0]
-            os.kill(victim, signal.SIGKILL)
+        for marker in (tmp_path / "reembed-data" / "vectors").glob("*/shards/*.json"):
+            try:
+                pid = json.loads(marker.read_text()).get("pid")
+            except (OSError, ValueError):  # being written
+                continue
+            if pid and "EmbedWorker" in _cmdline(pid):  # a shard is through: kill its actor mid-run
+                victim = pid
+                os.kill(victim, signal.SIGKILL)
+                break
         time.sleep(0.2)
     out, _ = proc.communicate(timeout=600)
     assert victim is not None, "never saw an embedding actor to kill"
